@@ -1,0 +1,53 @@
+"""One interface over image/text encoders, so methods never touch a model family directly."""
+from __future__ import annotations
+
+import hashlib
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class Backbone(nn.Module):
+    """Image and text towers into one embedding space (outputs are NOT normalised).
+
+    Subclasses set `embed_dim`, `image_size`, `preprocess` (PIL -> tensor, the model's own
+    normalisation), and implement the encoders and `tokenize`.
+    """
+
+    embed_dim: int
+    image_size: int
+    preprocess: Callable
+    name: str = "backbone"
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def image_parameters(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    def text_parameters(self) -> list[nn.Parameter]:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        return self.encode_text(self.tokenize(texts).to(self.device))
+
+    def fingerprint(self) -> str:
+        """Hash of the weights: keys the feature cache, so changed weights never reuse stale features."""
+        h = hashlib.sha1(self.name.encode())
+        for key, tensor in sorted(self.state_dict().items()):
+            h.update(key.encode())
+            t = tensor.detach().cpu().contiguous()
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.float().numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes())
+        return h.hexdigest()[:16]

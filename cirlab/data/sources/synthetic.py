@@ -1,0 +1,11 @@
+"""`dataset=synthetic`: the bundled benchmark, generated on first use, read as jsonl."""
+from __future__ import annotations
+
+from cirlab.data.records import Protocol
+from cirlab.data.sources.jsonl import JsonlSource
+from cirlab.data.synthetic import SyntheticSpec, ensure
+
+
+def synthetic_source(cache_dir: str, **spec) -> JsonlSource:
+    root = ensure(SyntheticSpec(**spec), cache_dir)
+    return JsonlSource(root, protocol=Protocol(recall_ks=(1, 5, 10, 50)), name="synthetic")

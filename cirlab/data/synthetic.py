@@ -1,0 +1,273 @@
+"""The bundled synthetic CIR benchmark: coloured shapes in slots, declarative modification texts.
+
+Generated deterministically from a seed into a cache folder, written in the generic jsonl format
+(see `sources/jsonl.py`), so the synthetic path exercises the custom-data path.
+
+Each image is a scene: `slots` horizontal positions, each empty or holding a (colour, shape).
+Captions describe the scene in several surface forms ("a red circle on the left and ...",
+"a photo of a red circle on the left that has a blue square on the right", ...), so a CLIP
+pretrained on them speaks the language of the modification texts ("has a blue circle on the
+left", "also has a green square on the right", "has nothing in the middle").
+Galleries are built around the queries with hard negatives (the target with one other slot
+changed, the reference itself), so zero-shot baselines stay low and training has headroom.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from cirlab.errors import CirlabError
+from cirlab.io import write_json, write_text
+
+COLORS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+    "yellow": (230, 210, 40), "purple": (150, 60, 190), "orange": (240, 140, 30),
+    "white": (235, 235, 235), "cyan": (40, 200, 210),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+SLOT_NAMES = {1: ("in the middle",), 2: ("on the left", "on the right"),
+              3: ("on the left", "in the middle", "on the right"),
+              4: ("on the far left", "on the left", "on the right", "on the far right")}
+
+Scene = tuple  # per slot: None or (colour, shape)
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """Difficulty knobs. Defaults are tuned so zero-shot stays well below 50% R@10."""
+
+    seed: int = 0
+    image_size: int = 32
+    slots: int = 3
+    n_colors: int = 6
+    n_shapes: int = 4
+    max_edits: int = 2
+    n_pretrain: int = 5000       # captioned images for backbone pretraining (none from val/test)
+    n_train: int = 4000          # CIR training triplets
+    n_val: int = 400
+    n_test: int = 400
+    hard_negatives: int = 3      # per query: target variants with one other slot changed
+    noise: float = 0.04          # pixel noise std (0..1 scale)
+
+    def digest(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+
+def describe_object(obj) -> str:
+    return f"a {obj[0]} {obj[1]}"
+
+
+class Generator:
+    def __init__(self, spec: SyntheticSpec):
+        self.spec = spec
+        self.colors = list(COLORS)[: spec.n_colors]
+        self.shapes = list(SHAPES)[: spec.n_shapes]
+        self.slot_names = SLOT_NAMES[spec.slots]
+        self.objects = [(c, s) for c in self.colors for s in self.shapes]
+
+    # ---- scenes -------------------------------------------------------------------------------
+    def objects_space(self) -> range:
+        return range((len(self.objects) + 1) ** self.spec.slots - 1)
+
+    def random_scene(self, rng: random.Random) -> Scene:
+        n = rng.randint(1, self.spec.slots)
+        filled = set(rng.sample(range(self.spec.slots), n))
+        return tuple(rng.choice(self.objects) if i in filled else None for i in range(self.spec.slots))
+
+    def caption(self, scene: Scene, rng: random.Random) -> str:
+        parts = [f"{describe_object(o)} {self.slot_names[i]}" for i, o in enumerate(scene) if o]
+        form = rng.random()
+        if form < 0.35 or len(parts) == 1:
+            text = " and ".join(parts)
+            return text if rng.random() < 0.5 else f"a photo of {text}"
+        # "a photo of A that has B and has C": the same grammar as the modification texts
+        head, rest = parts[0], parts[1:]
+        rng.shuffle(rest)
+        if form < 0.7:
+            return f"a photo of {head} that " + " and ".join(f"has {p}" for p in rest)
+        k = rng.randrange(len(parts))
+        head, rest = parts[k], parts[:k] + parts[k + 1:]
+        empties = [f"has nothing {self.slot_names[i]}" for i, o in enumerate(scene) if o is None]
+        return f"a photo of {head} that " + " and ".join([f"has {p}" for p in rest] + empties)
+
+    def edit(self, scene: Scene, rng: random.Random) -> tuple[Scene, str]:
+        """Apply 1..max_edits edits to distinct slots; return the target scene and the modification text."""
+        target = list(scene)
+        n = rng.randint(1, self.spec.max_edits)
+        texts = []
+        for slot in rng.sample(range(self.spec.slots), n):
+            where = self.slot_names[slot]
+            obj = target[slot]
+            if obj is None:
+                new = rng.choice(self.objects)
+                texts.append(f"also has {describe_object(new)} {where}")
+                target[slot] = new
+                continue
+            choice = rng.random()
+            if choice < 0.25 and sum(o is not None for o in target) > 1:
+                texts.append(f"has nothing {where}")
+                target[slot] = None
+            elif choice < 0.6:
+                new = (rng.choice([c for c in self.colors if c != obj[0]]), obj[1])
+                texts.append(f"has {describe_object(new)} {where}")
+                target[slot] = new
+            else:
+                new = (obj[0], rng.choice([s for s in self.shapes if s != obj[1]]))
+                texts.append(f"has {describe_object(new)} {where}")
+                target[slot] = new
+        return tuple(target), " and ".join(texts)
+
+    def perturb(self, scene: Scene, rng: random.Random) -> Scene:
+        """A hard negative: change one slot's object (or fill/empty it)."""
+        out = list(scene)
+        slot = rng.randrange(self.spec.slots)
+        others = [o for o in self.objects if o != out[slot]]
+        if out[slot] is not None and sum(o is not None for o in out) > 1 and rng.random() < 0.2:
+            out[slot] = None
+        else:
+            out[slot] = rng.choice(others)
+        return tuple(out)
+
+    # ---- pixels -------------------------------------------------------------------------------
+    def render(self, scene: Scene, rng: random.Random) -> Image.Image:
+        size = self.spec.image_size
+        scale = 4  # draw large and downsample: anti-aliased shapes
+        big = size * scale
+        img = Image.new("RGB", (big, big), (30, 30, 30))
+        draw = ImageDraw.Draw(img)
+        cell = big / self.spec.slots
+        for i, obj in enumerate(scene):
+            if obj is None:
+                continue
+            color = tuple(int(np.clip(v + rng.randint(-20, 20), 0, 255)) for v in COLORS[obj[0]])
+            r = cell * rng.uniform(0.30, 0.40)
+            cx = cell * (i + 0.5) + rng.uniform(-0.08, 0.08) * cell
+            cy = big / 2 + rng.uniform(-0.15, 0.15) * big
+            box = (cx - r, cy - r, cx + r, cy + r)
+            if obj[1] == "circle":
+                draw.ellipse(box, fill=color)
+            elif obj[1] == "square":
+                draw.rectangle(box, fill=color)
+            elif obj[1] == "triangle":
+                draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
+            else:  # cross
+                w = r / 3
+                draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=color)
+                draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=color)
+        img = img.resize((size, size), Image.BICUBIC)
+        if self.spec.noise > 0:
+            arr = np.asarray(img, dtype=np.float32) / 255.0
+            nrng = np.random.default_rng(rng.randrange(2**32))
+            arr = np.clip(arr + nrng.normal(0, self.spec.noise, arr.shape), 0, 1)
+            img = Image.fromarray((arr * 255).round().astype(np.uint8))
+        return img
+
+
+def generate(spec: SyntheticSpec, root: Path) -> Path:
+    """Write the benchmark under `root` (jsonl layout). Deterministic in `spec`."""
+    gen = Generator(spec)
+    rng = random.Random(spec.seed)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "images").mkdir(exist_ok=True)
+
+    used: set[Scene] = set()  # val/test scenes are unique to their split: disjoint splits
+    records: dict[str, list] = {}
+    names: dict[Scene, str] = {}
+    if 2 * (spec.n_val + spec.n_test) * (2 + spec.hard_negatives) > len(gen.objects_space()):
+        raise CirlabError("synthetic spec too small for its splits: raise n_colors/n_shapes/slots or lower n_val/n_test")
+
+    def claim(scene: Scene) -> bool:
+        if scene in used or all(o is None for o in scene):
+            return False
+        used.add(scene)
+        return True
+
+    def image_name(scene: Scene) -> str:
+        if scene not in names:
+            names[scene] = f"images/{len(names):06d}.png"
+        return names[scene]
+
+    # held-out splits first: each query brings its reference, target and hard negatives
+    split_scenes: dict[str, list[Scene]] = {}
+    for split, n in (("test", spec.n_test), ("val", spec.n_val)):
+        triplets, scenes = [], []
+        while len(triplets) < n:
+            ref = gen.random_scene(rng)
+            tgt, text = gen.edit(ref, rng)
+            if ref in used or tgt in used or ref == tgt:
+                continue
+            claim(ref), claim(tgt)
+            scenes += [ref, tgt]
+            for _ in range(spec.hard_negatives):
+                neg = gen.perturb(tgt, rng)
+                if claim(neg):
+                    scenes.append(neg)
+            triplets.append({"id": f"{split}-{len(triplets)}", "reference": image_name(ref),
+                             "text": text, "target": image_name(tgt)})
+        records[split] = triplets
+        split_scenes[split] = scenes
+    # training triplets and pretraining images: any scene not held out (images may repeat)
+    held_out = set(used)
+    triplets, train_scenes = [], set()
+    while len(triplets) < spec.n_train:
+        ref = gen.random_scene(rng)
+        tgt, text = gen.edit(ref, rng)
+        if ref in held_out or tgt in held_out:
+            continue
+        train_scenes.update((ref, tgt))
+        triplets.append({"id": f"train-{len(triplets)}", "reference": image_name(ref),
+                         "text": text, "target": image_name(tgt)})
+    records["train"] = triplets
+    split_scenes["train"] = sorted(train_scenes, key=image_name)
+    pretrain: list[Scene] = []
+    seen = set(held_out)
+    while len(pretrain) < spec.n_pretrain:
+        s = gen.random_scene(rng)
+        if s not in seen:
+            seen.add(s)
+            pretrain.append(s)
+    split_scenes["pretrain"] = [s for s in pretrain if s not in train_scenes]
+
+    for scenes in split_scenes.values():
+        for s in scenes:
+            image_name(s)
+    for scene, name in names.items():
+        img_rng = random.Random(f"{spec.seed}-{name}")
+        gen.render(scene, img_rng).save(root / name)
+
+    for split, triplets in records.items():
+        write_text(root / f"triplets.{split}.jsonl", "".join(json.dumps(t) + "\n" for t in triplets))
+    for split in ("val", "test"):
+        write_text(root / f"gallery.{split}.txt", "".join(image_name(s) + "\n" for s in split_scenes[split]))
+    cap_lines = []
+    for split, scenes in split_scenes.items():
+        for s in scenes:
+            cap_rng = random.Random(f"{spec.seed}-cap-{image_name(s)}")
+            caps = sorted({gen.caption(s, cap_rng) for _ in range(8)})[:5]
+            cap_lines.append(json.dumps({"image": image_name(s), "captions": caps, "split": split}) + "\n")
+    write_text(root / "captions.jsonl", "".join(cap_lines))
+    (root / "vocabulary.txt").write_text("".join(f"{c} {s}\n" for c, s in gen.objects))
+    write_json(root / "spec.json", asdict(spec))  # last: its presence marks a complete benchmark
+    return root
+
+
+def ensure(spec: SyntheticSpec, cache_dir: str | Path) -> Path:
+    """Return the benchmark folder for `spec`, generating it on first use."""
+    root = Path(cache_dir) / f"synthetic-{spec.digest()}"
+    if (root / "spec.json").is_file():
+        return root
+    tmp = root.with_name(root.name + f".tmp{random.randrange(1 << 30)}")
+    generate(spec, tmp)
+    try:
+        tmp.rename(root)
+    except OSError:  # another process finished first: use its copy
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root

@@ -1,0 +1,86 @@
+"""Atomic writes: every artefact appears whole or not at all (temp file in the same folder + rename).
+
+Unique temp names make two concurrent writers of the same path safe: the last rename wins and
+each rename publishes a complete file.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from cirlab.errors import CirlabError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success rename it over `path`, on failure delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    except OSError as err:
+        tmp_path.unlink(missing_ok=True)
+        raise CirlabError(f"could not write {path}: {err.strerror or err}. Check free disk space and permissions.") from err
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: str | os.PathLike, writer: Callable[[Path], Any]) -> Path:
+    with atomic_path(path) as tmp:
+        writer(tmp)
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, obj: Any, **kwargs: Any) -> Path:
+    kwargs.setdefault("indent", 2)
+
+    def dump(tmp: Path) -> None:
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, **kwargs)
+            fh.write("\n")
+
+    return write_atomic(path, dump)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def save_torch(path: str | os.PathLike, obj: Any) -> Path:
+    return write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_torch(path: str | os.PathLike, map_location: str = "cpu") -> Any:
+    """Safe load (no pickled code); a truncated or foreign file becomes a CirlabError naming it."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError as err:
+        raise CirlabError(f"file not found: {path}") from err
+    except Exception as err:  # torch raises several types for corrupt archives
+        raise CirlabError(f"{path} is not a readable cirlab/torch checkpoint ({type(err).__name__}: {err}). "
+                          "Delete it or point to another file.") from err
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """JSON load whose errors name the file and the position."""
+    path = Path(path)
+    if not path.is_file():
+        raise CirlabError(f"missing file: {path}")
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as err:
+        raise CirlabError(f"malformed JSON in {path} at line {err.lineno}, column {err.colno}: {err.msg}") from err
