@@ -1,0 +1,85 @@
+"""CIRR rc2 in its official layout (Cuberick-Orion/CIRR, branch cirr_dataset), read as CLIP4Cir reads it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from cirlab.data.records import CIRQuery, EvalSet, Protocol
+from cirlab.data.sources.base import CIRSource
+from cirlab.data.sources.common import check_targets, read_records
+from cirlab.errors import CirlabError
+from cirlab.io import read_json
+
+SPLITS = {"train": "train", "val": "val", "test": "test1", "test1": "test1"}
+
+LAYOUT = """  <root>/                         (e.g. cirr_dataset/cirr/)
+    captions/cap.rc2.<split>.json           split: train, val, test1
+    image_splits/split.rc2.<split>.json     {"<name>": "./train/<k>/<name>.png", ...}
+    img_raw/                                (image_root; the split-file paths are relative to it)
+      train/<0..99>/<name>.png
+      dev/<name>.png
+      test1/<name>.png"""
+
+
+class CIRRSource(CIRSource):
+    name = "cirr"
+    layout = LAYOUT
+    readme_section = "CIRR"
+    protocol = Protocol(recall_ks=(1, 5, 10, 50), subset_ks=(1, 2, 3), exclude_reference=True,
+                        main_metric="avg_recall_at_5_subset_at_1")
+
+    def __init__(self, root: str | Path, image_root: str | Path | None = None):
+        """image_root: where the split-file paths start; CLIP4Cir/SEARLE keep the images beside `cirr/`,
+        i.e. image_root = <root>/.. ."""
+        self.root = self.require_dir(Path(root), "dataset root")
+        self.image_root = Path(image_root) if image_root is not None else self.root / "img_raw"
+        self._splits: dict[str, dict[str, str]] = {}
+
+    def split_file(self, split: str) -> dict[str, str]:
+        """name -> path relative to image_root, in file order (the gallery order)."""
+        split = self._official(split)
+        if split not in self._splits:
+            path = self.require_file(self.root / "image_splits" / f"split.rc2.{split}.json", f"{split} image split")
+            mapping = read_json(path)
+            if not isinstance(mapping, dict):
+                raise CirlabError(f"{path}: expected a JSON object mapping image name to path")
+            self._splits[split] = mapping
+        return self._splits[split]
+
+    def image_path(self, name: str) -> Path:
+        """Train images sit in numbered sub-folders that only the split file knows, so look it up."""
+        for split in ("train", "val", "test1"):
+            if split in self._splits or (self.root / "image_splits" / f"split.rc2.{split}.json").is_file():
+                rel = self.split_file(split).get(name)
+                if rel is not None:
+                    return self.image_root / rel
+        raise CirlabError(f"cirr: image {name!r} is in none of the split files under {self.root / 'image_splits'}")
+
+    def queries(self, split: str) -> list[CIRQuery]:
+        split = self._official(split)
+        path = self.require_file(self.root / "captions" / f"cap.rc2.{split}.json", f"{split} captions")
+        keys = ("pairid", "reference", "caption", "img_set") + (() if split == "test1" else ("target_hard",))
+        return [CIRQuery(qid=str(r["pairid"]), reference=r["reference"], captions=(r["caption"],),
+                         targets=() if split == "test1" else (r["target_hard"],),
+                         subset=tuple(r["img_set"]["members"]))
+                for r in read_records(path, keys)]
+
+    def train_queries(self) -> list[CIRQuery]:
+        return self.queries("train")
+
+    def eval_sets(self, split: str) -> list[EvalSet]:
+        if split not in ("val", "test", "test1"):
+            raise CirlabError(f"cirr: unknown eval split {split!r}; use val or test")
+        queries = self.queries(split)
+        gallery = list(self.split_file(split))
+        path = self.root / "image_splits" / f"split.rc2.{self._official(split)}.json"
+        check_targets(self.name, split, queries, gallery, path)
+        return [EvalSet(queries=queries, gallery=gallery)]
+
+    def has_answers(self, split: str) -> bool:
+        return self._official(split) != "test1"
+
+    @staticmethod
+    def _official(split: str) -> str:
+        if split not in SPLITS:
+            raise CirlabError(f"cirr: unknown split {split!r}; use one of {list(SPLITS)}")
+        return SPLITS[split]
