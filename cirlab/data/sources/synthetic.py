@@ -8,4 +8,5 @@ from cirlab.data.synthetic import SyntheticSpec, ensure
 
 def synthetic_source(cache_dir: str, **spec) -> JsonlSource:
     root = ensure(SyntheticSpec(**spec), cache_dir)
-    return JsonlSource(root, protocol=Protocol(recall_ks=(1, 5, 10, 50)), name="synthetic")
+    # the target never equals the reference, so the reference is removed from its ranking (as CIRR does)
+    return JsonlSource(root, protocol=Protocol(recall_ks=(1, 5, 10, 50), exclude_reference=True), name="synthetic")

@@ -1,0 +1,29 @@
+# Two commands set everything up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test test-all bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+## the main job: CLIP4Cir (fine-tune + Combiner) with the tiny backbone on the synthetic benchmark
+run: install
+	$(VENV)/bin/cirlab +method=clip4cir
+
+## the test suite (slow integration tests included; under 15 minutes on 2 cores)
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	for f in bench/*.py; do $(PY) $$f || exit 1; done
+
+clean:
+	rm -rf outputs multirun .pytest_cache

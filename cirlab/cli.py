@@ -1,0 +1,91 @@
+"""`cirlab`: the Hydra entry point. Friendly errors (exit 2, no traceback unless HYDRA_FULL_ERROR=1),
+a usage message when no method is given, and a results table at the end."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from cirlab.errors import CirlabError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+log = logging.getLogger("cirlab")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def usage() -> str:
+    return (
+        "cirlab: composed image retrieval experiments.\n"
+        f"  methods:     {', '.join(options('method'))}\n"
+        f"  datasets:    {', '.join(options('dataset'))}\n"
+        f"  backbones:   {', '.join(options('backbone'))}\n"
+        f"  experiments: {', '.join(options('experiment')) or '(none)'}\n"
+        "Choose a method with +method=NAME (or a checked-in experiment with +experiment=NAME), e.g.\n"
+        "  cirlab +method=clip4cir dataset=synthetic backbone=tiny\n"
+        "Tasks: +task=check_data (verify a dataset's files), +task=report (leaderboard of runs).\n"
+        "Any config value can be overridden (key=value); sweeps with -m. Full config: cirlab +method=X --cfg job"
+    )
+
+
+def print_table(results: dict) -> None:
+    metrics = results["metrics"]
+    if not metrics:
+        print("no metrics (split without public answers): see the prediction/submission files")
+        return
+    width = max(len(k) for k in metrics)
+    print(f"\nResults: {results['method']} on {results['dataset']} ({results['backbone']})")
+    print(f"  {'metric'.ljust(width)}  value")
+    for key, value in metrics.items():
+        print(f"  {key.ljust(width)}  {value:6.2f}")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
+def _main(cfg: DictConfig) -> float | None:
+    try:
+        return _dispatch(cfg)
+    except CirlabError as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"cirlab error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _dispatch(cfg: DictConfig) -> float | None:
+    task = cfg.get("task")
+    if task:
+        from cirlab.tasks import run_task
+
+        return run_task(cfg)
+    if "method" not in cfg:
+        print(usage(), file=sys.stderr)
+        sys.exit(2)
+    from cirlab.pipeline import run
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    results = run(cfg, run_dir)
+    print_table(results)
+    print(f"run folder: {run_dir}")
+    return results["metrics"].get(results["main_metric"])
+
+
+def main() -> None:
+    if any(a in ("--help", "-h") for a in sys.argv[1:]) and not any(a.startswith("--hydra-help") for a in sys.argv):
+        print(usage())
+        return
+    try:
+        _main()
+    except SystemExit as exc:  # Hydra reports config errors (unknown option, bad type) with exit 1
+        sys.exit(2 if exc.code == 1 else exc.code)
+
+
+if __name__ == "__main__":
+    main()

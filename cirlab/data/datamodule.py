@@ -1,0 +1,164 @@
+"""One LightningDataModule over any CIR source.
+
+Images are served either as pixels (a stage that trains the image encoder) or as cached
+embeddings (a frozen image encoder): `features` maps image name -> embedding. Batches are dicts:
+train {reference, target, text}, gallery {index, image}, query {index, reference, text}.
+Validation/test loaders come in pairs per eval set: [gallery_0, queries_0, gallery_1, ...].
+"""
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from cirlab.data.images import load_image
+from cirlab.data.records import CIRQuery, EvalSet
+from cirlab.data.sources.base import CIRSource
+from cirlab.errors import CirlabError
+
+
+class ImageLookup:
+    """name -> model input: a cached embedding if available, else preprocessed pixels."""
+
+    def __init__(self, source: CIRSource, transform: Callable | None, features: dict[str, torch.Tensor] | None):
+        self.source, self.transform, self.features = source, transform, features
+
+    def __call__(self, name: str) -> torch.Tensor:
+        if self.features is not None:
+            return self.features[name]
+        return self.transform(load_image(self.source.image_path(name)))
+
+
+class TripletDataset(Dataset):
+    """Training triplets; the caption rule's randomness is seeded by (seed, epoch, index), so a
+    resumed run sees the same texts as an uninterrupted one."""
+
+    def __init__(self, queries: list[CIRQuery], source: CIRSource, lookup: ImageLookup, seed: int):
+        self.queries, self.source, self.lookup, self.seed = queries, source, lookup, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def __getitem__(self, i: int) -> dict:
+        q = self.queries[i]
+        rng = random.Random(f"{self.seed}-{self.epoch}-{i}")
+        return {"reference": self.lookup(q.reference), "target": self.lookup(q.targets[0]),
+                "text": self.source.train_text(q, rng), "index": i}
+
+
+class GalleryDataset(Dataset):
+    def __init__(self, names: list[str], lookup: ImageLookup):
+        self.names, self.lookup = names, lookup
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"index": i, "image": self.lookup(self.names[i])}
+
+
+class QueryDataset(Dataset):
+    def __init__(self, queries: list[CIRQuery], source: CIRSource, lookup: ImageLookup):
+        self.queries, self.source, self.lookup = queries, source, lookup
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def __getitem__(self, i: int) -> dict:
+        q = self.queries[i]
+        return {"index": i, "reference": self.lookup(q.reference), "text": self.source.eval_text(q)}
+
+
+class CIRDataModule(L.LightningDataModule):
+    def __init__(self, source: CIRSource, batch_size: int = 64, eval_batch_size: int = 256,
+                 num_workers: int = 0, seed: int = 0, val_split: str = "val", test_split: str = "test"):
+        super().__init__()
+        self.source = source
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.num_workers, self.seed = num_workers, seed
+        self.val_split, self.test_split = val_split, test_split
+        self.transform: Callable | None = None
+        self.features: dict[str, torch.Tensor] | None = None
+        self._eval_sets: dict[str, list[EvalSet]] = {}
+        self._train: TripletDataset | None = None
+
+    # ---- configured by the pipeline per stage ---------------------------------------------------
+    def use(self, transform: Callable | None = None, features: dict[str, torch.Tensor] | None = None) -> None:
+        self.transform, self.features = transform, features
+        self._train = None
+
+    def eval_sets(self, split: str) -> list[EvalSet]:
+        if split not in self._eval_sets:
+            self._eval_sets[split] = self.source.eval_sets(split)
+        return self._eval_sets[split]
+
+    def all_images(self, splits: tuple[str, ...] = ("train", "val", "test")) -> list[str]:
+        """Every image a run may touch, in a stable order (the feature cache's image list)."""
+        seen: dict[str, None] = {}
+        if "train" in splits:
+            seen.update(dict.fromkeys(self.source.train_images()))
+        for split in splits:
+            if split == "train":
+                continue
+            for es in self.eval_sets(split):
+                seen.update(dict.fromkeys(es.gallery))
+                seen.update(dict.fromkeys(q.reference for q in es.queries))
+        return list(seen)
+
+    def _lookup(self) -> ImageLookup:
+        if self.transform is None and self.features is None:
+            raise CirlabError("internal: datamodule used before the pipeline configured it")
+        return ImageLookup(self.source, self.transform, self.features)
+
+    # ---- loaders --------------------------------------------------------------------------------
+    def train_dataset(self) -> TripletDataset:
+        if self._train is None:
+            queries = [q for q in self.source.train_queries() if q.targets]
+            if not queries:
+                raise CirlabError(f"dataset {self.source.name!r} has no training triplets")
+            self._train = TripletDataset(queries, self.source, self._lookup(), self.seed)
+        return self._train
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self.train_dataset()
+        if self.trainer is not None:
+            ds.epoch = self.trainer.current_epoch
+        if len(ds) < self.batch_size:
+            raise CirlabError(f"{len(ds)} training triplets are fewer than one batch ({self.batch_size}); "
+                              "lower method.batch_size")
+        gen = torch.Generator().manual_seed(self.seed + ds.epoch)
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=True, drop_last=True, generator=gen,
+                          num_workers=self.num_workers, collate_fn=collate,
+                          persistent_workers=False)
+
+    def _eval_loaders(self, split: str) -> list[DataLoader]:
+        lookup = self._lookup()
+        loaders = []
+        for es in self.eval_sets(split):
+            for ds in (GalleryDataset(es.gallery, lookup), QueryDataset(es.queries, self.source, lookup)):
+                loaders.append(DataLoader(ds, batch_size=self.eval_batch_size, num_workers=self.num_workers,
+                                          collate_fn=collate))
+        return loaders
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders(self.val_split)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return self._eval_loaders(self.test_split)
+
+
+def collate(items: list[dict]) -> dict:
+    out = {}
+    for key in items[0]:
+        values = [it[key] for it in items]
+        if isinstance(values[0], torch.Tensor):
+            out[key] = torch.stack(values)
+        elif isinstance(values[0], int):
+            out[key] = torch.tensor(values)
+        else:
+            out[key] = values
+    return out

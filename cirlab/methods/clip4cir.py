@@ -1,0 +1,90 @@
+"""CLIP4Cir (Baldrati et al.): stage I task-oriented fine-tuning, stage II Combiner.
+
+Facts from ABaldrati/CLIP4Cir (../shared/spec/clip4cir.md): stage I query = normalize(f_img(ref) +
+f_txt(text)) of raw features, loss = CE(100 * q @ t^T, arange(B)), AdamW lr 2e-6 eps 1e-7 wd 0.01,
+backbone kept in eval mode; stage II Combiner on the frozen backbone, Adam lr 2e-5.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cirlab.errors import CirlabError
+from cirlab.methods.combiner import Combiner
+from cirlab.methods.losses import batch_contrastive
+from cirlab.methods.retrieval_module import RetrievalModule
+
+ENCODERS = ("both", "text", "image")
+
+
+class CLIP4CirFinetune(RetrievalModule):
+    """Stage I: fine-tune the backbone's encoders with the sum-fusion contrastive loss."""
+
+    def __init__(self, backbone, encoders: str = "both", lr: float = 2e-6, weight_decay: float = 0.01,
+                 eps: float = 1e-7, logit_scale: float = 100.0, eval_mode: bool = True, **kwargs):
+        super().__init__(backbone, **kwargs)
+        if encoders not in ENCODERS:
+            raise CirlabError(f"unknown method.finetune.encoders={encoders!r}; choose one of {', '.join(ENCODERS)}")
+        self.encoders, self.lr, self.weight_decay, self.eps = encoders, lr, weight_decay, eps
+        self.logit_scale, self.eval_mode = logit_scale, eval_mode
+        trainable = {"both": backbone.parameters(), "text": backbone.text_parameters(),
+                     "image": backbone.image_parameters()}[encoders]
+        keep = {id(p) for p in trainable}
+        for p in backbone.parameters():
+            p.requires_grad_(id(p) in keep)
+
+    @property
+    def frozen_image_encoder(self) -> bool:
+        return self.encoders == "text"
+
+    def on_train_epoch_start(self) -> None:
+        if self.eval_mode:  # the reference never calls .train(): BatchNorm statistics stay frozen
+            self.backbone.eval()
+
+    def query_embedding(self, reference, texts):
+        return F.normalize(self.image_features(reference) + self.text_features(texts), dim=-1)
+
+    def training_step(self, batch, batch_idx):
+        query = self.image_features(batch["reference"]) + self.text_features(batch["text"])
+        target = self.image_features(batch["target"])
+        loss = batch_contrastive(query, target, self.logit_scale)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(query))
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.backbone.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.lr, betas=(0.9, 0.999), eps=self.eps,
+                                 weight_decay=self.weight_decay)
+
+
+class CLIP4CirCombiner(RetrievalModule):
+    """Stage II: the Combiner on a frozen backbone (image features come from the cache)."""
+
+    frozen_image_encoder = True
+
+    def __init__(self, backbone, projection_dim: int | None = None, hidden_dim: int | None = None,
+                 dropout: float = 0.5, lr: float = 2e-5, logit_scale: float = 100.0, **kwargs):
+        super().__init__(backbone, **kwargs)
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        self.combiner = Combiner(backbone.embed_dim, projection_dim, hidden_dim, dropout)
+        self.lr, self.logit_scale = lr, logit_scale
+
+    def on_train_epoch_start(self) -> None:
+        self.backbone.eval()
+
+    def text_features(self, texts):
+        with torch.no_grad():
+            return super().text_features(texts)
+
+    def query_embedding(self, reference, texts):
+        return self.combiner.combine(self.image_features(reference), self.text_features(texts))
+
+    def training_step(self, batch, batch_idx):
+        query = self.query_embedding(batch["reference"], batch["text"])
+        loss = batch_contrastive(query, self.image_features(batch["target"]), self.logit_scale)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(query))
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.combiner.parameters(), lr=self.lr)

@@ -1,0 +1,91 @@
+"""Base LightningModule of every CIR method: the shared retrieval evaluation.
+
+Validation/test encode each eval set's gallery and queries (Lightning drives the loops, devices,
+precision), gather them across processes by index (so DDP sampler padding never scores a query
+twice), then rank and score on rank 0 in float32 with the dataset's protocol.
+Subclasses define `query_embedding` (and training).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from cirlab.backbones.base import Backbone
+from cirlab.retrieval.metrics import SetResult, score_eval_set, split_metrics
+
+
+class RetrievalModule(L.LightningModule):
+    def __init__(self, backbone: Backbone, search: str = "exact", search_options: dict | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.search_backend = search
+        self.search_options = dict(search_options or {})
+        self._outputs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        self.results: dict[str, dict[str, SetResult]] = {}
+        self.metrics: dict[str, float] = {}
+
+    # ---- what a method defines ------------------------------------------------------------------
+    def image_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw (un-normalised) image features: cached embeddings pass through, pixels are encoded."""
+        return x.float() if x.dim() == 2 else self.backbone.encode_image(x).float()
+
+    def text_features(self, texts: list[str]) -> torch.Tensor:
+        return self.backbone.encode_texts(texts).float()
+
+    def gallery_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_features(images), dim=-1)
+
+    def query_embedding(self, reference: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ---- evaluation loop ------------------------------------------------------------------------
+    def _eval_step(self, batch: dict, dataloader_idx: int) -> None:
+        if dataloader_idx % 2 == 0:
+            emb = self.gallery_embedding(batch["image"])
+        else:
+            emb = self.query_embedding(batch["reference"], batch["text"])
+        self._outputs[dataloader_idx].append((batch["index"], emb.float()))
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx)
+
+    def _gathered(self, dataloader_idx: int, n: int) -> torch.Tensor:
+        idx = torch.cat([i for i, _ in self._outputs[dataloader_idx]]).to(self.device)
+        emb = torch.cat([e for _, e in self._outputs[dataloader_idx]])
+        if self.trainer.world_size > 1:
+            idx = self.all_gather(idx).reshape(-1)
+            emb = self.all_gather(emb).reshape(-1, emb.shape[-1])
+        out = torch.zeros(n, emb.shape[-1], device=emb.device)
+        out[idx] = emb  # duplicates from sampler padding write the same row twice
+        return out.cpu()
+
+    def _score(self, split: str) -> None:
+        dm = self.trainer.datamodule
+        source = dm.source
+        results = {}
+        for s, es in enumerate(dm.eval_sets(split)):
+            gallery = self._gathered(2 * s, len(es.gallery))
+            queries = self._gathered(2 * s + 1, len(es.queries))
+            results[es.group] = score_eval_set(source.protocol, es, queries, gallery,
+                                               has_answers=source.has_answers(split),
+                                               backend=self.search_backend, **self.search_options)
+        self._outputs.clear()
+        self.results[split] = results
+        metrics = split_metrics(split, results, source.protocol)
+        self.metrics.update(metrics)
+        if metrics:
+            self.log_dict(metrics, sync_dist=False)  # every rank scored the same gathered data
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._score(self.trainer.datamodule.val_split)
+        self._outputs.clear()
+
+    def on_test_epoch_end(self) -> None:
+        self._score(self.trainer.datamodule.test_split)

@@ -1,0 +1,159 @@
+"""Runs a method's stages in order and writes the run's artefacts.
+
+For each stage: build the LightningModule around the (shared, in-memory) backbone, serve cached
+image features if the stage's image encoder is frozen, fit with checkpoints, reload the best
+checkpoint, validate and test, write predictions/submission files. A finished stage leaves
+`stages/<name>/done.json`; a resumed run (`ckpt_path=last`) skips finished stages (reloading
+their best weights) and continues the interrupted one from its last checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf
+
+from cirlab.data.datamodule import CIRDataModule
+from cirlab.data.features import FeatureCache
+from cirlab.errors import CirlabError
+from cirlab.io import read_json, write_json
+from cirlab.methods.retrieval_module import RetrievalModule
+from cirlab.retrieval.submission import write_predictions
+
+log = logging.getLogger("cirlab")
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Checkpoints load with weights_only=True: a checkpoint file can never run code.
+    (Saving is already atomic in Lightning: fsspec transaction = temp file + rename.)"""
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        try:
+            return super().load_checkpoint(path, map_location=map_location or "cpu", weights_only=True)
+        except Exception as err:
+            raise CirlabError(f"cannot load checkpoint {path}: {err}") from err
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def monitor_key(dm: CIRDataModule) -> str:
+    return f"{dm.val_split}/{dm.source.protocol.main_metric}"
+
+
+def build_logger(cfg: DictConfig, stage: str, stage_dir: Path):
+    if not cfg.get("logger"):
+        return False
+    return instantiate(cfg.logger, name=f"{cfg.get('run_name') or 'cirlab'}-{stage}", save_dir=str(stage_dir))
+
+
+def finish_logger(logger) -> None:
+    if logger and type(logger).__name__ == "WandbLogger":
+        import wandb
+
+        wandb.finish()
+
+
+def run_stage(cfg: DictConfig, name: str, backbone, dm: CIRDataModule, run_dir: Path,
+              resume: bool) -> dict[str, Any]:
+    scfg = cfg.method[name]
+    stage_dir = run_dir / "stages" / name
+    module: RetrievalModule = instantiate(scfg.module, backbone=backbone, search=cfg.retrieval.search,
+                                          search_options=OmegaConf.to_container(cfg.retrieval.options))
+    ckpt_dir = stage_dir / "checkpoints"
+    done = stage_dir / "done.json"
+    if resume and done.is_file():
+        record = read_json(done)
+        if record.get("best_checkpoint"):
+            load_module_weights(module, Path(record["best_checkpoint"]))
+        log.info("stage %s already finished: reusing %s", name, done)
+        return record
+
+    train = scfg.max_epochs > 0
+    splits = (("train",) if train else ()) + (dm.val_split, dm.test_split)
+    if module.frozen_image_encoder:
+        names = dm.all_images(splits)
+        cache = FeatureCache(cfg.paths.cache_dir, batch_size=cfg.eval.batch_size, num_workers=cfg.num_workers)
+        dm.use(features=cache.get(backbone, names, [dm.source.image_path(n) for n in names]))
+        log.info("stage %s: %s image features %s", name, len(names), "from cache" if cache.last_hit else "encoded")
+    else:
+        dm.use(transform=backbone.preprocess)
+    dm.batch_size = scfg.batch_size
+
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor_key(dm), mode="max",
+                                 save_last=True, save_top_k=1, enable_version_counter=False)
+    logger = build_logger(cfg, name, stage_dir)
+    trainer: L.Trainer = instantiate(cfg.trainer, max_epochs=max(scfg.max_epochs, 1), callbacks=[checkpoint],
+                                     logger=logger, default_root_dir=str(stage_dir), plugins=[SafeCheckpointIO()],
+                                     reload_dataloaders_every_n_epochs=1)
+    record: dict[str, Any] = {"stage": name, "best_checkpoint": None}
+    if train:
+        last = ckpt_dir / "last.ckpt"
+        ckpt_path = str(last) if resume and last.is_file() else None
+        if ckpt_path:
+            log.info("stage %s: resuming from %s", name, ckpt_path)
+        trainer.fit(module, dm, ckpt_path=ckpt_path)
+        best = checkpoint.best_model_path or str(last)
+        load_module_weights(module, Path(best))
+        record["best_checkpoint"] = best
+        record["epochs"] = trainer.current_epoch
+    module.metrics = {}
+    trainer.validate(module, dm, verbose=False)
+    trainer.test(module, dm, verbose=False)
+    finish_logger(logger)
+    record["metrics"] = dict(sorted(module.metrics.items()))
+    for split, results in module.results.items():
+        write_predictions(stage_dir, split, dm.source, results)
+    write_json(done, record)
+    return record
+
+
+def load_module_weights(module: torch.nn.Module, path: Path) -> None:
+    ckpt = SafeCheckpointIO().load_checkpoint(path)
+    try:
+        module.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as err:
+        raise CirlabError(f"checkpoint {path} does not fit method {type(module).__name__}: "
+                          f"{str(err).splitlines()[0]}") from err
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    start = time.time()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    resume = bool(cfg.resume) or cfg.ckpt_path == "last"
+    source = instantiate(cfg.dataset.source)
+    backbone = instantiate(cfg.backbone.model)
+    dm = CIRDataModule(source, eval_batch_size=cfg.eval.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
+                       val_split=cfg.dataset.val_split, test_split=cfg.dataset.test_split)
+    stages: dict[str, Any] = {}
+    for name in cfg.method.stages:
+        if name not in cfg.method:
+            raise CirlabError(f"method.stages names {name!r} but method has no such stage; "
+                              f"stages defined: {[k for k in cfg.method if k not in ('name', 'stages')]}")
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        stages[name] = run_stage(cfg, name, backbone, dm, run_dir, resume)
+    final = stages[cfg.method.stages[-1]]
+    results = {
+        "metrics": final["metrics"],
+        "stages": {k: v["metrics"] for k, v in stages.items()},
+        "method": cfg.method.name, "dataset": cfg.dataset.name, "backbone": cfg.backbone.name,
+        "main_metric": f"{cfg.dataset.test_split}/{source.protocol.main_metric}",
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "git_commit": git_commit(),
+        "wall_time_s": round(time.time() - start, 2),
+    }
+    write_json(run_dir / "results.json", results)
+    return results
