@@ -73,6 +73,7 @@ def run_stage(cfg: DictConfig, name: str, backbone, dm: CIRDataModule, run_dir: 
     stage_dir = run_dir / "stages" / name
     module: RetrievalModule = instantiate(scfg.module, backbone=backbone, search=cfg.retrieval.search,
                                           search_options=OmegaConf.to_container(cfg.retrieval.options))
+    module.eval_data = dm
     ckpt_dir = stage_dir / "checkpoints"
     done = stage_dir / "done.json"
     if resume and done.is_file():
@@ -105,7 +106,11 @@ def run_stage(cfg: DictConfig, name: str, backbone, dm: CIRDataModule, run_dir: 
         ckpt_path = str(last) if resume and last.is_file() else None
         if ckpt_path:
             log.info("stage %s: resuming from %s", name, ckpt_path)
-        trainer.fit(module, dm, ckpt_path=ckpt_path)
+        loader = module.train_loader(dm)
+        if loader is None:
+            trainer.fit(module, dm, ckpt_path=ckpt_path)
+        else:
+            trainer.fit(module, train_dataloaders=loader, val_dataloaders=dm.val_dataloader(), ckpt_path=ckpt_path)
         best = checkpoint.best_model_path or str(last)
         load_module_weights(module, Path(best))
         record["best_checkpoint"] = best

@@ -26,8 +26,16 @@ class RetrievalModule(L.LightningModule):
         self._outputs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
         self.results: dict[str, dict[str, SetResult]] = {}
         self.metrics: dict[str, float] = {}
+        self.eval_data = None  # the CIRDataModule whose eval sets are scored; set by the pipeline
 
     # ---- what a method defines ------------------------------------------------------------------
+    frozen_image_encoder: bool = False  # True: batches carry cached image features [B, D], not pixels
+
+    def train_loader(self, dm):
+        """A method that trains on other data than the CIR triplets (e.g. SEARLE's phi on
+        unlabeled images) returns its own DataLoader here; None = the datamodule's triplets."""
+        return None
+
     def image_features(self, x: torch.Tensor) -> torch.Tensor:
         """Raw (un-normalised) image features: cached embeddings pass through, pixels are encoded."""
         return x.float() if x.dim() == 2 else self.backbone.encode_image(x).float()
@@ -66,7 +74,7 @@ class RetrievalModule(L.LightningModule):
         return out.cpu()
 
     def _score(self, split: str) -> None:
-        dm = self.trainer.datamodule
+        dm = self.eval_data
         source = dm.source
         results = {}
         for s, es in enumerate(dm.eval_sets(split)):
@@ -84,8 +92,8 @@ class RetrievalModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
-            self._score(self.trainer.datamodule.val_split)
+            self._score(self.eval_data.val_split)
         self._outputs.clear()
 
     def on_test_epoch_end(self) -> None:
-        self._score(self.trainer.datamodule.test_split)
+        self._score(self.eval_data.test_split)

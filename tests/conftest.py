@@ -1,0 +1,47 @@
+"""Shared test helpers: run the real `cirlab` CLI on tiny configs.
+
+The synthetic benchmark and the pretrained tiny backbone are cached in <repo>/.cache/cirlab, so
+they are built once per machine (about 2 minutes) and reused by every integration test.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / ".cache" / "cirlab"
+
+
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"CIRLAB_CACHE": str(CACHE), "CIRLAB_OUTPUTS": str(tmp_path / "outputs"),
+                "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"})
+    env.pop("HYDRA_FULL_ERROR", None)
+    return env
+
+
+def run_cli(tmp_path: Path, *args: str, run_dir: Path | None = None, check: bool = True,
+            logger: str = "none") -> subprocess.CompletedProcess:
+    run_dir = run_dir or tmp_path / "run"
+    cmd = [sys.executable, "-m", "cirlab.cli", *args, f"logger={logger}", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(tmp_path), capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"cirlab {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def results(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def synthetic_root() -> Path:
+    """The default synthetic benchmark folder (generated on first use)."""
+    from cirlab.data.synthetic import SyntheticSpec, ensure
+
+    return ensure(SyntheticSpec(), CACHE)

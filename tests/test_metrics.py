@@ -1,0 +1,125 @@
+"""Hand-computed values for the retrieval metrics and the search."""
+import numpy as np
+import pytest
+import torch
+from torchmetrics.functional.retrieval import retrieval_recall
+
+from cirlab.data.records import CIRQuery, EvalSet, Protocol
+from cirlab.errors import CirlabError
+from cirlab.retrieval.metrics import map_at_k, recall_at_k, score_eval_set, split_metrics
+from cirlab.retrieval.search import exact_search, faiss_search
+
+
+def test_recall_at_k_hand_computed():
+    topk = torch.tensor([[3, 1, 2], [0, 2, 1], [1, 0, 3]])
+    target = torch.tensor([1, 1, 2])
+    r = recall_at_k(topk, target, (1, 2, 3))
+    assert r == {"recall_at_1": pytest.approx(0.0), "recall_at_2": pytest.approx(100 / 3),
+                 "recall_at_3": pytest.approx(200 / 3)}
+
+
+def test_recall_matches_torchmetrics_for_single_target():
+    torch.manual_seed(0)
+    scores = torch.randn(20, 30)
+    target = torch.randint(0, 30, (20,))
+    _, topk = exact_search(scores, torch.eye(30), 30)  # identity gallery: the search ranks the score rows
+    ours = recall_at_k(topk, target, (5,))["recall_at_5"]
+    ref = torch.stack([retrieval_recall(scores[q], torch.arange(30) == target[q], top_k=5) for q in range(20)]).mean() * 100
+    assert ours == pytest.approx(ref.item())
+
+
+def test_map_at_k_one_and_several_ground_truths():
+    # query 0: one GT retrieved at rank 2 -> AP@5 = (1/2) / min(5, 1) = 0.5
+    # query 1: GTs {0, 1, 9}; retrieved [0, 5, 1, 6, 7]: P@1=1, P@3=2/3 -> AP@5 = (1 + 2/3) / 3
+    topk = torch.tensor([[4, 7, 1, 2, 3], [0, 5, 1, 6, 7]])
+    m = map_at_k(topk, [[7], [0, 1, 9]], (1, 5))
+    assert m["map_at_5"] == pytest.approx(100 * (0.5 + (1 + 2 / 3) / 3) / 2)
+    # AP@1: q0 misses; q1 hits, denominator min(1, 3) = 1
+    assert m["map_at_1"] == pytest.approx(50.0)
+
+
+def test_exact_search_equals_full_matrix_with_ties():
+    torch.manual_seed(0)
+    q = torch.randint(-2, 3, (17, 4)).float()   # small integers: many exact ties
+    g = torch.randint(-2, 3, (101, 4)).float()
+    s_full = q @ g.T
+    # reference order: score descending, gallery index ascending
+    ref = torch.tensor([sorted(range(101), key=lambda j: (-s_full[i, j].item(), j))[:10] for i in range(17)])
+    for chunk in (7, 50, 1000):
+        _, idx = exact_search(q, g, 10, chunk=chunk)
+        assert torch.equal(idx, ref)
+
+
+def test_exact_search_on_memmap_and_exclusion(tmp_path):
+    g = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    mm = np.lib.format.open_memmap(tmp_path / "g.npy", mode="w+", dtype=np.float32, shape=g.shape)
+    mm[:] = g
+    q = torch.from_numpy(g[:5])           # each query's nearest neighbour is itself
+    _, idx = exact_search(q, mm, 3, exclude=torch.arange(5), chunk=16)
+    assert not (idx == torch.arange(5)[:, None]).any()
+    _, idx_in = exact_search(q, mm, 1)
+    assert torch.equal(idx_in[:, 0], torch.arange(5))
+
+
+def test_faiss_flat_equals_exact():
+    pytest.importorskip("faiss")
+    torch.manual_seed(1)
+    q, g = torch.randn(30, 16), torch.randn(500, 16)
+    ex = torch.randint(0, 500, (30,))
+    s1, i1 = exact_search(q, g, 20, exclude=ex)
+    s2, i2 = faiss_search(q, g, 20, exclude=ex)
+    assert torch.equal(i1, i2)
+    assert torch.allclose(s1, s2, atol=1e-5)
+
+
+def test_empty_gallery_is_a_clear_error():
+    with pytest.raises(CirlabError, match="gallery is empty"):
+        exact_search(torch.randn(2, 3), torch.zeros(0, 3), 5)
+
+
+def _rigged(names, vectors):
+    return torch.nn.functional.normalize(torch.tensor(vectors, dtype=torch.float), dim=-1)
+
+
+def test_cirr_reference_excluded_and_subset_recall():
+    names = ["ref", "tgt", "a", "b", "c", "d", "e"]
+    gallery = _rigged(names, [[1, 0, 0], [0.8, 0.6, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0, 1], [0.5, 0.5, 0.7], [-1, 0, 0]])
+    query = _rigged(None, [[1, 0.05, 0]])       # nearest: ref, then a, then tgt
+    q = CIRQuery("7", "ref", ("cap",), ("tgt",), subset=("ref", "tgt", "b", "c", "d", "e"))
+    proto = Protocol(recall_ks=(1, 2), subset_ks=(1, 2, 3), exclude_reference=True)
+    res = score_eval_set(proto, EvalSet([q], names), query, gallery)
+    assert res.predictions["7"][:2] == ["a", "tgt"]       # reference removed, "a" is not in the subset
+    assert res.metrics["recall_at_1"] == 0 and res.metrics["recall_at_2"] == 100
+    assert res.subset_predictions["7"][0] == "tgt"         # within the subset the target comes first
+    assert res.metrics["recall_subset_at_1"] == 100
+    # without exclusion (FashionIQ protocol) the reference itself is ranked first
+    res2 = score_eval_set(Protocol(recall_ks=(1,)), EvalSet([q], names), query, gallery)
+    assert res2.predictions["7"][0] == "ref"
+
+
+def test_fashioniq_group_average():
+    proto = Protocol(recall_ks=(10, 50), group_average=True)
+
+    class R:  # the per-category results as score_eval_set returns them
+        def __init__(self, r10, r50):
+            self.metrics = {"recall_at_10": r10, "recall_at_50": r50, "mean_recall": (r10 + r50) / 2}
+
+    m = split_metrics("val", {"dress": R(20, 40), "shirt": R(30, 50), "toptee": R(40, 60)}, proto)
+    assert m["val/dress/recall_at_10"] == 20
+    assert m["val/average/recall_at_10"] == pytest.approx(30)
+    assert m["val/average/recall_at_50"] == pytest.approx(50)
+    assert m["val/average_recall"] == pytest.approx(40)
+
+
+def test_target_missing_from_gallery_is_reported():
+    q = CIRQuery("1", "a", ("x",), ("zzz",))
+    with pytest.raises(CirlabError, match="not in the gallery"):
+        score_eval_set(Protocol(), EvalSet([q], ["a", "b"]), torch.randn(1, 3), torch.randn(2, 3))
+
+
+def test_no_metrics_without_answers():
+    q = CIRQuery("1", "a", ("x",))
+    res = score_eval_set(Protocol(recall_ks=(1,)), EvalSet([q], ["a", "b"]), torch.randn(1, 3), torch.randn(2, 3),
+                         has_answers=False)
+    assert res.metrics == {} and len(res.predictions["1"]) == 2
