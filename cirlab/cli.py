@@ -9,6 +9,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
 from cirlab.errors import CirlabError
@@ -52,10 +53,11 @@ def print_table(results: dict) -> None:
 def _main(cfg: DictConfig) -> float | None:
     try:
         return _dispatch(cfg)
-    except CirlabError as err:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    except (CirlabError, InstantiationException) as err:
+        cause = err if isinstance(err, CirlabError) else err.__cause__
+        if not isinstance(cause, CirlabError) or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"cirlab error: {err}", file=sys.stderr)
+        print(f"cirlab error: {cause}", file=sys.stderr)
         sys.exit(2)
 
 

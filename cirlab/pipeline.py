@@ -17,7 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
@@ -40,6 +40,17 @@ class SafeCheckpointIO(TorchCheckpointIO):
             return super().load_checkpoint(path, map_location=map_location or "cpu", weights_only=True)
         except Exception as err:
             raise CirlabError(f"cannot load checkpoint {path}: {err}") from err
+
+
+class EpochSeed(Callback):
+    """Reseed every RNG at each epoch start from (seed, epoch): dropout masks and augmentations
+    then depend on the epoch alone, so a run resumed from a checkpoint matches an uninterrupted one."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        L.seed_everything(self.seed * 1000 + trainer.current_epoch, workers=True, verbose=False)
 
 
 def git_commit() -> str | None:
@@ -65,6 +76,14 @@ def finish_logger(logger) -> None:
         import wandb
 
         wandb.finish()
+
+
+def check_stage_config(name: str, scfg: DictConfig) -> None:
+    """Type errors in overrides surface here, not deep inside Lightning."""
+    for key in ("max_epochs", "batch_size"):
+        value = scfg.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise CirlabError(f"method.{name}.{key} must be a non-negative integer, got {value!r}")
 
 
 def run_stage(cfg: DictConfig, name: str, backbone, dm: CIRDataModule, run_dir: Path,
@@ -97,7 +116,7 @@ def run_stage(cfg: DictConfig, name: str, backbone, dm: CIRDataModule, run_dir: 
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor_key(dm), mode="max",
                                  save_last=True, save_top_k=1, enable_version_counter=False)
     logger = build_logger(cfg, name, stage_dir)
-    trainer: L.Trainer = instantiate(cfg.trainer, max_epochs=max(scfg.max_epochs, 1), callbacks=[checkpoint],
+    trainer: L.Trainer = instantiate(cfg.trainer, max_epochs=max(scfg.max_epochs, 1), callbacks=[checkpoint, EpochSeed(cfg.seed)],
                                      logger=logger, default_root_dir=str(stage_dir), plugins=[SafeCheckpointIO()],
                                      reload_dataloaders_every_n_epochs=1)
     record: dict[str, Any] = {"stage": name, "best_checkpoint": None}
@@ -143,11 +162,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     backbone = instantiate(cfg.backbone.model)
     dm = CIRDataModule(source, eval_batch_size=cfg.eval.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
                        val_split=cfg.dataset.val_split, test_split=cfg.dataset.test_split)
-    stages: dict[str, Any] = {}
     for name in cfg.method.stages:
         if name not in cfg.method:
             raise CirlabError(f"method.stages names {name!r} but method has no such stage; "
                               f"stages defined: {[k for k in cfg.method if k not in ('name', 'stages')]}")
+        check_stage_config(name, cfg.method[name])
+    stages: dict[str, Any] = {}
+    for name in cfg.method.stages:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         stages[name] = run_stage(cfg, name, backbone, dm, run_dir, resume)
     final = stages[cfg.method.stages[-1]]

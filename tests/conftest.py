@@ -39,6 +39,32 @@ def results(run_dir: Path) -> dict:
     return json.loads((run_dir / "results.json").read_text())
 
 
+@pytest.fixture
+def cli(tmp_path, monkeypatch, capsys):
+    """Run `cirlab` in-process (no interpreter start-up): returns (exit code, stdout, stderr)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from cirlab.cli import main
+
+    for key, value in cli_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+
+    def call(*args: str, run_dir: Path | None = None) -> tuple[int, str, str]:
+        run_dir = run_dir or tmp_path / "run"
+        monkeypatch.setattr(sys, "argv", ["cirlab", *args, "logger=none", f"hydra.run.dir={run_dir}"])
+        GlobalHydra.instance().clear()
+        code = 0
+        try:
+            main()
+        except SystemExit as exc:
+            code = exc.code or 0
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return call
+
+
 @pytest.fixture(scope="session")
 def synthetic_root() -> Path:
     """The default synthetic benchmark folder (generated on first use)."""

@@ -16,7 +16,7 @@ from cirlab.data.sources.shoes import ShoesSource
 from cirlab.errors import CirlabError
 from fixtures.make_images import materialize, write_image
 
-REAL = Path("/work/shared/data/annotations")
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "annotations"  # ../shared beside the clone
 
 
 @pytest.fixture(scope="module")

@@ -78,9 +78,9 @@ def load_backbone_weights(backbone: Backbone, path: str | Path) -> None:
     try:
         backbone.load_state_dict(state)
     except RuntimeError as err:
-        first = str(err).splitlines()[0:3]
+        detail = " ".join(str(err).split())
         raise CirlabError(f"{path} does not fit backbone {backbone.name!r} (wrong shapes or keys): "
-                          + " ".join(first)) from err
+                          f"{detail[:300]}{'...' if len(detail) > 300 else ''}") from err
 
 
 def backbone_checkpoint(backbone: Backbone) -> dict:

@@ -9,7 +9,7 @@ from torch import nn
 class Combiner(nn.Module):
     """out = normalize(v + lambda * x_t + (1 - lambda) * x_i) with a learned per-sample scalar lambda.
 
-    Inputs are the raw (un-normalised) backbone features; dropout 0.5 at four places; five Linear
+    Inputs are the raw (un-normalised) backbone features; dropout 0.5 at four places; six Linear
     layers; defaults P = 4 * D, H = 8 * D as the reference writes 640*4 and 640*8 for RN50x4.
     """
 

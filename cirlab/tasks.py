@@ -1,0 +1,38 @@
+"""Non-training tasks of the `cirlab` CLI (`+task=NAME`)."""
+from __future__ import annotations
+
+import sys
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from cirlab.data.check import check_images, format_report
+from cirlab.errors import CirlabError
+
+
+def check_data(cfg: DictConfig) -> None:
+    """List what is missing or unreadable in a dataset, with the expected layout; exit 2 on problems."""
+    source = instantiate(cfg.dataset.source)
+    splits = list(cfg.get("splits") or ["train", cfg.dataset.val_split, cfg.dataset.test_split])
+    usable = []
+    for split in dict.fromkeys(splits):
+        try:
+            (source.train_queries() if split == "train" else source.eval_sets(split))
+            usable.append(split)
+        except CirlabError as err:
+            print(f"split {split}: {err}")
+    report = check_images(source, usable)
+    print(f"dataset {cfg.dataset.name} ({', '.join(usable)}): {format_report(report)}")
+    if not report.ok or len(usable) < len(dict.fromkeys(splits)):
+        if source.layout:
+            print(f"expected layout:\n{source.layout}")
+        sys.exit(2)
+
+
+TASKS = {"check_data": check_data}
+
+
+def run_task(cfg: DictConfig):
+    if cfg.task not in TASKS:
+        raise CirlabError(f"unknown task {cfg.task!r}; choose one of {', '.join(TASKS)}")
+    return TASKS[cfg.task](cfg)
