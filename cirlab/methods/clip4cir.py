@@ -73,9 +73,13 @@ class CLIP4CirCombiner(RetrievalModule):
     def on_train_epoch_start(self) -> None:
         self.backbone.eval()
 
+    @torch.no_grad()
+    def image_features(self, x):
+        return super().image_features(x)
+
+    @torch.no_grad()
     def text_features(self, texts):
-        with torch.no_grad():
-            return super().text_features(texts)
+        return super().text_features(texts)
 
     def query_embedding(self, reference, texts):
         return self.combiner.combine(self.image_features(reference), self.text_features(texts))
