@@ -19,6 +19,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from cirlab.data.datamodule import CIRDataModule
@@ -139,9 +140,10 @@ def run_stage(cfg: DictConfig, name: str, backbone, dm: CIRDataModule, run_dir: 
     trainer.test(module, dm, verbose=False)
     finish_logger(logger)
     record["metrics"] = dict(sorted(module.metrics.items()))
-    for split, results in module.results.items():
-        write_predictions(stage_dir, split, dm.source, results)
-    write_json(done, record)
+    if rank_zero_only.rank == 0:  # under DDP every rank holds the same gathered results
+        for split, results in module.results.items():
+            write_predictions(stage_dir, split, dm.source, results)
+        write_json(done, record)
     return record
 
 
@@ -181,5 +183,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "git_commit": git_commit(),
         "wall_time_s": round(time.time() - start, 2),
     }
-    write_json(run_dir / "results.json", results)
+    if rank_zero_only.rank == 0:
+        write_json(run_dir / "results.json", results)
     return results

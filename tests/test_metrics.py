@@ -123,3 +123,15 @@ def test_no_metrics_without_answers():
     res = score_eval_set(Protocol(recall_ks=(1,)), EvalSet([q], ["a", "b"]), torch.randn(1, 3), torch.randn(2, 3),
                          has_answers=False)
     assert res.metrics == {} and len(res.predictions["1"]) == 2
+
+
+def test_embedding_file_round_trip_and_chunked_search(tmp_path):
+    from cirlab.retrieval.embedding_file import EmbeddingFile
+
+    g = torch.nn.functional.normalize(torch.randn(1000, 16), dim=-1)
+    chunks = (g[i:i + 300].numpy() for i in range(0, 1000, 300))
+    ef = EmbeddingFile.write(tmp_path / "g.npy", chunks, 1000, 16)
+    assert len(ef) == 1000 and np.array_equal(ef[250:260], g[250:260].numpy())
+    assert np.array_equal(np.load(tmp_path / "g.npy"), g.numpy())   # a standard .npy file
+    q = torch.randn(7, 16)
+    assert torch.equal(exact_search(q, ef, 20, chunk=128)[1], exact_search(q, g, 20)[1])

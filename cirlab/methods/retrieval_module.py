@@ -88,7 +88,8 @@ class RetrievalModule(L.LightningModule):
         metrics = split_metrics(split, results, source.protocol)
         self.metrics.update(metrics)
         if metrics:
-            self.log_dict(metrics, sync_dist=False)  # every rank scored the same gathered data
+            # every rank scored the same gathered data: syncing averages identical values (no change)
+            self.log_dict(metrics, sync_dist=self.trainer.world_size > 1)
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:

@@ -18,8 +18,9 @@ class EmbeddingFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         with open(self.path, "rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            shape, fortran, dtype = np.lib.format._read_array_header(fh, version)
+            major, _ = np.lib.format.read_magic(fh)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(fh)
             self.offset = fh.tell()
         assert not fortran and len(shape) == 2
         self.shape, self.dtype = shape, np.dtype(dtype)
