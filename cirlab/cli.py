@@ -62,6 +62,8 @@ def _main(cfg: DictConfig) -> float | None:
 
 
 def _dispatch(cfg: DictConfig) -> float | None:
+    # Lightning prints through its own handler; without this Hydra's root handler repeats every line
+    logging.getLogger("lightning.pytorch").propagate = False
     task = cfg.get("task")
     if task:
         from cirlab.tasks import run_task
