@@ -94,6 +94,8 @@ def run_stage(cfg: DictConfig, name: str, backbone, dm: CIRDataModule, run_dir: 
     module: RetrievalModule = instantiate(scfg.module, backbone=backbone, search=cfg.retrieval.search,
                                           search_options=OmegaConf.to_container(cfg.retrieval.options))
     module.eval_data = dm
+    if cfg.eval.gallery_on_disk:
+        module.gallery_on_disk = stage_dir / "gallery"
     ckpt_dir = stage_dir / "checkpoints"
     done = stage_dir / "done.json"
     if resume and done.is_file():
@@ -149,6 +151,11 @@ def run_stage(cfg: DictConfig, name: str, backbone, dm: CIRDataModule, run_dir: 
 
 def load_module_weights(module: torch.nn.Module, path: Path) -> None:
     ckpt = SafeCheckpointIO().load_checkpoint(path)
+    stamp = ckpt.get("cirlab", {})
+    mine = {"method": type(module).__name__, "backbone": module.backbone.name}
+    if stamp and stamp != mine:
+        raise CirlabError(f"checkpoint {path} was written by method {stamp['method']} with backbone "
+                          f"{stamp['backbone']!r}, but this run is {mine['method']} with backbone {mine['backbone']!r}")
     try:
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:

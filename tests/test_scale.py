@@ -34,3 +34,11 @@ def test_bf16_mixed_matches_fp32_within_two_points(tmp_path):
     b = results(tmp_path / "bf16")["metrics"]["test/recall_at_10"]
     print(f"test R@10: fp32 {a:.2f}, bf16-mixed {b:.2f}")
     assert abs(a - b) <= 2.0
+
+
+def test_gallery_on_disk_gives_identical_metrics(cli, tmp_path):
+    assert cli("+method=zeroshot", run_dir=tmp_path / "mem")[0] == 0
+    assert cli("+method=zeroshot", "eval.gallery_on_disk=true", "+retrieval.options.chunk=100",
+               run_dir=tmp_path / "disk")[0] == 0
+    assert results(tmp_path / "mem")["metrics"] == results(tmp_path / "disk")["metrics"]
+    assert (tmp_path / "disk" / "stages" / "eval" / "gallery" / "test-0.npy").is_file()

@@ -8,12 +8,15 @@ Subclasses define `query_embedding` (and training).
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
 from cirlab.backbones.base import Backbone
+from cirlab.errors import CirlabError
+from cirlab.retrieval.embedding_file import EmbeddingWriter
 from cirlab.retrieval.metrics import SetResult, score_eval_set, split_metrics
 
 
@@ -27,6 +30,8 @@ class RetrievalModule(L.LightningModule):
         self.results: dict[str, dict[str, SetResult]] = {}
         self.metrics: dict[str, float] = {}
         self.eval_data = None  # the CIRDataModule whose eval sets are scored; set by the pipeline
+        self.gallery_on_disk: Path | None = None  # eval.gallery_on_disk: stream gallery embeddings to files
+        self._writers: dict[int, EmbeddingWriter] = {}
 
     # ---- what a method defines ------------------------------------------------------------------
     frozen_image_encoder: bool = False  # True: batches carry cached image features [B, D], not pixels
@@ -49,19 +54,39 @@ class RetrievalModule(L.LightningModule):
     def query_embedding(self, reference: torch.Tensor, texts: list[str]) -> torch.Tensor:
         raise NotImplementedError
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["cirlab"] = {"method": type(self).__name__, "backbone": self.backbone.name}
+
     # ---- evaluation loop ------------------------------------------------------------------------
     def _eval_step(self, batch: dict, dataloader_idx: int) -> None:
         if dataloader_idx % 2 == 0:
             emb = self.gallery_embedding(batch["image"])
+            if self.gallery_on_disk is not None:
+                self._stream_gallery(dataloader_idx, batch["index"], emb)
+                return
         else:
             emb = self.query_embedding(batch["reference"], batch["text"])
         self._outputs[dataloader_idx].append((batch["index"], emb.float()))
+
+    @property
+    def _split(self) -> str:
+        return self.eval_data.test_split if self.trainer.testing else self.eval_data.val_split
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx)
 
     def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx)
+
+    def _stream_gallery(self, dataloader_idx: int, index: torch.Tensor, emb: torch.Tensor) -> None:
+        if self.trainer.world_size > 1:
+            raise CirlabError("eval.gallery_on_disk works with single-process evaluation; drop it under DDP")
+        if dataloader_idx not in self._writers:
+            n = len(self.eval_data.eval_sets(self._split)[dataloader_idx // 2].gallery)
+            self._writers[dataloader_idx] = EmbeddingWriter(self.gallery_on_disk / f"{self._split}-{dataloader_idx}.npy", n)
+        writer = self._writers[dataloader_idx]
+        assert int(index[0]) == writer.written, "gallery batches arrive in order (no shuffling in eval)"
+        writer.append(emb.cpu().numpy())
 
     def _gathered(self, dataloader_idx: int, n: int) -> torch.Tensor:
         idx = torch.cat([i for i, _ in self._outputs[dataloader_idx]]).to(self.device)
@@ -78,7 +103,8 @@ class RetrievalModule(L.LightningModule):
         source = dm.source
         results = {}
         for s, es in enumerate(dm.eval_sets(split)):
-            gallery = self._gathered(2 * s, len(es.gallery))
+            writer = self._writers.pop(2 * s, None)
+            gallery = writer.finish() if writer else self._gathered(2 * s, len(es.gallery))
             queries = self._gathered(2 * s + 1, len(es.queries))
             results[es.group] = score_eval_set(source.protocol, es, queries, gallery,
                                                has_answers=source.has_answers(split),

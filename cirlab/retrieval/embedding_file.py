@@ -37,19 +37,38 @@ class EmbeddingFile:
             return np.fromfile(fh, dtype=self.dtype, count=(stop - start) * d).reshape(-1, d)
 
     @classmethod
-    def write(cls, path: str | Path, chunks: Iterable[np.ndarray], n: int, dim: int,
-              dtype=np.float32) -> "EmbeddingFile":
-        """Write `n` rows arriving in chunks (e.g. while encoding); atomic like every cirlab file."""
-        with atomic_path(path) as tmp:
-            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-                      "shape": (n, dim)}
-            written = 0
-            with open(tmp, "wb") as fh:
-                np.lib.format.write_array_header_1_0(fh, header)
-                for chunk in chunks:
-                    chunk = np.ascontiguousarray(chunk, dtype=dtype)
-                    fh.write(chunk.tobytes())
-                    written += len(chunk)
-            if written != n:
-                raise ValueError(f"expected {n} rows, got {written}")
-        return cls(path)
+    def write(cls, path: str | Path, chunks: Iterable[np.ndarray], n: int, dim: int) -> "EmbeddingFile":
+        """Write `n` rows arriving in chunks; atomic like every cirlab file."""
+        writer = EmbeddingWriter(path, n)
+        for chunk in chunks:
+            writer.append(chunk)
+        return writer.finish()
+
+
+class EmbeddingWriter:
+    """Appends float32 rows, in gallery order, to a `.npy` of known length (e.g. while encoding),
+    so the gallery never has to fit in memory; `finish()` publishes it atomically."""
+
+    def __init__(self, path: str | Path, n: int):
+        self.path, self.n, self.written = Path(path), n, 0
+        self._ctx = atomic_path(self.path)
+        self._tmp = self._ctx.__enter__()
+        self._fh = None
+
+    def append(self, rows) -> None:
+        rows = np.ascontiguousarray(np.asarray(rows, dtype=np.float32))
+        if self._fh is None:
+            self._fh = open(self._tmp, "wb")
+            np.lib.format.write_array_header_1_0(
+                self._fh, {"descr": "<f4", "fortran_order": False, "shape": (self.n, rows.shape[1])})
+        self._fh.write(rows.tobytes())
+        self.written += len(rows)
+
+    def finish(self) -> EmbeddingFile:
+        if self._fh is not None:
+            self._fh.close()
+        if self.written != self.n:
+            self._ctx.__exit__(ValueError, ValueError(), None)
+            raise ValueError(f"{self.path}: expected {self.n} rows, got {self.written}")
+        self._ctx.__exit__(None, None, None)
+        return EmbeddingFile(self.path)
