@@ -113,7 +113,7 @@ def oti(backbone, text: SearleText, features: torch.Tensor, cfg: dict,
         opt.step()
         with torch.no_grad():
             ema.mul_(cfg["ema_decay"]).add_(token.detach(), alpha=1 - cfg["ema_decay"])
-        losses.append(float(loss))
+        losses.append(loss.item())
     return token.detach().cpu(), ema.cpu(), losses
 
 
