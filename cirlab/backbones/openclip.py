@@ -57,6 +57,69 @@ class OpenCLIPBackbone(Backbone):
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(list(texts))
 
+    # ---- SEARLE: a pseudo-word token injected at the placeholder `$` ------------------------------
+    @property
+    def token_dim(self) -> int:
+        """Width of the text tower's token embedding (the space pseudo tokens live in)."""
+        return int(self._text_tower().token_embedding.embedding_dim)
+
+    @property
+    def placeholder_token_id(self) -> int:
+        """Token id of `$` (259 with CLIP's BPE), found by tokenising it, never hard-coded."""
+        if not hasattr(self, "_placeholder_id"):
+            row = self.tokenize(["$"])[0].tolist()
+            end = max(range(len(row)), key=lambda i: row[i])  # EOT: the largest id in the row
+            inner = row[1:end]
+            if len(inner) != 1:
+                raise CirlabError(f"backbone {self.name!r}: the tokenizer splits '$' into {inner}; "
+                                  "SEARLE needs a single-token placeholder")
+            self._placeholder_id = inner[0]
+        return self._placeholder_id
+
+    def _text_tower(self):
+        model = self.model
+        if not all(hasattr(model, a) for a in ("token_embedding", "positional_embedding", "transformer",
+                                                "ln_final")):
+            raise CirlabError(f"backbone {self.name!r} ({type(model).__name__}) has no CLIP text tower with a "
+                              "token embedding; pseudo-token encoding needs an open_clip CLIP model")
+        return model
+
+    def encode_text_with_pseudo_tokens(self, tokens: torch.Tensor, pseudo: torch.Tensor) -> torch.Tensor:
+        """open_clip `CLIP.encode_text` with one substitution: in every row the token embedding at the
+        FIRST `$` is replaced by that row's pseudo token (one given token is broadcast to all rows);
+        later `$` keep the literal `$` embedding (the SEARLE reference). Pooling as open_clip."""
+        from open_clip.transformer import text_global_pool
+
+        m = self._text_tower()
+        tokens = tokens.to(m.token_embedding.weight.device)
+        is_ph = tokens == self.placeholder_token_id
+        if not bool(is_ph.any(dim=1).all()):
+            raise CirlabError("a prompt has no '$' placeholder for the pseudo token; write prompts like "
+                              "'a photo of $ that {}' (spaces around $)")
+        cast_dtype = m.transformer.get_cast_dtype()
+        x = m.token_embedding(tokens).to(cast_dtype)
+        pseudo = pseudo.to(x.dtype)
+        if pseudo.dim() == 1:
+            pseudo = pseudo.unsqueeze(0)
+        if pseudo.shape[0] == 1 and x.shape[0] > 1:
+            pseudo = pseudo.expand(x.shape[0], -1)
+        first = is_ph.int().argmax(dim=1)  # index of the first `$` of each row
+        rows = torch.arange(x.shape[0], device=x.device)
+        x = x.index_put((rows, first), pseudo)  # out of place: gradients flow into `pseudo`
+        attn_mask = m.attn_mask
+        if attn_mask is not None and m.text_pool_type == "argmax":
+            # causal attention: positions after the last EOT never reach a pooled state, so cutting the
+            # padding gives the same output at a fraction of the cost (OTI runs thousands of these)
+            n = int(tokens.argmax(dim=-1).max()) + 1
+            x, tokens, attn_mask = x[:, :n], tokens[:, :n], attn_mask[:n, :n]
+        x = x + m.positional_embedding[:x.shape[1]].to(cast_dtype)
+        x = m.transformer(x, attn_mask=attn_mask)
+        x = m.ln_final(x)
+        x = text_global_pool(x, tokens, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
+        if m.text_projection is not None:
+            x = m.text_projection(x) if isinstance(m.text_projection, torch.nn.Linear) else x @ m.text_projection
+        return x
+
     def image_parameters(self):
         return list(self.model.visual.parameters())
 

@@ -1,0 +1,354 @@
+"""SEARLE (Baldrati et al., ICCV 2023): zero-shot CIR by textual inversion (facts: shared/spec/searle.md).
+
+The reference image becomes one pseudo-word token v* in the text tower's token-embedding space, put at
+the `$` of a prompt like "a photo of $ that {relative caption}"; the prompt feature retrieves targets.
+- `+method=searle_oti` (SearleOTI): v* by optimisation (OTI) per reference image, before evaluation.
+- `+method=searle` (Searle): v* = phi(image feature), phi distilled from OTI tokens of unlabeled images.
+Both work on frozen cached image features; OTI tokens are stored atomically and resumably.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from cirlab.errors import CirlabError
+from cirlab.io import load_torch, save_torch
+from cirlab.methods import searle_text as st
+from cirlab.methods.retrieval_module import RetrievalModule
+
+log = logging.getLogger("cirlab")
+
+OTI_DEFAULTS = dict(steps=350, lr=2e-2, weight_decay=0.01, ema_decay=0.99, lambda_cos=1.0, lambda_gpt=0.5,
+                    batch_size=32, top_k=15, init_std=0.02, save_every=256, seed=42)
+
+
+class Phi(nn.Module):
+    """The reference textual-inversion MLP (state-dict keys layers.0/3/6, as SEARLE's phi.py)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, dropout: float = 0.5):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(input_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout),
+                                    nn.Linear(hidden_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout),
+                                    nn.Linear(hidden_dim, output_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def distillation_loss(v1: torch.Tensor, v2: torch.Tensor, temperature: float = 0.25) -> torch.Tensor:
+    """Symmetric NT-Xent between OTI tokens v1 and predicted tokens v2 (spec §7): numerator
+    exp(cos(v1_i, v2_i)/t) for both rows of pair i, denominator the row sum over the other 2B-1."""
+    z = F.normalize(torch.cat([v1, v2]), dim=-1)
+    sim = z @ z.T / temperature
+    n = len(v1)
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    pos = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(sim, pos)
+
+
+def cosine_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """CosineEmbeddingLoss(target=1) = mean(1 - cos)."""
+    return (1 - F.cosine_similarity(a, b, dim=-1)).mean()
+
+
+class SearleText:
+    """Everything text-side both variants need, built once per backbone: vocabulary, concept
+    embeddings, phrase bank, tokenised PALAVRA templates."""
+
+    def __init__(self, backbone, source, concepts: dict, phrases: dict):
+        vocab = (st.read_vocabulary(concepts["vocabulary"]) if concepts.get("vocabulary")
+                 else st.default_vocabulary(source))
+        self.vocabulary = vocab
+        self.bank = st.PhraseBank(backbone, vocab, st.build_phrases(phrases, vocab),
+                                  int(phrases.get("per_concept", 32)))
+        self.concept_emb = st.concept_embeddings(backbone, self.bank.concepts)
+        self.templates = backbone.tokenize([t.format(st.PLACEHOLDER) for t in st.TEMPLATES])
+        self.digest = hashlib.sha1(json.dumps([vocab, self.bank.concepts, phrases, concepts],
+                                              sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+    def concepts_of(self, features: torch.Tensor, top_k: int) -> torch.Tensor:
+        return st.associate(features, self.concept_emb, top_k)
+
+
+def oti(backbone, text: SearleText, features: torch.Tensor, cfg: dict,
+        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+    """Optimisation-based textual inversion of a batch of images (each its own token; the batch is only
+    parallelism): AdamW, per step a random PALAVRA template (L_cos to the image) and a random phrase of
+    one of the image's top-k concepts with '$' for its first occurrence (L_gpt to the plain phrase),
+    loss (l_cos*L_cos + l_gpt*L_gpt)/(l_cos+l_gpt), EMA of the tokens. Returns (tokens, ema, losses)."""
+    cfg = {**OTI_DEFAULTS, **cfg}
+    gen = generator or torch.Generator().manual_seed(int(cfg["seed"]))
+    device = backbone.device
+    feats = features.float().to(device)
+    n = len(feats)
+    concepts = text.concepts_of(feats, int(cfg["top_k"]))  # [n, k] indices into bank.concepts
+    bank = text.bank
+    token = (torch.randn(n, backbone.token_dim, generator=gen) * cfg["init_std"]).to(device).requires_grad_(True)
+    ema = token.detach().clone()
+    opt = torch.optim.AdamW([token], lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    lc, lg = float(cfg["lambda_cos"]), float(cfg["lambda_gpt"])
+    losses = []
+    rows = torch.arange(n)
+    for _ in range(int(cfg["steps"])):
+        t_idx = torch.randint(len(text.templates), (n,), generator=gen)
+        c_idx = concepts[rows, torch.randint(concepts.shape[1], (n,), generator=gen)]
+        p_idx = c_idx * bank.k + torch.randint(bank.k, (n,), generator=gen)
+        f_a = backbone.encode_text_with_pseudo_tokens(text.templates[t_idx].to(device), token)
+        loss = lc * cosine_loss(f_a, feats)
+        if lg > 0:
+            f_p = backbone.encode_text_with_pseudo_tokens(bank.tokens_first[p_idx].to(device), token)
+            loss = loss + lg * cosine_loss(f_p, bank.features[p_idx].to(device))
+        loss = loss / (lc + lg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            ema.mul_(cfg["ema_decay"]).add_(token.detach(), alpha=1 - cfg["ema_decay"])
+        losses.append(loss.item())
+    return token.detach().cpu(), ema.cpu(), losses
+
+
+class OTIStore:
+    """Tokens of named images in one file ({names, tokens, ema, key}), written atomically every
+    `save_every` images: a killed run continues with the images not yet done."""
+
+    def __init__(self, path: str | Path, key: str):
+        self.path, self.key = Path(path), key
+        self.names: list[str] = []
+        self.tokens: list[torch.Tensor] = []
+        self.ema: list[torch.Tensor] = []
+        if self.path.is_file():
+            blob = load_torch(self.path)
+            if blob.get("key") != key:
+                raise CirlabError(f"OTI token file {self.path} was made with other settings; delete it or "
+                                  "choose another method.token_dir")
+            self.names = list(blob["names"])
+            self.tokens = list(blob["tokens"])
+            self.ema = list(blob["ema"])
+        self.row = {n: i for i, n in enumerate(self.names)}
+
+    def save(self) -> None:
+        save_torch(self.path, {"key": self.key, "names": self.names,
+                               "tokens": torch.stack(self.tokens) if self.tokens else torch.empty(0),
+                               "ema": torch.stack(self.ema) if self.ema else torch.empty(0)})
+
+    def compute(self, names: list[str], features: torch.Tensor, invert, chunk: int, save_every: int) -> torch.Tensor:
+        """EMA tokens [len(names), d] in the order of `names`; only the missing ones are optimised,
+        by `invert(features) -> (tokens, ema)` in chunks."""
+        todo = [i for i, n in enumerate(dict.fromkeys(names)) if n not in self.row]
+        uniq = list(dict.fromkeys(names))
+        pos = {n: i for i, n in enumerate(names)}
+        done_since_save = 0
+        start = time.time()
+        for c in range(0, len(todo), chunk):
+            idx = todo[c:c + chunk]
+            tok, ema = invert(features[[pos[uniq[i]] for i in idx]])
+            for j, i in enumerate(idx):
+                self.row[uniq[i]] = len(self.names)
+                self.names.append(uniq[i])
+                self.tokens.append(tok[j])
+                self.ema.append(ema[j])
+            done_since_save += len(idx)
+            if done_since_save >= save_every:
+                self.save()
+                done_since_save = 0
+            log.info("OTI: %d/%d images (%.0f s)", min(c + chunk, len(todo)), len(todo), time.time() - start)
+        if done_since_save:
+            self.save()
+        return torch.stack([self.ema[self.row[n]] for n in names])
+
+
+def _oti_key(backbone, text: SearleText, oti_cfg: dict) -> str:
+    h = hashlib.sha1(backbone.fingerprint().encode())
+    h.update(text.digest.encode())
+    h.update(json.dumps({k: oti_cfg[k] for k in sorted(oti_cfg) if k != "save_every"}).encode())
+    return h.hexdigest()[:16]
+
+
+class _SearleBase(RetrievalModule):
+    frozen_image_encoder = True
+
+    def __init__(self, backbone, prompt: str = "a photo of $ that {}", concepts: dict | None = None,
+                 phrases: dict | None = None, oti: dict | None = None, token_dir: str | None = None, **kwargs):
+        super().__init__(backbone, **kwargs)
+        if "$" not in prompt or "{}" not in prompt:
+            raise CirlabError(f"method.prompt={prompt!r} needs a '$' (the pseudo token) and a '{{}}' (the text)")
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        self.prompt = prompt
+        self.concepts_cfg = dict(concepts or {})
+        self.phrases_cfg = dict(phrases or {})
+        self.oti_cfg = {**OTI_DEFAULTS, **(oti or {})}
+        self.token_dir = token_dir
+        self._text: SearleText | None = None
+
+    def text(self) -> SearleText:
+        if self._text is None:
+            self.backbone.eval()
+            self._text = SearleText(self.backbone, self.eval_data.source, self.concepts_cfg, self.phrases_cfg)
+        return self._text
+
+    def store(self, tag: str) -> OTIStore:
+        text = self.text()
+        key = _oti_key(self.backbone, text, self.oti_cfg)
+        if self.token_dir:
+            folder = Path(self.token_dir)
+        elif self._trainer is not None:
+            folder = Path(self.trainer.default_root_dir) / "oti_tokens"
+        else:
+            raise CirlabError("set method.token_dir: the folder of the OTI token files")
+        return OTIStore(folder / f"{tag}-{key}.pt", key)
+
+    def invert(self, names: list[str], features: torch.Tensor, tag: str) -> torch.Tensor:
+        self.backbone.eval()
+        text = self.text()
+        cfg = self.oti_cfg
+
+        def invert_chunk(feats):
+            with torch.enable_grad(), torch.inference_mode(False):
+                tok, ema, _ = oti(self.backbone, text, feats.clone(), cfg)
+            return tok, ema
+
+        return self.store(tag).compute(names, features, invert_chunk, int(cfg["batch_size"]), int(cfg["save_every"]))
+
+    def prompt_tokens(self, texts: list[str]) -> torch.Tensor:
+        return self.backbone.tokenize([self.prompt.format(t) for t in texts]).to(self.device)
+
+    def encode_queries(self, tokens: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        with torch.no_grad():
+            return F.normalize(self.backbone.encode_text_with_pseudo_tokens(self.prompt_tokens(texts),
+                                                                            tokens.to(self.device)).float(), dim=-1)
+
+
+class SearleOTI(_SearleBase):
+    """SEARLE-OTI: each reference image of the evaluated split gets its own OTI token before evaluation."""
+
+    def __init__(self, backbone, **kwargs):
+        super().__init__(backbone, **kwargs)
+        self._query_tokens: dict[int, torch.Tensor] = {}
+
+    def _prepare(self, split: str) -> None:
+        dm = self.eval_data
+        self._query_tokens = {}
+        for s, es in enumerate(dm.eval_sets(split)):
+            refs = [q.reference for q in es.queries]
+            uniq = list(dict.fromkeys(refs))
+            feats = torch.stack([dm.features[n] for n in uniq])
+            tokens = self.invert(uniq, feats, f"{dm.source.name}")
+            row = {n: i for i, n in enumerate(uniq)}
+            self._query_tokens[2 * s + 1] = tokens[[row[r] for r in refs]]
+
+    def on_validation_start(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._prepare(self.eval_data.val_split)
+
+    def on_test_start(self) -> None:
+        self._prepare(self.eval_data.test_split)
+
+    def _eval_step(self, batch: dict, dataloader_idx: int) -> None:
+        if dataloader_idx % 2 == 0:
+            return super()._eval_step(batch, dataloader_idx)
+        tokens = self._query_tokens[dataloader_idx][batch["index"].cpu()]
+        self._outputs[dataloader_idx].append((batch["index"], self.encode_queries(tokens, batch["text"])))
+
+    def query_embedding(self, reference, texts):
+        raise CirlabError("SearleOTI embeds queries by their reference image's OTI token (see _eval_step)")
+
+    def training_step(self, batch, batch_idx):
+        raise CirlabError("searle_oti has nothing to train: keep max_epochs: 0")
+
+    def configure_optimizers(self):
+        return None
+
+
+class Searle(_SearleBase):
+    """SEARLE: phi maps a raw image feature to its pseudo token; trained by distillation from OTI tokens
+    of unlabeled images (plus the phrase regulariser), then zero-shot CIR with the prompt."""
+
+    def __init__(self, backbone, dropout: float = 0.5, lr: float = 1e-4, weight_decay: float = 0.01,
+                 temperature: float = 0.25, lambda_distil: float = 1.0, lambda_gpt: float = 0.75,
+                 top_k_concepts: int = 150, max_images: int | None = None, cache_dir: str | None = None,
+                 image_splits: tuple = ("train",), batch_size: int = 256, seed: int = 0, **kwargs):
+        super().__init__(backbone, **kwargs)
+        d = backbone.embed_dim
+        self.phi = Phi(d, 4 * d, backbone.token_dim, dropout)
+        self.lr, self.weight_decay, self.temperature = lr, weight_decay, temperature
+        self.lambda_distil, self.lambda_gpt, self.top_k_concepts = lambda_distil, lambda_gpt, top_k_concepts
+        self.max_images, self.cache_dir, self.image_splits = max_images, cache_dir, tuple(image_splits)
+        self.batch_size, self.seed = batch_size, seed
+        self._concepts: torch.Tensor | None = None
+
+    def unlabeled_images(self, dm) -> list[str]:
+        """The unlabeled training images: the captioned 'train' images of the source (synthetic: the
+        CIR-train and pretraining images; their captions are not used), else the triplets' images."""
+        try:
+            names = [n for split in self.image_splits for n, _ in dm.source.image_captions(split)]
+        except CirlabError:
+            names = dm.source.train_images()
+        names = list(dict.fromkeys(names))
+        if self.max_images and len(names) > self.max_images:
+            names = sorted(random.Random(self.seed).sample(names, self.max_images), key=names.index)
+        return names
+
+    def train_loader(self, dm):
+        from cirlab.data.features import FeatureCache
+
+        names = self.unlabeled_images(dm)
+        if not names:
+            raise CirlabError(f"dataset {dm.source.name!r} has no unlabeled training images for phi")
+        missing = [n for n in names if dm.features is None or n not in dm.features]
+        feats = dict(dm.features or {})
+        if missing:
+            if not self.cache_dir:
+                raise CirlabError("internal: Searle needs cache_dir to cache unlabeled image features")
+            cache = FeatureCache(self.cache_dir)
+            feats.update(cache.get(self.backbone, missing, [dm.source.image_path(n) for n in missing]))
+        x = torch.stack([feats[n] for n in names]).float()
+        start = time.time()
+        tokens = self.invert(names, x, f"{dm.source.name}-unlabeled")
+        log.info("phi: OTI targets for %d unlabeled images ready in %.0f s", len(names), time.time() - start)
+        text = self.text()
+        self._concepts = text.concepts_of(x, self.top_k_concepts)
+        if len(x) < self.batch_size:
+            raise CirlabError(f"{len(x)} unlabeled images are fewer than one batch ({self.batch_size}): "
+                              "lower method.phi.batch_size")
+        gen = torch.Generator().manual_seed(self.seed)
+        return DataLoader(TensorDataset(x, tokens, torch.arange(len(x))), batch_size=self.batch_size,
+                          shuffle=True, drop_last=True, generator=gen)
+
+    def on_train_epoch_start(self) -> None:
+        self.backbone.eval()
+
+    def training_step(self, batch, batch_idx):
+        x, target, idx = batch
+        pred = self.phi(x)
+        loss = self.lambda_distil * distillation_loss(target, pred, self.temperature)
+        self.log("train/distil", loss, batch_size=len(x))
+        if self.lambda_gpt > 0:
+            text = self.text()
+            bank = text.bank
+            cands = self._concepts[idx.cpu()]
+            gen = torch.Generator().manual_seed(self.seed * 1000003 + self.global_step)
+            c_idx = cands[torch.arange(len(x)), torch.randint(cands.shape[1], (len(x),), generator=gen)]
+            p_idx = c_idx * bank.k + torch.randint(bank.k, (len(x),), generator=gen)
+            f_p = self.backbone.encode_text_with_pseudo_tokens(bank.tokens_all[p_idx].to(self.device), pred)
+            gpt = cosine_loss(f_p, bank.features[p_idx].to(self.device))
+            self.log("train/gpt", gpt, batch_size=len(x))
+            loss = loss + self.lambda_gpt * gpt
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(x))
+        return loss
+
+    def query_embedding(self, reference, texts):
+        return self.encode_queries(self.phi(self.image_features(reference)), texts)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.phi.parameters(), lr=self.lr, weight_decay=self.weight_decay)

@@ -1,0 +1,254 @@
+"""SEARLE: pseudo-token injection, concepts/phrases, OTI, phi, distillation loss, resumable OTI, CLI run."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from cirlab.backbones.openclip import OpenCLIPBackbone
+from cirlab.errors import CirlabError
+from cirlab.methods import searle_text as st
+from cirlab.methods.searle import OTIStore, Phi, SearleText, distillation_loss, oti
+from tests.conftest import CACHE, ROOT, results, run_cli
+
+TINY = OmegaConf.load(ROOT / "conf/backbone/tiny.yaml").model
+
+
+def tiny_random() -> OpenCLIPBackbone:
+    torch.manual_seed(0)
+    return OpenCLIPBackbone(model_cfg=OmegaConf.to_container(TINY.model_cfg), name="tiny").eval()
+
+
+def capture_transformer_input(backbone, fn):
+    seen = {}
+    def hook(mod, args, kwargs):
+        seen.setdefault("x", args[0].detach().clone())
+
+    handle = backbone.model.transformer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        out = fn()
+    finally:
+        handle.remove()
+    return seen["x"], out
+
+
+def test_pseudo_token_replaces_only_the_first_placeholder_embedding():
+    b = tiny_random()
+    texts = ["a photo of $ that has $ on the left", "$ red circle"]
+    tokens = b.tokenize(texts)
+    ph = b.placeholder_token_id
+    assert ph == 259  # CLIP's BPE: '$' is a single byte-level token
+    pseudo = torch.randn(2, b.token_dim)
+    x_ref, _ = capture_transformer_input(b, lambda: b.encode_text(tokens))
+    x_new, _ = capture_transformer_input(b, lambda: b.encode_text_with_pseudo_tokens(tokens, pseudo))
+    n = x_new.shape[1]  # padding after the last EOT is cut (causal mask): compare the kept prefix
+    assert n == int(tokens.argmax(-1).max()) + 1
+    diff = (x_new - x_ref[:, :n]).abs().sum(-1)
+    first = [row.tolist().index(ph) for row in tokens]
+    assert first == [4, 1]
+    for r in range(2):
+        changed = torch.nonzero(diff[r] > 1e-6).flatten().tolist()
+        assert changed == [first[r]], (r, changed)  # the second '$' of row 0 keeps the literal embedding
+        pos = b.model.positional_embedding[first[r]]
+        assert torch.allclose(x_new[r, first[r]], pseudo[r] + pos, atol=1e-6)
+        assert torch.allclose(x_ref[r, first[r]], b.model.token_embedding.weight[ph] + pos, atol=1e-6)
+
+
+def test_pseudo_token_equal_to_dollar_embedding_gives_encode_text():
+    b = tiny_random()
+    tokens = b.tokenize(["a photo of $ that has a blue square", "$", "we see a $ in this image"])
+    dollar = b.model.token_embedding.weight[b.placeholder_token_id]
+    with torch.no_grad():
+        out = b.encode_text_with_pseudo_tokens(tokens, dollar)  # one token broadcast to every row
+        assert torch.allclose(out, b.encode_text(tokens), atol=1e-5)
+
+
+def test_pseudo_token_encoding_on_vit_b32_random_init():
+    b = OpenCLIPBackbone(model_name="ViT-B-32", pretrained=None).eval()
+    assert b.token_dim == 512 and b.placeholder_token_id == 259
+    tokens = b.tokenize(["a photo of $ that is red", "$ photo"])
+    dollar = b.model.token_embedding.weight[259]
+    with torch.no_grad():
+        assert torch.allclose(b.encode_text_with_pseudo_tokens(tokens, dollar.expand(2, -1)), b.encode_text(tokens),
+                              atol=1e-4)
+    v = torch.randn(2, 512, requires_grad=True)
+    b.encode_text_with_pseudo_tokens(tokens, v).sum().backward()
+    assert v.grad is not None and v.grad.abs().sum() > 0
+
+
+def test_prompt_without_placeholder_is_an_error():
+    b = tiny_random()
+    with pytest.raises(CirlabError, match="placeholder"):
+        b.encode_text_with_pseudo_tokens(b.tokenize(["no placeholder here"]), torch.zeros(1, b.token_dim))
+
+
+def test_phi_layers_and_output_shape():
+    phi = Phi(128, 512, 64, dropout=0.5)
+    assert sorted(phi.state_dict()) == [f"layers.{i}.{p}" for i in (0, 3, 6) for p in ("bias", "weight")]
+    assert phi(torch.randn(5, 128)).shape == (5, 64)
+
+
+def test_distillation_loss_hand_computed_2x2():
+    v1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    v2 = torch.tensor([[2.0, 0.0], [3.0, 0.0]])  # scale must not matter (cosine)
+    e4 = math.exp(1 / 0.25)
+    # rows: v1_0 pos e^4 / (1 + 2e^4); v1_1 pos 1 / 3; v2_0 pos e^4 / (1 + 2e^4); v2_1 pos 1 / (1 + 2e^4)
+    expected = -(2 * math.log(e4 / (1 + 2 * e4)) + math.log(1 / 3) + math.log(1 / (1 + 2 * e4))) / 4
+    assert distillation_loss(v1, v2, 0.25).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_template_phrases_contain_their_concept_and_filter():
+    phrases = st.template_phrases(["red circle", "blue square"], per_concept=5)
+    assert all(len(v) == 5 and all(p.startswith(f"a photo of {c} that ") for p in v) for c, v in phrases.items())
+    phrases["odd"] = ["a photo of odd that x", "nothing here"]
+    assert st.usable_concepts(phrases) == {"red circle", "blue square"}
+    assert st.clean_phrase("a photo of x that\n\nis..  big") == "a photo of x that. is.  big"
+
+
+def test_lm_phrases_with_a_local_tiny_gpt2():
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    words = ["<eos>", "<unk>", "a", "photo", "of", "red", "circle", "that", "is", "big", "on", "the", "left"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(words), n_positions=64, n_embd=16, n_layer=1, n_head=2,
+                                       bos_token_id=0, eos_token_id=0)).eval()
+    calls = []
+    generate = model.generate
+    model.generate = lambda **kw: calls.append(kw) or generate(**kw)
+    out = st.lm_phrases(model, hf_tok, ["red circle"], num_return_sequences=8)
+    assert {k: calls[0][k] for k in st.LM_SETTINGS} == {**st.LM_SETTINGS, "num_return_sequences": 8}
+    assert st.LM_SETTINGS == dict(do_sample=True, max_length=35, num_return_sequences=256, temperature=0.5,
+                                  no_repeat_ngram_size=2)  # the reference's generate() arguments
+    assert list(out) == ["red circle"] and len(out["red circle"]) == 8
+    for p in out["red circle"]:
+        assert p.startswith("a photo of red circle that")  # the decoded text keeps the prompt
+        assert len(p.split()) <= 35
+    assert any(len(p.split()) > 6 for p in out["red circle"])  # something was generated
+    assert st.usable_concepts(out) == {"red circle"}
+
+
+def test_phrases_file_is_read_and_checked(tmp_path):
+    f = tmp_path / "p.json"
+    f.write_text(json.dumps({"red circle": ["a photo of red circle that is big"]}))
+    assert st.load_phrases(f) == {"red circle": ["a photo of red circle that is big"]}
+    f.write_text("[1, 2]")
+    with pytest.raises(CirlabError, match="must map"):
+        st.load_phrases(f)
+
+
+@pytest.fixture(scope="module")
+def pretrained_tiny_backbone():
+    from cirlab.backbones.tiny import pretrained_tiny
+
+    return pretrained_tiny(str(CACHE), OmegaConf.to_container(TINY.model_cfg),
+                           OmegaConf.to_container(TINY.pretrain)).eval()
+
+
+@pytest.fixture(scope="module")
+def synthetic_images(synthetic_root):
+    rows = [json.loads(line) for line in (synthetic_root / "captions.jsonl").read_text().splitlines()[:64]]
+    return synthetic_root, rows
+
+
+def image_features(backbone, root: Path, rows) -> torch.Tensor:
+    from cirlab.data.features import encode_images
+
+    return encode_images(backbone, [root / r["image"] for r in rows])
+
+
+def test_concept_association_finds_objects_of_the_image(pretrained_tiny_backbone, synthetic_images):
+    root, rows = synthetic_images
+    b = pretrained_tiny_backbone
+    vocab = st.default_vocabulary(type("S", (), {"root": root, "name": "synthetic"})())
+    assert len(vocab) == 24 and "red circle" in vocab
+    emb = st.concept_embeddings(b, vocab)
+    top = st.associate(image_features(b, root, rows), emb, top_k=3)
+    hits = [any(vocab[i] in r["captions"][0] for i in top[k].tolist()) for k, r in enumerate(rows)]
+    assert sum(hits) / len(hits) >= 0.7, sum(hits)
+
+
+def searle_text(backbone, tmp_path, vocab=("red circle", "blue square", "green triangle", "yellow cross")):
+    path = tmp_path / "vocab.txt"
+    path.write_text("\n".join(vocab) + "\n")
+    return SearleText(backbone, None, {"vocabulary": str(path)}, {"generator": "template", "per_concept": 8})
+
+
+def test_oti_lowers_its_loss_on_a_fixed_image(pretrained_tiny_backbone, synthetic_images, tmp_path):
+    root, rows = synthetic_images
+    b = pretrained_tiny_backbone
+    text = searle_text(b, tmp_path)
+    feats = image_features(b, root, rows[:1])
+    tokens, ema, losses = oti(b, text, feats, {"steps": 40, "top_k": 2})
+    assert tokens.shape == ema.shape == (1, b.token_dim)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.05, losses
+    assert not torch.equal(tokens, ema)  # EMA lags behind the raw token
+
+
+def test_oti_resumes_without_redoing_finished_images(pretrained_tiny_backbone, synthetic_images, tmp_path):
+    root, rows = synthetic_images
+    b = pretrained_tiny_backbone
+    text = searle_text(b, tmp_path)
+    names = [r["image"] for r in rows[:8]]
+    feats = image_features(b, root, rows[:8])
+    seen: list[torch.Tensor] = []
+
+    def invert(x):
+        seen.append(x.clone())
+        tok, ema, _ = oti(b, text, x, {"steps": 3, "top_k": 2})
+        return tok, ema
+
+    path = tmp_path / "tokens.pt"
+    first = OTIStore(path, "k").compute(names[:4], feats[:4], invert, chunk=2, save_every=2)
+    assert [len(x) for x in seen] == [2, 2]
+    seen.clear()
+    store = OTIStore(path, "k")  # a new process: only the file carries over
+    assert store.names == names[:4]
+    everything = store.compute(names, feats, invert, chunk=2, save_every=2)
+    assert torch.equal(torch.cat(seen), feats[4:])  # only the second half was optimised
+    assert torch.equal(everything[:4], first)  # the first half's tokens were loaded, not recomputed
+    assert OTIStore(path, "k").names == names
+
+    # a run killed after its first chunk keeps what it saved
+    killed = tmp_path / "killed.pt"
+    calls = []
+
+    def dies_on_second_chunk(x):
+        calls.append(len(x))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return invert(x)
+
+    with pytest.raises(KeyboardInterrupt):
+        OTIStore(killed, "k").compute(names, feats, dies_on_second_chunk, chunk=2, save_every=2)
+    seen.clear()
+    OTIStore(killed, "k").compute(names, feats, invert, chunk=2, save_every=2)
+    assert torch.equal(torch.cat(seen), feats[2:])
+    with pytest.raises(CirlabError, match="other settings"):
+        OTIStore(killed, "another key")
+
+
+@pytest.mark.slow
+def test_searle_beats_single_modality_zero_shot(tmp_path):
+    def r10(*args):
+        name = re.sub(r"\W+", "_", "_".join(args))[:60]
+        run_cli(tmp_path, *args, run_dir=tmp_path / name)
+        return results(tmp_path / name)["metrics"]["test/recall_at_10"]
+
+    image = r10("+method=zeroshot", "method.fusion=image")
+    text = r10("+method=zeroshot", "method.fusion=text")
+    searle = r10("+method=searle", f"method.token_dir={tmp_path / 'tokens'}", "method.oti.steps=20",
+                 "method.oti.ema_decay=0.85",  # 0.99 suits 350 steps; after 20 it would still be 82% init
+                 "method.oti.batch_size=256", "method.phi.module.max_images=256", "method.phi.batch_size=128",
+                 "method.phi.max_epochs=8", "method.phi.module.lr=1e-3")
+    print(f"test R@10: image-only {image}, text-only {text}, SEARLE {searle}")
+    assert searle >= image + 3 and searle >= text + 3
