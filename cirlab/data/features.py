@@ -40,8 +40,10 @@ def _checksum(t: torch.Tensor) -> str:
 
 @torch.no_grad()
 def encode_images(backbone: Backbone, paths: list[Path], batch_size: int = 256, num_workers: int = 0,
-                  desc: str = "encoding images") -> torch.Tensor:
-    loader = DataLoader(ImageFiles(paths, backbone.preprocess), batch_size=batch_size, num_workers=num_workers)
+                  desc: str = "encoding images", transform=None) -> torch.Tensor:
+    """Raw embeddings of `paths`; `transform` (default: the backbone's preprocess) maps PIL -> tensor."""
+    loader = DataLoader(ImageFiles(paths, transform or backbone.preprocess), batch_size=batch_size,
+                        num_workers=num_workers)
     was_training = backbone.training
     backbone.eval()
     out = [backbone.encode_image(x.to(backbone.device)).float().cpu()
