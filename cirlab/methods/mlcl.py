@@ -11,7 +11,7 @@ Facts from JWargrave/MLCL (../shared/spec/mlcl.md). "Multi-level" = three output
 with w = 2 * sigmoid(loss_weight), loss_weight initialised to log(0.5), so w = 2/3 at init.
 
 Training and inference weight the high and mid levels OPPOSITELY — this is what the reference code
-does and is kept on purpose (see docs/mlcl.md):
+does and is kept on purpose (see the README, "MLCL"):
 
 * training (mCCL):  L = w * CE(s f_h f_tgt^T) + (2 - w) * CE(s f_c f_tgt^T) + 1 * CE(s f_s f_tgt^T)
 * inference query:  q = normalize((2 - w) * f_h + w * f_c + f_s)       (each level L2-normalised first)
