@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -62,6 +63,9 @@ def _main(cfg: DictConfig) -> float | None:
 
 
 def _dispatch(cfg: DictConfig) -> float | None:
+    # frozen backbones are in eval mode on purpose (the reference keeps BatchNorm statistics frozen)
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     # Lightning prints through its own handler; without this Hydra's root handler repeats every line
     logging.getLogger("lightning.pytorch").propagate = False
     task = cfg.get("task")
