@@ -137,12 +137,24 @@ def run_stage(cfg: DictConfig, name: str, backbone, dm: CIRDataModule, run_dir: 
     module.metrics = {}
     trainer.validate(module, dm, verbose=False)
     trainer.test(module, dm, verbose=False)
-    finish_logger(logger)
     record["metrics"] = dict(sorted(module.metrics.items()))
     for split, results in module.results.items():
         write_predictions(stage_dir, split, dm.source, results)
+        visualize(cfg, module, dm, split, stage_dir, logger)
+    finish_logger(logger)
     write_json(done, record)
     return record
+
+
+def visualize(cfg: DictConfig, module: RetrievalModule, dm: CIRDataModule, split: str, stage_dir: Path,
+              logger) -> None:
+    """retrieval_<split>.png/.html in the stage folder when eval.visualize (cirlab/retrieval/visualize.py)."""
+    if not cfg.eval.get("visualize", False):
+        return
+    from cirlab.retrieval.visualize import visualize_split
+
+    visualize_split(module, dm, split, stage_dir, n=cfg.eval.get("visualize_n", 8),
+                    k=cfg.eval.get("visualize_k", 5), logger=logger)
 
 
 def load_module_weights(module: torch.nn.Module, path: Path) -> None:
