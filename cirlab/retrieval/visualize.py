@@ -155,6 +155,8 @@ def render_html(views: Sequence[QueryView], path_of: Callable[[str], Path], titl
                      + (f"target at rank {hit}" if hit else
                         (f"target {html.escape(', '.join(v.targets))} not in top {len(v.ranked)}"
                          if v.targets else "no public answer")) + "</span></div>")
+        if v.targets:
+            cells.append(img(v.targets[0], "tgt", "target"))
         for i, name in enumerate(v.ranked):
             score = f" &middot; {v.scores[i]:.3f}" if v.scores is not None else ""
             mark = " &#10003; target" if name in v.targets else ""
@@ -171,6 +173,7 @@ table {{ border-collapse: collapse; }} td {{ border-bottom: 1px solid #ddd; padd
 figure {{ margin: 0; text-align: center; font-size: 11px; border: 3px solid transparent; }}
 figure img {{ width: {size}px; height: {size}px; object-fit: contain; image-rendering: pixelated; display: block; }}
 figure.ref {{ border-color: #999; }} figure.hit {{ border-color: #0a0; }}
+figure.tgt {{ border: 3px dashed #0a0; margin-right: 12px; }}
 .text {{ width: 220px; font-size: 13px; }} .ok {{ color: #0a0; }} .miss {{ color: #c00; }}
 .qid {{ font-size: 11px; color: #666; }}
 </style></head><body>
