@@ -85,15 +85,15 @@ def collect(paths: list[str | Path]) -> tuple[list[str], list[dict[str, Any]]]:
     rows = []
     for name, res, ov in runs:
         metrics = res.get("metrics", {})
-        row: dict[str, Any] = {"run": name, "method": res.get("method", "")}
-        row.update({k: ov.get(k, "") for k in keys})
+        row: dict[str, Any] = {"run": name, "method_name": res.get("method", "")}
+        row.update({k: ov.get(k, "") for k in keys})  # override keys never clash: "run"/"method_name" are not config keys
         row.update({c: metrics.get(c) for c in metric_cols})
         row["_score"] = metrics.get(res.get("main_metric"))
         rows.append(row)
     rows.sort(key=lambda r: (r["_score"] is None, -(r["_score"] or 0.0)))
     for r in rows:
         del r["_score"]
-    return ["run", "method", *keys, *metric_cols], rows
+    return ["run", "method_name", *keys, *metric_cols], rows
 
 
 def _cell(value: Any) -> str:
@@ -117,7 +117,8 @@ def to_csv(columns: list[str], rows: list[dict[str, Any]]) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(columns)
     for r in rows:
-        writer.writerow(["" if r[c] is None else r[c] for c in columns])
+        writer.writerow(["" if r[c] is None else round(r[c], 4) if isinstance(r[c], float) else r[c]
+                         for c in columns])
     return buf.getvalue()
 
 

@@ -42,9 +42,10 @@ def sweep(tmp_path) -> Path:
 def test_report_rows_columns_and_order(sweep):
     columns, rows = collect([sweep])
     # swept keys only: hydra.*, logger and keys identical in every run (+method, seed) are dropped
-    assert columns == ["run", "method", "method.fusion", "test/recall_at_10", "test/recall_at_1", "test/recall_at_50"]
+    assert columns == ["run", "method_name", "method.fusion", "test/recall_at_10", "test/recall_at_1", "test/recall_at_50"]
     assert [r["run"] for r in rows] == ["1_fusion=sum", "0_fusion=image"]  # best main metric first
     assert [r["method.fusion"] for r in rows] == ["sum", "image"]
+    assert [r["method_name"] for r in rows] == ["zeroshot-sum", "zeroshot-image"]
     assert [r["test/recall_at_10"] for r in rows] == [36.0, 19.75]
     assert [r["test/recall_at_1"] for r in rows] == [7.75, 4.75]
     assert [r["test/recall_at_50"] for r in rows] == [66.25, 47.0]
@@ -150,3 +151,10 @@ def test_trained_run_visualisation_and_search_agree(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3
     assert lines[0].split()[0] == "1" and lines[0].split()[-1] == str(gallery / source.image_path(q.targets[0]).name)
+
+
+def test_report_task_of_the_cli(sweep, cli):
+    code, out, _ = cli("+task=report", f"+runs='{sweep}'")
+    assert code == 0
+    lines = [line for line in out.splitlines() if line.startswith("|")]
+    assert len(lines) == 4 and "36.00" in lines[2] and "19.75" in lines[3]
