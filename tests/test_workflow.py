@@ -158,3 +158,26 @@ def test_report_task_of_the_cli(sweep, cli):
     assert code == 0
     lines = [line for line in out.splitlines() if line.startswith("|")]
     assert len(lines) == 4 and "36.00" in lines[2] and "19.75" in lines[3]
+
+
+def test_import_is_cheap_and_load_is_lazy():
+    import subprocess
+    import sys
+
+    code = "import sys, cirlab; assert 'torch' not in sys.modules, 'import cirlab pulled torch'; print(cirlab.load.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "cirlab.api"
+
+
+def test_load_and_query_errors(tmp_path, capsys):
+    import cirlab
+    from cirlab.api import main as query_main
+
+    with pytest.raises(CirlabError, match="not a cirlab run folder"):
+        cirlab.load(tmp_path)
+    with pytest.raises(CirlabError, match="neither a run folder nor a checkpoint"):
+        cirlab.load(tmp_path / "missing")
+    with pytest.raises(SystemExit) as exc:
+        query_main(["--run", str(tmp_path), "--gallery", str(tmp_path / "none"), "--image", "x.png", "--text", "t"])
+    assert exc.value.code == 2 and "is not a folder" in capsys.readouterr().err
