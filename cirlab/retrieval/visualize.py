@@ -114,7 +114,7 @@ def render_grid(views: Sequence[QueryView], path_of: Callable[[str], Path], k: i
             draw.text((tx - 40, ty + mini // 2 - 6), "target", fill=GREEN, font=small)
         for i, name in enumerate(v.ranked[:k]):
             x = cell + text_width + i * cell
-            score = f" {v.scores[i]:.2f}" if v.scores is not None else ""
+            score = f": {v.scores[i]:.2f}" if v.scores is not None else ""
             put(name, x, y, GREEN if name in v.targets else None, f"#{i + 1}{score}")
     return grid
 
