@@ -140,13 +140,25 @@ def run_stage(cfg: DictConfig, name: str, backbone, dm: CIRDataModule, run_dir: 
     module.metrics = {}
     trainer.validate(module, dm, verbose=False)
     trainer.test(module, dm, verbose=False)
-    finish_logger(logger)
     record["metrics"] = dict(sorted(module.metrics.items()))
     if rank_zero_only.rank == 0:  # under DDP every rank holds the same gathered results
         for split, results in module.results.items():
             write_predictions(stage_dir, split, dm.source, results)
+            visualize(cfg, module, dm, split, stage_dir, logger)
         write_json(done, record)
+    finish_logger(logger)
     return record
+
+
+def visualize(cfg: DictConfig, module: RetrievalModule, dm: CIRDataModule, split: str, stage_dir: Path,
+              logger) -> None:
+    """retrieval_<split>.png/.html in the stage folder when eval.visualize (cirlab/retrieval/visualize.py)."""
+    if not cfg.eval.get("visualize", False):
+        return
+    from cirlab.retrieval.visualize import visualize_split
+
+    visualize_split(module, dm, split, stage_dir, n=cfg.eval.get("visualize_n", 8),
+                    k=cfg.eval.get("visualize_k", 5), logger=logger)
 
 
 def load_module_weights(module: torch.nn.Module, path: Path) -> None:

@@ -29,7 +29,15 @@ def check_data(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
-TASKS = {"check_data": check_data}
+def report(cfg: DictConfig) -> None:
+    """Leaderboard of finished runs: `cirlab +task=report [+runs=[DIR,...]]` (default: all of paths.output_dir)."""
+    from cirlab.report import report as leaderboard
+
+    runs = cfg.get("runs") or [cfg.paths.output_dir]
+    print(leaderboard([runs] if isinstance(runs, str) else list(runs), "csv" if cfg.get("csv") else "markdown"))
+
+
+TASKS = {"check_data": check_data, "report": report}
 
 
 def run_task(cfg: DictConfig):

@@ -1,0 +1,183 @@
+"""Research workflow: leaderboard (cirlab-report), retrieval visualisation, Python API (cirlab.load)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cirlab.errors import CirlabError
+from cirlab.report import collect, main as report_main
+from cirlab.retrieval.visualize import GREEN, TEXT_WIDTH, QueryView, grid_size, write_visualization
+from conftest import results, run_cli
+
+
+# ---- leaderboard ------------------------------------------------------------------------------
+def fake_run(folder: Path, overrides: list[str], metrics: dict[str, float], method: str) -> Path:
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (folder / "results.json").write_text(json.dumps({
+        "metrics": metrics, "main_metric": "test/recall_at_10", "method": method,
+        "dataset": "synthetic", "backbone": "tiny"}))
+    return folder
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    root = tmp_path / "multirun" / "2026-01-01_00-00-00"
+    fake_run(root / "0_fusion=image", ["+method=zeroshot", "logger=none", "method.fusion=image",
+                                       "hydra.run.dir=/x", "seed=1"],
+             {"test/recall_at_1": 4.75, "test/recall_at_10": 19.75, "test/recall_at_50": 47.0,
+              "test/mean_recall": 20.0, "val/recall_at_10": 30.0}, "zeroshot-image")
+    fake_run(root / "1_fusion=sum", ["+method=zeroshot", "logger=wandb", "method.fusion=sum", "seed=1"],
+             {"test/recall_at_1": 7.75, "test/recall_at_10": 36.0, "test/recall_at_50": 66.25,
+              "test/mean_recall": 33.0, "val/recall_at_10": 48.25}, "zeroshot-sum")
+    (root / "multirun.yaml").write_text("hydra: {}\n")
+    return root
+
+
+def test_report_rows_columns_and_order(sweep):
+    columns, rows = collect([sweep])
+    # swept keys only: hydra.*, logger and keys identical in every run (+method, seed) are dropped
+    assert columns == ["run", "method_name", "method.fusion", "test/recall_at_10", "test/recall_at_1", "test/recall_at_50"]
+    assert [r["run"] for r in rows] == ["1_fusion=sum", "0_fusion=image"]  # best main metric first
+    assert [r["method.fusion"] for r in rows] == ["sum", "image"]
+    assert [r["method_name"] for r in rows] == ["zeroshot-sum", "zeroshot-image"]
+    assert [r["test/recall_at_10"] for r in rows] == [36.0, 19.75]
+    assert [r["test/recall_at_1"] for r in rows] == [7.75, 4.75]
+    assert [r["test/recall_at_50"] for r in rows] == [66.25, 47.0]
+
+
+def test_report_markdown_and_csv(sweep, capsys):
+    report_main([str(sweep)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and lines[1].startswith("|--")
+    assert "method.fusion" in lines[0] and "test/recall_at_10" in lines[0] and "logger" not in lines[0]
+    assert "sum" in lines[2] and "36.00" in lines[2] and "image" in lines[3] and "19.75" in lines[3]
+
+    report_main([str(sweep), "--csv"])
+    table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [(r["method.fusion"], float(r["test/recall_at_10"])) for r in table] == [("sum", 36.0), ("image", 19.75)]
+
+
+def test_report_without_runs_is_an_error(tmp_path, capsys):
+    with pytest.raises(CirlabError, match="no results.json"):
+        collect([tmp_path])
+    with pytest.raises(SystemExit) as exc:
+        report_main([str(tmp_path)])
+    assert exc.value.code == 2 and "no results.json" in capsys.readouterr().err
+
+
+# ---- visualisation ----------------------------------------------------------------------------
+def test_visualization_grid_and_html(tmp_path):
+    colours = {"r": (255, 0, 0), "g": (0, 255, 0), "b": (0, 0, 255), "y": (255, 255, 0), "w": (250, 250, 250),
+               "k": (10, 10, 10)}
+    for name, rgb in colours.items():
+        Image.new("RGB", (30, 20), rgb).save(tmp_path / f"{name}.png")
+    path_of = lambda name: tmp_path / f"{name}.png"  # noqa: E731
+    views = [QueryView("q0", "r", "make it green", ("g",), ["b", "g", "y", "w", "k"], [0.9, 0.8, 0.7, 0.6, 0.5]),
+             QueryView("q1", "b", "make it yellow", ("y",), ["y", "r", "g", "w", "k"], [0.95, 0.5, 0.4, 0.3, 0.2]),
+             QueryView("q2", "y", "make it black", ("k",), ["r", "g", "b", "w", "y"], None),
+             QueryView("q3", "g", "make it white", ("w",), ["w", "r", "b", "y", "k"], None)]
+    n, k = 3, 4
+    png, page = write_visualization(tmp_path / "stage", "test", views, path_of, n=n, k=k)
+    assert png.name == "retrieval_test.png" and page.name == "retrieval_test.html"
+    img = Image.open(png).convert("RGB")
+    tile, pad = 96, 4
+    cell = tile + 2 * pad
+    # exact layout: reference tile | text column | k result tiles; one row per query (first n queries)
+    assert img.size == grid_size(n, k) == (TEXT_WIDTH + (k + 1) * cell, n * cell)
+    # the target is outlined green where it was retrieved: q0 rank 2, q1 rank 1; q2 (a miss) has no outline
+    result_x = lambda rank: cell + TEXT_WIDTH + (rank - 1) * cell  # noqa: E731
+    assert img.getpixel((result_x(2) + 1, 0 * cell + cell // 2)) == GREEN
+    assert img.getpixel((result_x(1) + 1, 1 * cell + cell // 2)) == GREEN
+    assert all(img.getpixel((result_x(r) + 1, 2 * cell + cell // 2)) != GREEN for r in range(1, k + 1))
+    # the result tile shows the retrieved image: q0's rank-1 tile centre is blue
+    assert img.getpixel((result_x(1) + cell // 2, cell // 2)) == colours["b"]
+
+    html = page.read_text()
+    assert all(f">{q}<" in html for q in ("q0", "q1", "q2", "q3"))  # the page has every query, not only n
+    assert "make it yellow" in html and "target at rank 1" in html and "target at rank 2" in html
+    assert "0.950" in html  # scores shown
+    assert html.count("<tr data-hit=") == 4 and html.count('class="hit"') == 3  # q0, q1, q3 hit in top-4
+
+
+# ---- end to end: pipeline visualisation + Python API / cirlab-query ---------------------------
+@pytest.mark.slow
+def test_trained_run_visualisation_and_search_agree(tmp_path, capsys):
+    import cirlab
+    from cirlab.api import main as query_main
+    from cirlab.data.sources.synthetic import synthetic_source
+
+    run_dir = tmp_path / "run"
+    run_cli(tmp_path, "+method=clip4cir_combiner", "method.combiner.max_epochs=3", run_dir=run_dir)
+    res = results(run_dir)
+    stage = run_dir / "stages" / "combiner"
+    for split in ("val", "test"):
+        assert Image.open(stage / f"retrieval_{split}.png").size == grid_size(8, 5)
+        assert (stage / f"retrieval_{split}.html").stat().st_size > 0
+
+    cfg = res["config"]
+    source = synthetic_source(cfg["paths"]["cache_dir"], **{k: v for k, v in cfg["dataset"]["source"].items()
+                                                            if k not in ("_target_", "cache_dir")})
+    (es,) = source.eval_sets("test")
+    predictions = json.loads((stage / "predictions.test.json").read_text())
+    right = [q for q in es.queries if predictions[q.qid][0] == q.targets[0]]
+    assert right, "the trained model ranks no test target first"
+
+    retriever = cirlab.load(run_dir)
+    assert retriever.stage == "combiner"
+    retriever.index([source.image_path(n) for n in es.gallery])
+    for q in right[:5]:
+        hits = retriever.search(source.image_path(q.reference), source.eval_text(q), k=5)
+        assert len(hits) == 5
+        assert hits[0][0] == source.image_path(q.targets[0])
+        # the rest of the top-5 matches the pipeline's ranking up to float noise between batch sizes
+        found = {p.name for p, _ in hits}
+        assert len(found & {source.image_path(n).name for n in predictions[q.qid][:5]}) >= 4
+        assert all(a[1] >= b[1] for a, b in zip(hits, hits[1:]))
+
+    # the console script on a small gallery folder (the query's top-20 + its reference)
+    q = right[0]
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    for n in [*predictions[q.qid][:20], q.reference]:
+        (gallery / source.image_path(n).name).symlink_to(source.image_path(n))
+    query_main(["--run", str(run_dir), "--gallery", str(gallery), "--image", str(source.image_path(q.reference)),
+                "--text", source.eval_text(q), "-k", "3"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3
+    assert lines[0].split()[0] == "1" and lines[0].split()[-1] == str(gallery / source.image_path(q.targets[0]).name)
+
+
+def test_report_task_of_the_cli(sweep, cli):
+    code, out, _ = cli("+task=report", f"+runs='{sweep}'")
+    assert code == 0
+    lines = [line for line in out.splitlines() if line.startswith("|")]
+    assert len(lines) == 4 and "36.00" in lines[2] and "19.75" in lines[3]
+
+
+def test_import_is_cheap_and_load_is_lazy():
+    import subprocess
+    import sys
+
+    code = "import sys, cirlab; assert 'torch' not in sys.modules, 'import cirlab pulled torch'; print(cirlab.load.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "cirlab.api"
+
+
+def test_load_and_query_errors(tmp_path, capsys):
+    import cirlab
+    from cirlab.api import main as query_main
+
+    with pytest.raises(CirlabError, match="not a cirlab run folder"):
+        cirlab.load(tmp_path)
+    with pytest.raises(CirlabError, match="neither a run folder nor a checkpoint"):
+        cirlab.load(tmp_path / "missing")
+    with pytest.raises(SystemExit) as exc:
+        query_main(["--run", str(tmp_path), "--gallery", str(tmp_path / "none"), "--image", "x.png", "--text", "t"])
+    assert exc.value.code == 2 and "is not a folder" in capsys.readouterr().err
