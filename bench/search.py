@@ -29,9 +29,10 @@ def speed(n: int = 100_000, q: int = 1000, k: int = 50) -> None:
     t0 = time.perf_counter()
     _, i_faiss = faiss_search(queries, g, k)
     t_faiss = time.perf_counter() - t0
-    same = bool(torch.equal(i_exact, i_faiss))
+    same = (i_exact == i_faiss).float().mean().item() * 100
     print(f"search speed, {n}x{DIM} gallery, {q} queries, top-{k}: exact {q / t_exact:,.0f} q/s, "
-          f"faiss flat {q / t_faiss:,.0f} q/s, faiss/exact = {t_exact / t_faiss:.2f}x; identical rankings: {same}")
+          f"faiss flat {q / t_faiss:,.0f} q/s, faiss/exact = {t_exact / t_faiss:.2f}x; same index at "
+          f"{same:.2f}% of ranks (differences: float summation order between near-ties)")
 
 
 def peak_memory_child(path: str) -> None:
@@ -47,7 +48,7 @@ def peak_memory_child(path: str) -> None:
 
     before = hwm()
     gallery = EmbeddingFile(path)
-    exact_search(torch.randn(100, DIM), gallery, 50, chunk=16384)
+    exact_search(torch.randn(100, DIM), gallery, 50, chunk=4096)
     print(json.dumps({"rows": len(gallery), "extra_peak_bytes": hwm() - before}))
 
 
@@ -67,7 +68,7 @@ def memory(sizes=(10_000, 1_000_000)) -> None:
             peaks[n] = json.loads(out)["extra_peak_bytes"]
             path.unlink()
     a, b = sizes
-    print(f"peak memory of exact search (100 queries, chunk 16384): {a:,} rows {peaks[a] / 2**20:.1f} MiB, "
+    print(f"peak memory of exact search (100 queries, chunk 4096 rows): {a:,} rows {peaks[a] / 2**20:.1f} MiB, "
           f"{b:,} rows {peaks[b] / 2**20:.1f} MiB; ratio {peaks[b] / max(peaks[a], 1):.2f}x "
           f"(gallery size ratio {b // a}x)")
 

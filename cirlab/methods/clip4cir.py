@@ -61,6 +61,7 @@ class CLIP4CirCombiner(RetrievalModule):
     """Stage II: the Combiner on a frozen backbone (image features come from the cache)."""
 
     frozen_image_encoder = True
+    frozen_text_encoder = True
 
     def __init__(self, backbone, projection_dim: int | None = None, hidden_dim: int | None = None,
                  dropout: float = 0.5, lr: float = 2e-5, logit_scale: float = 100.0, **kwargs):
@@ -77,9 +78,6 @@ class CLIP4CirCombiner(RetrievalModule):
     def image_features(self, x):
         return super().image_features(x)
 
-    @torch.no_grad()
-    def text_features(self, texts):
-        return super().text_features(texts)
 
     def query_embedding(self, reference, texts):
         return self.combiner.combine(self.image_features(reference), self.text_features(texts))

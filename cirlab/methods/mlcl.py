@@ -233,6 +233,7 @@ class MLCLCombiner(RetrievalModule):
     """Stage II of MLCL on a frozen backbone (cached image features)."""
 
     frozen_image_encoder = True
+    frozen_text_encoder = True
 
     def __init__(self, backbone, projection_dim: int | None = None, hidden_dim: int | None = None,
                  dropout: float = 0.5, lr: float = 2e-5, loss_weight_lr: float = 1e-3, learn_t: bool = True,
@@ -253,10 +254,6 @@ class MLCLCombiner(RetrievalModule):
 
     def on_train_epoch_start(self) -> None:
         self.backbone.eval()
-
-    def text_features(self, texts):
-        with torch.no_grad():
-            return super().text_features(texts)
 
     def query_embedding(self, reference, texts):
         levels = self.mlc.fuse(self.image_features(reference), self.text_features(texts))

@@ -32,9 +32,11 @@ class RetrievalModule(L.LightningModule):
         self.eval_data = None  # the CIRDataModule whose eval sets are scored; set by the pipeline
         self.gallery_on_disk: Path | None = None  # eval.gallery_on_disk: stream gallery embeddings to files
         self._writers: dict[int, EmbeddingWriter] = {}
+        self._text_memo: dict[str, torch.Tensor] = {}
 
     # ---- what a method defines ------------------------------------------------------------------
     frozen_image_encoder: bool = False  # True: batches carry cached image features [B, D], not pixels
+    frozen_text_encoder: bool = False   # True: text features are memoised per distinct text (no grad)
 
     def train_loader(self, dm):
         """A method that trains on other data than the CIR triplets (e.g. SEARLE's phi on
@@ -46,7 +48,16 @@ class RetrievalModule(L.LightningModule):
         return x.float() if x.dim() == 2 else self.backbone.encode_image(x).float()
 
     def text_features(self, texts: list[str]) -> torch.Tensor:
-        return self.backbone.encode_texts(texts).float()
+        if not self.frozen_text_encoder:
+            return self.backbone.encode_texts(texts).float()
+        # A frozen text encoder maps a text to the same feature every epoch: encode each distinct
+        # text once (FashionIQ's caption rule yields at most 4 variants per triplet).
+        missing = [t for t in dict.fromkeys(texts) if t not in self._text_memo]
+        if missing:
+            with torch.no_grad():
+                feats = self.backbone.encode_texts(missing).float()
+            self._text_memo.update(zip(missing, feats))
+        return torch.stack([self._text_memo[t] for t in texts])
 
     def gallery_embedding(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_features(images), dim=-1)

@@ -15,6 +15,7 @@ class ZeroShot(RetrievalModule):
     sum: normalize(f_img + f_txt) of raw features, CLIP4Cir's element_wise_sum."""
 
     frozen_image_encoder = True
+    frozen_text_encoder = True
 
     def __init__(self, backbone, fusion: str = "sum", **kwargs):
         super().__init__(backbone, **kwargs)

@@ -24,17 +24,25 @@ class EmbeddingFile:
             self.offset = fh.tell()
         assert not fortran and len(shape) == 2
         self.shape, self.dtype = shape, np.dtype(dtype)
+        self._buffer = np.empty(0, dtype=self.dtype)
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __getitem__(self, rows: slice) -> np.ndarray:
+        """Rows [start, stop) read into one reused buffer (a fresh allocation per chunk fragments the
+        heap and peak memory creeps up with the gallery): the result is valid until the next read."""
         start, stop, step = rows.indices(self.shape[0])
         assert step == 1, "EmbeddingFile reads contiguous row ranges"
         d = self.shape[1]
+        count = (stop - start) * d
+        if self._buffer.size < count:
+            self._buffer = np.empty(count, dtype=self.dtype)
+        out = self._buffer[:count]
         with open(self.path, "rb") as fh:
             fh.seek(self.offset + start * d * self.dtype.itemsize)
-            return np.fromfile(fh, dtype=self.dtype, count=(stop - start) * d).reshape(-1, d)
+            fh.readinto(memoryview(out).cast("B"))
+        return out.reshape(-1, d)
 
     @classmethod
     def write(cls, path: str | Path, chunks: Iterable[np.ndarray], n: int, dim: int) -> "EmbeddingFile":
