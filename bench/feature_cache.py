@@ -1,5 +1,7 @@
 """One CLIP4Cir stage-II (Combiner) epoch reading cached features vs re-encoding the images,
-as the reference code does every batch. Prints both times and the ratio, measured in one run."""
+as the reference code does every batch. Prints both times and the ratio, measured in one run.
+The tiny backbone encodes 32 px images cheaply, so the ratio is far smaller here than with a real
+CLIP at 224-288 px, where image encoding dominates an epoch."""
 from __future__ import annotations
 
 import time
@@ -14,12 +16,22 @@ from cirlab.data.datamodule import CIRDataModule
 from cirlab.data.features import FeatureCache
 
 
+class EpochTimer(L.Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.seconds = time.perf_counter() - self.start
+
+
 def epoch_seconds(module, dm) -> float:
-    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
-    start = time.perf_counter()
+    """Seconds of the second epoch: the first also fills the frozen text encoder's memo."""
+    timer = EpochTimer()
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[timer])
     trainer.fit(module, train_dataloaders=dm.train_dataloader())
-    return time.perf_counter() - start
+    return timer.seconds
 
 
 def main() -> None:
