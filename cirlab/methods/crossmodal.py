@@ -180,7 +180,7 @@ class CrossModalRetrieval(RetrievalModule):
             for p in [model.visual.proj, model.logit_scale,
                       *([text_proj] if isinstance(text_proj, torch.Tensor) else text_proj.parameters())]:
                 p.requires_grad_(True)
-            self.logit_scale = model.logit_scale
+            self.logit_scale = None  # the backbone's own (model.logit_scale) trains: see temperature()
         else:  # the reference's wrapper owns its temperature (trainable with the adapter)
             self.logit_scale = torch.nn.Parameter(torch.tensor(float(torch.log(torch.tensor(1 / init_temperature)))),
                                                   requires_grad=train == "adapter")
@@ -230,12 +230,16 @@ class CrossModalRetrieval(RetrievalModule):
                           "(dataset=synthetic_captions, coco, flickr30k or captions_jsonl)")
 
     # ---- training ---------------------------------------------------------------------------------
+    def temperature_scale(self) -> torch.Tensor:
+        log_scale = self.backbone.model.logit_scale if self.logit_scale is None else self.logit_scale
+        return log_scale.exp().clamp(max=100)
+
     def training_step(self, batch, batch_idx):
         image, text = self.image_embedding(batch["image"]), self.text_embedding(batch["text"])
         if self.loss_name == "margin":
             loss = cosine_margin(image, text, self.margin)
         else:
-            loss = symmetric_infonce(image, text, self.logit_scale.exp().clamp(max=100))
+            loss = symmetric_infonce(image, text, self.temperature_scale())
         self.log("train/loss", loss, prog_bar=True, batch_size=len(image))
         return loss
 
