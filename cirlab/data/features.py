@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from pathlib import Path
 
 import torch
@@ -58,7 +59,9 @@ class FeatureCache:
 
     def key(self, backbone: Backbone, names: list[str], paths: list[Path]) -> str:
         h = hashlib.sha1(backbone.fingerprint().encode())
-        h.update(repr(backbone.preprocess).encode())
+        # repr of a plain function in the transform carries its memory address ("at 0x7f..."), which
+        # changes every process: without stripping it the cache never hit across runs
+        h.update(re.sub(r" at 0x[0-9a-fA-F]+", "", repr(backbone.preprocess)).encode())
         for n, p in zip(names, paths):
             h.update(f"{n}\0{p}\n".encode())
         return h.hexdigest()[:20]
