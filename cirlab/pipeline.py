@@ -22,6 +22,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from cirlab.data.caption_datamodule import CaptionDataModule
 from cirlab.data.datamodule import CIRDataModule
 from cirlab.data.features import FeatureCache
 from cirlab.errors import CirlabError
@@ -93,6 +94,12 @@ def run_stage(cfg: DictConfig, name: str, backbone, dm: CIRDataModule, run_dir: 
     stage_dir = run_dir / "stages" / name
     module: RetrievalModule = instantiate(scfg.module, backbone=backbone, search=cfg.retrieval.search,
                                           search_options=OmegaConf.to_container(cfg.retrieval.options))
+    data_kind = getattr(module, "data_kind", "cir")
+    if data_kind != getattr(dm, "kind", "cir"):
+        raise CirlabError(f"method {cfg.method.name!r} needs a {data_kind} dataset, but dataset={cfg.dataset.name} "
+                          f"is {getattr(dm, 'kind', 'cir')}. " + (
+                              "Pick a captions dataset: synthetic_captions, coco, flickr30k, captions_jsonl."
+                              if data_kind == "captions" else "Pick a CIR dataset, e.g. dataset=synthetic."))
     module.eval_data = dm
     if cfg.eval.gallery_on_disk:
         module.gallery_on_disk = stage_dir / "gallery"
@@ -110,7 +117,8 @@ def run_stage(cfg: DictConfig, name: str, backbone, dm: CIRDataModule, run_dir: 
     if module.frozen_image_encoder:
         names = dm.all_images(splits)
         cache = FeatureCache(cfg.paths.cache_dir, batch_size=cfg.eval.batch_size, num_workers=cfg.num_workers)
-        dm.use(features=cache.get(backbone, names, [dm.source.image_path(n) for n in names]))
+        encoder = module.feature_encoder() if hasattr(module, "feature_encoder") else backbone
+        dm.use(features=cache.get(encoder, names, [dm.source.image_path(n) for n in names]))
         log.info("stage %s: %s image features %s", name, len(names), "from cache" if cache.last_hit else "encoded")
     else:
         dm.use(transform=backbone.preprocess)
@@ -181,7 +189,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     resume = bool(cfg.resume) or cfg.ckpt_path == "last"
     source = instantiate(cfg.dataset.source)
     backbone = instantiate(cfg.backbone.model)
-    dm = CIRDataModule(source, eval_batch_size=cfg.eval.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
+    kind = cfg.dataset.get("kind", "cir")
+    if kind not in ("cir", "captions"):
+        raise CirlabError(f"unknown dataset.kind={kind!r}; choose cir or captions")
+    dm_class = CaptionDataModule if kind == "captions" else CIRDataModule
+    dm = dm_class(source, eval_batch_size=cfg.eval.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
                        val_split=cfg.dataset.val_split, test_split=cfg.dataset.test_split)
     for name in cfg.method.stages:
         if name not in cfg.method:

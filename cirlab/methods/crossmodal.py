@@ -1,6 +1,10 @@
 """Text<->image retrieval: the metrics, and contrastive training of an image-text model.
 
 The same code pretrains the tiny backbones on the synthetic captions (all weights, InfoNCE).
+`CrossModalRetrieval` is `+method=crossmodal` (hxhhxx/Clip_crossmodal_retrieval, facts in
+../shared/spec/crossmodal.md): zero-shot evaluation, or training only a light head on the frozen
+backbone with cached image features: `train=adapter` (residual bottleneck on the image side) or
+`train=projections` (text_projection + visual projection + logit_scale), loss `margin` or `infonce`.
 Protocol (hxhhxx/Clip_crossmodal_retrieval Evaluation.py, the CLIP_benchmark convention):
 text->image R@K over every caption (hit: its own image in the top K); image->text R@K over
 images (hit: ANY of the image's captions in the top K); rsum = sum of the six recalls.
@@ -8,6 +12,7 @@ images (hit: ANY of the image's captions in the top K); rsum = sum of the six re
 from __future__ import annotations
 
 import random
+import weakref
 
 import lightning as L
 import torch
@@ -15,7 +20,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from cirlab.backbones.base import Backbone
-from cirlab.methods.losses import symmetric_infonce
+from cirlab.errors import CirlabError
+from cirlab.methods.losses import cosine_margin, symmetric_infonce
+from cirlab.methods.retrieval_module import RetrievalModule
 from cirlab.retrieval.search import exact_search
 
 
@@ -90,3 +97,177 @@ def evaluate_captions(backbone: Backbone, images: torch.Tensor, captions: list[l
 def make_loader(images: torch.Tensor, captions: list[list[str]], batch_size: int, seed: int) -> DataLoader:
     return DataLoader(CaptionedImages(images, captions, seed), batch_size=batch_size, shuffle=True, drop_last=True,
                       generator=torch.Generator().manual_seed(seed))
+
+
+# ---- +method=crossmodal ----------------------------------------------------------------------------
+TRAIN_MODES = ("none", "adapter", "projections")
+LOSSES = ("margin", "infonce")
+
+
+class ImageAdapter(torch.nn.Module):
+    """CLIP-Adapter style residual bottleneck (reference `adaptor` mode): on the normalised image
+    feature v, v' = ratio * ReLU(W2 ReLU(W1 v)) + (1 - ratio) * v; W1: D -> D/reduction, W2 back, no bias."""
+
+    def __init__(self, dim: int, reduction: int = 4, ratio: float = 0.2):
+        super().__init__()
+        self.ratio = ratio
+        self.net = torch.nn.Sequential(torch.nn.Linear(dim, dim // reduction, bias=False), torch.nn.ReLU(inplace=True),
+                                       torch.nn.Linear(dim // reduction, dim, bias=False), torch.nn.ReLU(inplace=True))
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return self.ratio * self.net(v) + (1 - self.ratio) * v
+
+
+class PreProjectionImages(Backbone):
+    """Encodes images up to, not including, the visual projection `model.visual.proj` (open_clip
+    ViTs): what `train=projections` caches, so the projection itself stays trainable while the
+    image tower never runs again. (ResNet towers end in the attention pool's c_proj, applied inside
+    the pooling: no pre-projection feature exists to cache, hence ViT backbones only.)"""
+
+    def __init__(self, backbone: Backbone):
+        super().__init__()
+        visual = getattr(getattr(backbone, "model", None), "visual", None)
+        if not isinstance(getattr(visual, "proj", None), torch.Tensor):
+            raise CirlabError(f"method.train=projections needs a backbone whose image tower ends in a projection "
+                              f"matrix visual.proj (open_clip ViT, e.g. backbone=clip_vit_b32); {backbone.name!r} "
+                              "has none. Use method.train=adapter with this backbone.")
+        self.inner, self.visual = backbone, visual
+        self.name = f"{backbone.name}-preproj"
+        self.preprocess = backbone.preprocess
+        self.image_size = backbone.image_size
+        self.embed_dim = visual.proj.shape[0]
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        proj = self.visual.proj
+        self.visual.proj = None
+        try:
+            return self.inner.encode_image(images)
+        finally:
+            self.visual.proj = proj
+
+
+# frozen-text-tower caption embeddings, per backbone object, shared by the stages of a run
+# (a train=projections module changes the text tower: it drops its backbone's memo)
+_TEXT_MEMO: "weakref.WeakKeyDictionary[Backbone, dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
+
+
+class CrossModalRetrieval(RetrievalModule):
+    """Text<->image retrieval on a frozen backbone with cached image features; validation/test score
+    crossmodal_recalls ({split}/t2i_recall_at_K, i2t_recall_at_K, rsum) on a CaptionDataModule."""
+
+    frozen_image_encoder = True
+    data_kind = "captions"
+
+    def __init__(self, backbone, train: str = "adapter", loss: str = "margin", margin: float = 0.1,
+                 adapter_ratio: float = 0.2, adapter_reduction: int = 4, init_temperature: float = 0.07,
+                 lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6,
+                 weight_decay: float = 1e-3, **kwargs):
+        super().__init__(backbone, **kwargs)
+        if train not in TRAIN_MODES:
+            raise CirlabError(f"unknown method.train={train!r}; choose one of {', '.join(TRAIN_MODES[1:])}")
+        if loss not in LOSSES:
+            raise CirlabError(f"unknown method.loss={loss!r}; choose one of {', '.join(LOSSES)}")
+        self.train_mode, self.loss_name, self.margin = train, loss, margin
+        self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        self.adapter = ImageAdapter(backbone.embed_dim, adapter_reduction, adapter_ratio) if train == "adapter" else None
+        # not a registered submodule: it only wraps the backbone (no weights of its own)
+        self.__dict__["preproj"] = PreProjectionImages(backbone) if train == "projections" else None
+        if train == "projections":
+            model = backbone.model
+            text_proj = model.text_projection
+            for p in [model.visual.proj, model.logit_scale,
+                      *([text_proj] if isinstance(text_proj, torch.Tensor) else text_proj.parameters())]:
+                p.requires_grad_(True)
+            self.logit_scale = None  # the backbone's own (model.logit_scale) trains: see temperature()
+        else:  # the reference's wrapper owns its temperature (trainable with the adapter)
+            self.logit_scale = torch.nn.Parameter(torch.tensor(float(torch.log(torch.tensor(1 / init_temperature)))),
+                                                  requires_grad=train == "adapter")
+        self._eval: dict[int, list[torch.Tensor]] = {}
+        if train == "projections":
+            _TEXT_MEMO.pop(backbone, None)
+            self._text_memo: dict[str, torch.Tensor] = {}
+        else:
+            self._text_memo = _TEXT_MEMO.setdefault(backbone, {})
+
+    def feature_encoder(self) -> Backbone:
+        """What the pipeline caches image features with."""
+        return self.preproj if self.preproj is not None else self.backbone
+
+    def on_train_epoch_start(self) -> None:
+        self.backbone.eval()  # frozen towers: no dropout, BatchNorm statistics untouched
+
+    # ---- embeddings -------------------------------------------------------------------------------
+    def image_embedding(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2:
+            raise CirlabError("internal: crossmodal expects cached image features")
+        v = x.float()
+        if self.preproj is not None:
+            v = v @ self.backbone.model.visual.proj.float()
+        v = F.normalize(v, dim=-1)
+        if self.adapter is not None:
+            v = F.normalize(self.adapter(v), dim=-1)
+        return v
+
+    def text_embedding(self, texts: list[str]) -> torch.Tensor:
+        if self.train_mode == "projections":  # the text projection trains: no memo
+            return F.normalize(self.text_features(list(texts)), dim=-1)
+        # frozen text tower (eval mode, deterministic): each distinct caption is encoded once per
+        # stage, so per-epoch validation and the repeated training captions cost nothing after the first
+        missing = list(dict.fromkeys(t for t in texts if t not in self._text_memo))
+        if missing:
+            with torch.no_grad():
+                was_training = self.backbone.training
+                self.backbone.eval()
+                emb = F.normalize(self.text_features(missing), dim=-1).cpu()
+                self.backbone.train(was_training)
+            self._text_memo.update(zip(missing, emb))
+        return torch.stack([self._text_memo[t] for t in texts]).to(self.device)
+
+    def query_embedding(self, reference, texts):
+        raise CirlabError("method crossmodal does text<->image retrieval: use a captions dataset "
+                          "(dataset=synthetic_captions, coco, flickr30k or captions_jsonl)")
+
+    # ---- training ---------------------------------------------------------------------------------
+    def temperature_scale(self) -> torch.Tensor:
+        log_scale = self.backbone.model.logit_scale if self.logit_scale is None else self.logit_scale
+        return log_scale.exp().clamp(max=100)
+
+    def training_step(self, batch, batch_idx):
+        image, text = self.image_embedding(batch["image"]), self.text_embedding(batch["text"])
+        if self.loss_name == "margin":
+            loss = cosine_margin(image, text, self.margin)
+        else:
+            loss = symmetric_infonce(image, text, self.temperature_scale())
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(image))
+        return loss
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise CirlabError("method.train=none trains nothing: set the stage's max_epochs to 0")
+        return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
+
+    # ---- evaluation: [images, captions] loaders per split -------------------------------------------
+    def _eval_step(self, batch: dict, dataloader_idx: int) -> None:
+        emb = self.image_embedding(batch["image"]) if dataloader_idx == 0 else self.text_embedding(batch["text"])
+        self._eval.setdefault(dataloader_idx, []).append(emb.float().cpu())
+
+    def _score(self, split: str) -> None:
+        if self.trainer.world_size > 1:
+            raise CirlabError("method crossmodal evaluates on one device: use trainer=cpu or trainer=gpu")
+        images, texts = (torch.cat(self._eval[i]) for i in (0, 1))
+        self._eval.clear()
+        metrics = {f"{split}/{k}": v for k, v in
+                   crossmodal_recalls(images, texts, self.eval_data.text_to_image(split)).items()}
+        self.metrics.update(metrics)
+        self.log_dict(metrics, sync_dist=False)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._score(self.eval_data.val_split)
+        self._eval.clear()
+
+    def on_test_epoch_end(self) -> None:
+        self._score(self.eval_data.test_split)

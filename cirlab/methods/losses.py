@@ -17,3 +17,12 @@ def symmetric_infonce(image: torch.Tensor, text: torch.Tensor, scale: float | to
     logits = scale * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
     labels = torch.arange(len(image), device=image.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def cosine_margin(image: torch.Tensor, text: torch.Tensor, margin: float = 0.1) -> torch.Tensor:
+    """hxhhxx/Clip_crossmodal_retrieval's pairwise cosine loss ("CosineEmbeddingLoss"): on the full
+    B x B cosine matrix S, matched pairs (diagonal) cost 0.5 * (1 - S), the others 0.5 * max(0, S - m);
+    mean over all B*B entries (positives are not weighted separately); m = 0.1 in the reference."""
+    sim = F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+    pos = torch.eye(len(sim), dtype=torch.bool, device=sim.device)
+    return torch.where(pos, 0.5 * (1 - sim), 0.5 * (sim - margin).clamp(min=0)).mean()
