@@ -135,3 +135,9 @@ def test_embedding_file_round_trip_and_chunked_search(tmp_path):
     assert np.array_equal(np.load(tmp_path / "g.npy"), g.numpy())   # a standard .npy file
     q = torch.randn(7, 16)
     assert torch.equal(exact_search(q, ef, 20, chunk=128)[1], exact_search(q, g, 20)[1])
+
+
+def test_excluded_item_never_fills_a_slot_in_small_galleries():
+    g = torch.eye(4)
+    _, idx = exact_search(torch.ones(2, 4), g, 50, exclude=torch.tensor([0, 3]))
+    assert idx.shape == (2, 3) and 0 not in idx[0] and 3 not in idx[1]

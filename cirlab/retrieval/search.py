@@ -31,7 +31,7 @@ def exact_search(queries: torch.Tensor, gallery, k: int, exclude: torch.Tensor |
     if n == 0:
         raise CirlabError("the gallery is empty: nothing to retrieve from")
     queries = queries.float()
-    k = min(k, n)
+    k = min(k, n - 1 if exclude is not None else n)  # an excluded item must never fill a slot
     best_s = torch.full((len(queries), 0), float("-inf"))
     best_i = torch.zeros((len(queries), 0), dtype=torch.long)
     for start in range(0, n, chunk):
@@ -73,7 +73,7 @@ def faiss_search(queries: torch.Tensor, gallery, k: int, exclude: torch.Tensor |
     if exclude is not None:
         s = s.masked_fill(i == exclude[:, None], float("-inf"))
     # faiss orders ties arbitrarily: restore (score desc, index asc) as exact search does
-    return _topk_stable(s, i, min(k, len(xb)))
+    return _topk_stable(s, i, min(k, len(xb) - extra))
 
 
 def search(queries: torch.Tensor, gallery, k: int, exclude: torch.Tensor | None = None,

@@ -1,0 +1,80 @@
+"""`+method=zeroshot` through the CLI on each official benchmark layout (cut-down real annotations,
+placeholder images), every metric key, predictions, test-server files, and the data check."""
+import json
+
+import pytest
+
+from conftest import results
+from fixtures.make_images import materialize
+
+KEYS = {
+    "fashioniq": ["val/dress/recall_at_10", "val/shirt/recall_at_50", "val/toptee/recall_at_10",
+                  "val/average/recall_at_10", "val/average/recall_at_50", "val/average_recall"],
+    "cirr": ["val/recall_at_1", "val/recall_at_5", "val/recall_at_10", "val/recall_at_50",
+             "val/recall_subset_at_1", "val/recall_subset_at_2", "val/recall_subset_at_3",
+             "val/avg_recall_at_5_subset_at_1"],
+    "circo": ["val/map_at_5", "val/map_at_10", "val/map_at_25", "val/map_at_50", "val/recall_at_10"],
+    "shoes": ["test/recall_at_1", "test/recall_at_10", "test/recall_at_50", "test/mean_recall"],
+}
+
+
+@pytest.mark.parametrize("dataset", list(KEYS))
+def test_zeroshot_on_official_layout(dataset, cli, tmp_path):
+    root = materialize(dataset, tmp_path / dataset)
+    run = tmp_path / "run"
+    code, out, err = cli("+method=zeroshot", f"dataset={dataset}", f"dataset.root={root}", run_dir=run)
+    assert code == 0, err
+    metrics = results(run)["metrics"]
+    for key in KEYS[dataset]:
+        assert key in metrics and 0 <= metrics[key] <= 100, key
+    split = results(run)["config"]["dataset"]["test_split"]
+    preds = json.loads((run / "stages" / "eval" / f"predictions.{split}.json").read_text())
+    assert preds and all(isinstance(v, list) and v for v in preds.values())
+
+
+def test_cirr_test1_writes_both_submission_files_and_no_metrics(cli, tmp_path):
+    root = materialize("cirr", tmp_path / "cirr")
+    run = tmp_path / "run"
+    code, out, err = cli("+method=zeroshot", "dataset=cirr", f"dataset.root={root}", "dataset.test_split=test1",
+                         run_dir=run)
+    assert code == 0, err
+    assert not [k for k in results(run)["metrics"] if k.startswith("test1/")]   # never a fake test score
+    stage = run / "stages" / "eval"
+    recall = json.loads((stage / "recall_submission_test1.json").read_text())
+    subset = json.loads((stage / "recall_subset_submission_test1.json").read_text())
+    assert recall.pop("version") == "rc2" and recall.pop("metric") == "recall"
+    assert subset.pop("version") == "rc2" and subset.pop("metric") == "recall_subset"
+    captions = json.loads((root / "captions" / "cap.rc2.test1.json").read_text())
+    gallery = json.loads((root / "image_splits" / "split.rc2.test1.json").read_text())
+    assert set(recall) == set(subset) == {str(c["pairid"]) for c in captions}
+    for c in captions:
+        ranked = recall[str(c["pairid"])]
+        assert len(ranked) == min(50, len(gallery) - 1) and c["reference"] not in ranked
+        top3 = subset[str(c["pairid"])]
+        assert len(top3) == 3 and set(top3) <= set(c["img_set"]["members"]) - {c["reference"]}
+
+
+def test_circo_test_submission_format(cli, tmp_path):
+    root = materialize("circo", tmp_path / "circo")
+    run = tmp_path / "run"
+    code, out, err = cli("+method=zeroshot", "dataset=circo", f"dataset.root={root}", "dataset.test_split=test",
+                         run_dir=run)
+    assert code == 0, err
+    sub = json.loads((run / "stages" / "eval" / "circo_submission_test.json").read_text())
+    queries = json.loads((root / "annotations" / "test.json").read_text())
+    assert set(sub) == {str(q["id"]) for q in queries}
+    for ids in sub.values():
+        assert all(isinstance(i, int) for i in ids) and len(set(ids)) == len(ids) > 0
+
+
+def test_check_data_lists_missing_and_corrupt_images(cli, tmp_path):
+    root = materialize("cirr", tmp_path / "cirr")
+    gallery = json.loads((root / "image_splits" / "split.rc2.val.json").read_text())
+    names = list(gallery)
+    (root / "img_raw" / gallery[names[0]]).unlink()
+    (root / "img_raw" / gallery[names[1]]).write_bytes(b"")
+    code, out, err = cli("+task=check_data", "dataset=cirr", f"dataset.root={root}", "+splits=[val]")
+    assert code == 2
+    assert "1 missing, 1 unreadable" in out and names[0] in out and "zero bytes" in out
+    assert cli("+task=check_data", "dataset=cirr", f"dataset.root={materialize('cirr', tmp_path / 'ok')}",
+               "+splits=[val]")[0] == 0
