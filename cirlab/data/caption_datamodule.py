@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cirlab.data.datamodule import ImageLookup
+from cirlab.data.datamodule import GalleryDataset, ImageLookup
 from cirlab.data.sources.captions import CaptionSource
 from cirlab.errors import CirlabError
 
@@ -34,17 +34,6 @@ class CaptionPairs(Dataset):
         name, caps = self.pairs[i]
         rng = random.Random(f"{self.seed}-{self.epoch}-{i}")
         return {"image": self.lookup(name), "text": rng.choice(caps), "index": i}
-
-
-class CaptionImages(Dataset):
-    def __init__(self, names: list[str], lookup: ImageLookup):
-        self.names, self.lookup = names, lookup
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"index": i, "image": self.lookup(self.names[i])}
 
 
 class CaptionTexts(Dataset):
@@ -110,7 +99,7 @@ class CaptionDataModule(L.LightningDataModule):
     def _eval_loaders(self, split: str) -> list[DataLoader]:
         pairs = self.pairs(split)
         kw = dict(batch_size=self.eval_batch_size, num_workers=self.num_workers)
-        return [DataLoader(CaptionImages([n for n, _ in pairs], self._lookup()), **kw),
+        return [DataLoader(GalleryDataset([n for n, _ in pairs], self._lookup()), **kw),
                 DataLoader(CaptionTexts(pairs), **kw)]
 
     def val_dataloader(self) -> list[DataLoader]:

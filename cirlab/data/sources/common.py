@@ -20,11 +20,12 @@ def read_records(path: Path, keys: tuple[str, ...]) -> list[dict]:
     return rows
 
 
-def check_targets(name: str, split: str, queries: list[CIRQuery], gallery: list[str], gallery_file: Path) -> None:
+def check_targets(name: str, split: str, queries: list[CIRQuery], gallery: list[str], gallery_file: Path,
+                  hint: str = "The annotation files do not match each other.") -> None:
     """Every target must be rankable, else recall is silently wrong."""
     names = set(gallery)
     for q in queries:
         absent = [t for t in q.targets if t not in names]
         if absent:
             raise CirlabError(f"{name}: query {q.qid} of split {split} has target {absent[0]} that is not in "
-                              f"the gallery file {gallery_file}. The annotation files do not match each other.")
+                              f"the gallery file {gallery_file}. {hint}")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from cirlab.data.records import CIRQuery, EvalSet, Protocol
 from cirlab.data.sources.base import CIRSource
+from cirlab.data.sources.common import check_targets
 from cirlab.errors import CirlabError
 
 LAYOUT = """  <root>/
@@ -92,12 +93,7 @@ class JsonlSource(CIRSource):
             gallery = list(seen)
         if not gallery:
             raise CirlabError(f"{self.name}: the {split} gallery is empty ({gallery_file})")
-        names = set(gallery)
-        for q in queries:
-            absent = [t for t in q.targets if t not in names]
-            if absent:
-                raise CirlabError(f"{self.name}: query {q.qid} of split {split} has target {absent[0]} "
-                                  f"that is not in the gallery ({gallery_file}). Add it to the gallery file.")
+        check_targets(self.name, split, queries, gallery, gallery_file, hint="Add it to the gallery file.")
         return [EvalSet(queries=queries, gallery=gallery)]
 
     def has_answers(self, split: str) -> bool:
