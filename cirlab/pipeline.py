@@ -127,8 +127,8 @@ def run_stage(cfg: DictConfig, name: str, backbone, dm: CIRDataModule, run_dir: 
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor_key(dm), mode="max",
                                  save_last=True, save_top_k=1, enable_version_counter=False)
     logger = build_logger(cfg, name, stage_dir)
-    trainer: L.Trainer = instantiate(cfg.trainer, max_epochs=max(scfg.max_epochs, 1), callbacks=[checkpoint, EpochSeed(cfg.seed)],
-                                     logger=logger, default_root_dir=str(stage_dir), plugins=[SafeCheckpointIO()],
+    trainer: L.Trainer = instantiate(cfg.trainer, max_epochs=max(scfg.max_epochs, 1),
+                                     callbacks=[checkpoint, EpochSeed(cfg.seed)], logger=logger, default_root_dir=str(stage_dir), plugins=[SafeCheckpointIO()],
                                      reload_dataloaders_every_n_epochs=1)
     record: dict[str, Any] = {"stage": name, "best_checkpoint": None}
     if train:
@@ -194,7 +194,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         raise CirlabError(f"unknown dataset.kind={kind!r}; choose cir or captions")
     dm_class = CaptionDataModule if kind == "captions" else CIRDataModule
     dm = dm_class(source, eval_batch_size=cfg.eval.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
-                       val_split=cfg.dataset.val_split, test_split=cfg.dataset.test_split)
+                  val_split=cfg.dataset.val_split, test_split=cfg.dataset.test_split)
     for name in cfg.method.stages:
         if name not in cfg.method:
             raise CirlabError(f"method.stages names {name!r} but method has no such stage; "
