@@ -9,12 +9,14 @@ their best weights) and continues the interrupted one from its last checkpoint.
 from __future__ import annotations
 
 import logging
+import random
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -44,15 +46,19 @@ class SafeCheckpointIO(TorchCheckpointIO):
             raise CirlabError(f"cannot load checkpoint {path}: {err}") from err
 
 
-class EpochSeed(Callback):
-    """Reseed every RNG at each epoch start from (seed, epoch): dropout masks and augmentations
-    then depend on the epoch alone, so a run resumed from a checkpoint matches an uninterrupted one."""
+class BatchSeed(Callback):
+    """Reseed every RNG before each training batch from (seed, epoch, batch): dropout masks then
+    depend on the batch's position alone, whatever consumed random numbers before it (loader set-up
+    differs between a fresh and a resumed run), so a resumed run matches an uninterrupted one."""
 
     def __init__(self, seed: int):
         self.seed = seed
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        L.seed_everything(self.seed * 1000 + trainer.current_epoch, workers=True, verbose=False)
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        value = (self.seed * 1_000_003 + trainer.current_epoch * 10_007 + batch_idx) % 2**32
+        torch.manual_seed(value)
+        random.seed(value)
+        np.random.seed(value)
 
 
 def git_commit() -> str | None:
@@ -125,10 +131,12 @@ def run_stage(cfg: DictConfig, name: str, backbone, dm: CIRDataModule, run_dir: 
     dm.batch_size = scfg.batch_size
 
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor_key(dm), mode="max",
-                                 save_last=True, save_top_k=1, enable_version_counter=False)
+                                 save_last=True, save_top_k=1, enable_version_counter=False,
+                                 save_on_train_epoch_end=True)  # a whole-epoch state: resume starts the next epoch
     logger = build_logger(cfg, name, stage_dir)
     trainer: L.Trainer = instantiate(cfg.trainer, max_epochs=max(scfg.max_epochs, 1),
-                                     callbacks=[checkpoint, EpochSeed(cfg.seed)], logger=logger, default_root_dir=str(stage_dir), plugins=[SafeCheckpointIO()],
+                                     callbacks=[checkpoint, BatchSeed(cfg.seed)], logger=logger,
+                                     default_root_dir=str(stage_dir), plugins=[SafeCheckpointIO()],
                                      reload_dataloaders_every_n_epochs=1)
     record: dict[str, Any] = {"stage": name, "best_checkpoint": None}
     if train:

@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+
+from cirlab.data.datamodule import EpochSampler
 import torch.nn.functional as F
 from torch import nn
 
@@ -114,11 +116,12 @@ def test_augmented_triplets_draw_a_view_of_the_same_reference():
             return {"reference": torch.zeros(2), "text": "t", "index": i}
 
     views = {"a": torch.tensor([[1.0, 1.0], [2.0, 2.0]]), "b": torch.tensor([[-1.0, -1.0], [-2.0, -2.0]])}
-    epoch = {"e": 0}
-    ds = AugmentedTriplets(Triplets(), views, seed=0, epoch=lambda: epoch["e"])
+    ds = AugmentedTriplets(Triplets(), views, seed=0)
+    sampler = EpochSampler(ds, seed=0)
     drawn = set()
     for e in range(8):
-        epoch["e"] = e
+        sampler.set_epoch(e)   # as Lightning does at every epoch start
+        assert ds.epoch == e and sorted(sampler) == [0, 1, 2]
         for i in range(3):
             item = ds[i]
             ref = Triplets.queries[i].reference

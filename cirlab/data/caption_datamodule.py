@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cirlab.data.datamodule import GalleryDataset, ImageLookup
+from cirlab.data.datamodule import EpochSampler, GalleryDataset, ImageLookup
 from cirlab.data.sources.captions import CaptionSource
 from cirlab.errors import CirlabError
 
@@ -89,12 +89,9 @@ class CaptionDataModule(L.LightningDataModule):
         return self._train
 
     def train_dataloader(self) -> DataLoader:
-        ds = self.train_dataset()
-        if self.trainer is not None:
-            ds.epoch = self.trainer.current_epoch  # loaders are rebuilt every epoch: a fresh caption draw
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=True, drop_last=len(ds) > self.batch_size,
-                          num_workers=self.num_workers,
-                          generator=torch.Generator().manual_seed(self.seed * 1000 + ds.epoch))
+        ds = self.train_dataset()  # EpochSampler: order and caption draw follow (seed, epoch), also on resume
+        return DataLoader(ds, batch_size=self.batch_size, sampler=EpochSampler(ds, self.seed),
+                          drop_last=len(ds) > self.batch_size, num_workers=self.num_workers)
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
         pairs = self.pairs(split)

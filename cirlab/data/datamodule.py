@@ -12,7 +12,7 @@ from typing import Callable
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cirlab.data.images import load_image
 from cirlab.data.records import CIRQuery, EvalSet
@@ -48,6 +48,25 @@ class TripletDataset(Dataset):
         rng = random.Random(f"{self.seed}-{self.epoch}-{i}")
         return {"reference": self.lookup(q.reference), "target": self.lookup(q.targets[0]),
                 "text": self.source.train_text(q, rng), "index": i}
+
+
+class EpochSampler(Sampler):
+    """Shuffles by (seed, epoch) at iteration time. Lightning calls `set_epoch` at every epoch
+    start, also after a resume, so the order never depends on when the loader was built (a loader
+    built before the checkpoint was restored would otherwise replay epoch 0's order)."""
+
+    def __init__(self, dataset: Dataset, seed: int):  # any dataset with an `epoch` attribute
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = self.dataset.epoch = epoch  # the caption rule draws from (seed, epoch, index) too
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(len(self.dataset), generator=gen).tolist())
 
 
 class GalleryDataset(Dataset):
@@ -125,15 +144,11 @@ class CIRDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = self.train_dataset()
-        if self.trainer is not None:
-            ds.epoch = self.trainer.current_epoch
         if len(ds) < self.batch_size:
             raise CirlabError(f"{len(ds)} training triplets are fewer than one batch ({self.batch_size}); "
                               "lower method.batch_size")
-        gen = torch.Generator().manual_seed(self.seed + ds.epoch)
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=True, drop_last=True, generator=gen,
-                          num_workers=self.num_workers, collate_fn=collate,
-                          persistent_workers=False)
+        return DataLoader(ds, batch_size=self.batch_size, sampler=EpochSampler(ds, self.seed), drop_last=True,
+                          num_workers=self.num_workers, collate_fn=collate)
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
         lookup = self._lookup()

@@ -44,7 +44,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from cirlab.data.datamodule import collate
+from cirlab.data.datamodule import EpochSampler, collate
 from cirlab.data.features import _checksum, encode_images
 from cirlab.data.transforms import TargetPad, _to_rgb
 from cirlab.errors import CirlabError
@@ -212,18 +212,17 @@ def augmented_features(backbone, names: list[str], paths: list[Path], views: int
 class AugmentedTriplets(Dataset):
     """The datamodule's triplets plus `reference_aug`: one of the K cached views, drawn per (seed, epoch, index)."""
 
-    def __init__(self, triplets, aug: dict[str, torch.Tensor], seed: int, epoch=lambda: 0):
-        self.triplets, self.aug, self.seed, self.epoch = triplets, aug, seed, epoch
+    def __init__(self, triplets, aug: dict[str, torch.Tensor], seed: int):
+        self.triplets, self.aug, self.seed, self.epoch = triplets, aug, seed, 0  # epoch: set by EpochSampler
 
     def __len__(self) -> int:
         return len(self.triplets)
 
     def __getitem__(self, i: int) -> dict:
-        epoch = self.epoch()
-        self.triplets.epoch = epoch
+        self.triplets.epoch = self.epoch
         item = self.triplets[i]
         views = self.aug[self.triplets.queries[i].reference]
-        k = random.Random(f"aug-{self.seed}-{epoch}-{i}").randrange(len(views))
+        k = random.Random(f"aug-{self.seed}-{self.epoch}-{i}").randrange(len(views))
         item["reference_aug"] = views[k]
         return item
 
@@ -270,10 +269,9 @@ class MLCLCombiner(RetrievalModule):
         if len(ds) < dm.batch_size:
             raise CirlabError(f"{len(ds)} training triplets are fewer than one batch ({dm.batch_size}); "
                               "lower method.combiner.batch_size")
-        epoch = lambda: self.trainer.current_epoch if self._trainer is not None else 0  # noqa: E731
-        gen = torch.Generator().manual_seed(dm.seed)
-        return DataLoader(AugmentedTriplets(ds, aug, dm.seed, epoch), batch_size=dm.batch_size, shuffle=True,
-                          drop_last=True, generator=gen, num_workers=0, collate_fn=collate)
+        data = AugmentedTriplets(ds, aug, dm.seed)
+        return DataLoader(data, batch_size=dm.batch_size, sampler=EpochSampler(data, dm.seed), drop_last=True,
+                          num_workers=0, collate_fn=collate)
 
     def compute_loss(self, reference, aug_reference, texts, target) -> dict:
         image, text = self.image_features(reference), self.text_features(texts)

@@ -36,7 +36,7 @@ class RetrievalModule(L.LightningModule):
 
     # ---- what a method defines ------------------------------------------------------------------
     frozen_image_encoder: bool = False  # True: batches carry cached image features [B, D], not pixels
-    frozen_text_encoder: bool = False   # True: text features are memoised per distinct text (no grad)
+    frozen_text_encoder: bool = False   # True: no text gradients; eval text features memoised
 
     def train_loader(self, dm):
         """A method that trains on other data than the CIR triplets (e.g. SEARLE's phi on
@@ -50,8 +50,13 @@ class RetrievalModule(L.LightningModule):
     def text_features(self, texts: list[str]) -> torch.Tensor:
         if not self.frozen_text_encoder:
             return self.backbone.encode_texts(texts).float()
-        # A frozen text encoder maps a text to the same feature every epoch: encode each distinct
-        # text once (FashionIQ's caption rule yields at most 4 variants per triplet).
+        if self.training:
+            # Not memoised while training: a memo filled by whichever batches came first would make a
+            # resumed run encode texts in other batch shapes, and float results depend on them.
+            with torch.no_grad():
+                return self.backbone.encode_texts(texts).float()
+        # Evaluation: a frozen text encoder maps a text to the same feature every epoch, so each
+        # distinct query text is encoded once (eval batches are the same in every run).
         missing = [t for t in dict.fromkeys(texts) if t not in self._text_memo]
         if missing:
             with torch.no_grad():
