@@ -60,3 +60,8 @@ def test_targetpad_ratio_and_untouched_images():
 def test_transform_output_size(mode):
     t = build_transform(mode, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     assert t(Image.new("RGB", (90, 30))).shape == (3, 32, 32)
+
+
+def test_gather_is_a_no_op_without_ddp():
+    q, t = torch.randn(4, 8), torch.randn(4, 8)
+    assert batch_contrastive(q, t, 100.0, gather=True) == batch_contrastive(q, t, 100.0)

@@ -19,7 +19,7 @@ def test_ddp_evaluation_equals_single_process(tmp_path):
 def test_ddp_trains_clip4cir_stage_two(tmp_path):
     run_dir = tmp_path / "ddp-train"
     run_cli(tmp_path, "+method=clip4cir_combiner", "method.combiner.max_epochs=1",
-            "+trainer.limit_train_batches=4", *DDP, run_dir=run_dir)
+            "+method.combiner.module.gather_negatives=true", "+trainer.limit_train_batches=4", *DDP, run_dir=run_dir)
     res = results(run_dir)
     assert res["stages"]["combiner"]["test/recall_at_10"] > 0
     assert (run_dir / "stages" / "combiner" / "checkpoints" / "last.ckpt").is_file()

@@ -64,8 +64,10 @@ class CLIP4CirCombiner(RetrievalModule):
     frozen_text_encoder = True
 
     def __init__(self, backbone, projection_dim: int | None = None, hidden_dim: int | None = None,
-                 dropout: float = 0.5, lr: float = 2e-5, logit_scale: float = 100.0, **kwargs):
+                 dropout: float = 0.5, lr: float = 2e-5, logit_scale: float = 100.0,
+                 gather_negatives: bool = False, **kwargs):
         super().__init__(backbone, **kwargs)
+        self.gather_negatives = gather_negatives
         for p in backbone.parameters():
             p.requires_grad_(False)
         self.combiner = Combiner(backbone.embed_dim, projection_dim, hidden_dim, dropout)
@@ -84,7 +86,8 @@ class CLIP4CirCombiner(RetrievalModule):
 
     def training_step(self, batch, batch_idx):
         query = self.query_embedding(batch["reference"], batch["text"])
-        loss = batch_contrastive(query, self.image_features(batch["target"]), self.logit_scale)
+        loss = batch_contrastive(query, self.image_features(batch["target"]), self.logit_scale,
+                                 gather=self.gather_negatives)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(query))
         return loss
 

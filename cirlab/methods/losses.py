@@ -2,14 +2,24 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn as dist_nn
 import torch.nn.functional as F
 
 
-def batch_contrastive(query: torch.Tensor, target: torch.Tensor, scale: float | torch.Tensor = 100.0) -> torch.Tensor:
+def batch_contrastive(query: torch.Tensor, target: torch.Tensor, scale: float | torch.Tensor = 100.0,
+                      gather: bool = False) -> torch.Tensor:
     """CLIP4Cir's loss: cross-entropy of scale * normalize(q) @ normalize(t)^T against arange(B),
-    one direction only (query -> target), scale fixed at 100 in the reference."""
+    one direction only (query -> target), scale fixed at 100 in the reference.
+
+    gather=True (DDP): targets of every rank become negatives, gathered with gradients as open_clip
+    does; the reference (one process) uses the local batch only, hence off by default."""
+    labels = torch.arange(len(query), device=query.device)
+    if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        target = torch.cat(dist_nn.all_gather(target.contiguous()))
+        labels = labels + dist.get_rank() * len(query)
     logits = scale * F.normalize(query, dim=-1) @ F.normalize(target, dim=-1).T
-    return F.cross_entropy(logits, torch.arange(len(query), device=query.device))
+    return F.cross_entropy(logits, labels)
 
 
 def symmetric_infonce(image: torch.Tensor, text: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
