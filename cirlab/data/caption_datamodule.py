@@ -8,15 +8,11 @@ Images are cached embeddings (frozen image encoder) or preprocessed pixels.
 from __future__ import annotations
 
 import random
-from typing import Callable
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cirlab.data.datamodule import EpochSampler, GalleryDataset, ImageLookup
-from cirlab.data.sources.captions import CaptionSource
-from cirlab.errors import CirlabError
+from cirlab.data.datamodule import CIRDataModule, EpochSampler, GalleryDataset, ImageLookup
 
 
 class CaptionPairs(Dataset):
@@ -48,23 +44,11 @@ class CaptionTexts(Dataset):
         return {"index": i, "text": text, "image_index": j}
 
 
-class CaptionDataModule(L.LightningDataModule):
+class CaptionDataModule(CIRDataModule):
+    """(image, captions) data for text<->image retrieval. Set-up, `use`, the image lookup and the
+    val/test loader plumbing are CIRDataModule's; only the datasets differ."""
+
     kind = "captions"
-
-    def __init__(self, source: CaptionSource, batch_size: int = 64, eval_batch_size: int = 256,
-                 num_workers: int = 0, seed: int = 0, val_split: str = "val", test_split: str = "test"):
-        super().__init__()
-        self.source = source
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.num_workers, self.seed = num_workers, seed
-        self.val_split, self.test_split = val_split, test_split
-        self.transform: Callable | None = None
-        self.features: dict[str, torch.Tensor] | None = None
-        self._train: CaptionPairs | None = None
-
-    def use(self, transform: Callable | None = None, features: dict[str, torch.Tensor] | None = None) -> None:
-        self.transform, self.features = transform, features
-        self._train = None
 
     def pairs(self, split: str) -> list[tuple[str, list[str]]]:
         return self.source.image_captions(split)
@@ -77,11 +61,6 @@ class CaptionDataModule(L.LightningDataModule):
         for split in splits:
             seen.update(dict.fromkeys(n for n, _ in self.pairs(split)))
         return list(seen)
-
-    def _lookup(self) -> ImageLookup:
-        if self.transform is None and self.features is None:
-            raise CirlabError("internal: datamodule used before the pipeline configured it")
-        return ImageLookup(self.source, self.transform, self.features)
 
     def train_dataset(self) -> CaptionPairs:
         if self._train is None:
@@ -98,9 +77,3 @@ class CaptionDataModule(L.LightningDataModule):
         kw = dict(batch_size=self.eval_batch_size, num_workers=self.num_workers)
         return [DataLoader(GalleryDataset([n for n, _ in pairs], self._lookup()), **kw),
                 DataLoader(CaptionTexts(pairs), **kw)]
-
-    def val_dataloader(self) -> list[DataLoader]:
-        return self._eval_loaders(self.val_split)
-
-    def test_dataloader(self) -> list[DataLoader]:
-        return self._eval_loaders(self.test_split)
