@@ -124,10 +124,11 @@ def run_stage(cfg: DictConfig, name: str, backbone, dm: CIRDataModule, run_dir: 
         names = dm.all_images(splits)
         cache = FeatureCache(cfg.paths.cache_dir, batch_size=cfg.eval.batch_size, num_workers=cfg.num_workers)
         encoder = module.feature_encoder() if hasattr(module, "feature_encoder") else backbone
-        dm.use(features=cache.get(encoder, names, [dm.source.image_path(n) for n in names]))
+        dm.use(features=cache.get(encoder, names, [dm.source.image_path(n) for n in names]),
+               text_views=module.text_views)
         log.info("stage %s: %s image features %s", name, len(names), "from cache" if cache.last_hit else "encoded")
     else:
-        dm.use(transform=backbone.preprocess)
+        dm.use(transform=backbone.preprocess, text_views=module.text_views)
     dm.batch_size = scfg.batch_size
 
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor_key(dm), mode="max",

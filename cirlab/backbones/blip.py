@@ -45,7 +45,8 @@ class BlipBackbone(Backbone):
             if not vocab_file:
                 raise CirlabError("a BLIP built from backbone config needs a WordPiece vocab_file for its tokenizer")
             self.model = BlipForImageTextRetrieval(BlipConfig(**plain(config)))
-            self.tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True)
+            words = Path(vocab_file).read_text().split("\n")  # transformers 5 takes the vocab itself, not its file
+            self.tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
         else:
             try:
                 self.model = BlipForImageTextRetrieval.from_pretrained(hf_id, local_files_only=local_files_only)
@@ -76,23 +77,22 @@ class BlipBackbone(Backbone):
                              return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
-    def encode_text(self, tokens: dict[str, torch.Tensor], prefix: torch.Tensor | None = None) -> torch.Tensor:
-        """text_proj([CLS]) in unimodal mode. `prefix` [D_word] (optional): a learned embedding
-        inserted right after [CLS] (the paper's learnable direction token)."""
-        ids, mask = tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
-        encoder = self.model.text_encoder
-        if prefix is None:
-            out = encoder(input_ids=ids, attention_mask=mask, return_dict=True)
-        else:
-            words = encoder.embeddings.word_embeddings(ids)
-            extra = prefix.to(words.dtype).expand(len(ids), 1, -1)
-            embeds = torch.cat([words[:, :1], extra, words[:, 1:]], dim=1)
-            mask = torch.cat([mask[:, :1], torch.ones_like(mask[:, :1]), mask[:, 1:]], dim=1)
-            out = encoder(inputs_embeds=embeds, attention_mask=mask, return_dict=True)
+    def encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """text_proj([CLS]) of the BERT text encoder in unimodal mode (no cross-attention)."""
+        out = self.model.text_encoder(input_ids=tokens["input_ids"].to(self.device),
+                                      attention_mask=tokens["attention_mask"].to(self.device), return_dict=True)
         return self.model.text_proj(out.last_hidden_state[:, 0])
 
-    def encode_texts(self, texts: list[str], prefix: torch.Tensor | None = None) -> torch.Tensor:
-        return self.encode_text(self.tokenize(texts), prefix=prefix)
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        return self.encode_text(self.tokenize(texts))
+
+    def add_tokens(self, tokens: list[str]) -> None:
+        """New special tokens with their own (trainable) word-embedding rows; idempotent, so every
+        stage of a method may ask for them and a resumed stage's checkpoint shapes still match."""
+        missing = [t for t in tokens if t not in self.tokenizer.get_vocab()]
+        if missing:
+            self.tokenizer.add_special_tokens({"additional_special_tokens": missing})
+            self.model.text_encoder.resize_token_embeddings(len(self.tokenizer))
 
     @property
     def word_dim(self) -> int:

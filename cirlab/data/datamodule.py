@@ -7,6 +7,7 @@ Validation/test loaders come in pairs per eval set: [gallery_0, queries_0, galle
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from typing import Callable
 
@@ -32,12 +33,26 @@ class ImageLookup:
         return self.transform(load_image(self.source.image_path(name)))
 
 
+CaptionView = Callable[[str], str] | None  # rewrites each raw caption before the source's caption rule
+
+
+def with_view(query: CIRQuery, view: CaptionView) -> CIRQuery:
+    return query if view is None else dataclasses.replace(query, captions=[view(c) for c in query.captions])
+
+
 class TripletDataset(Dataset):
     """Training triplets; the caption rule's randomness is seeded by (seed, epoch, index), so a
-    resumed run sees the same texts as an uninterrupted one."""
+    resumed run sees the same texts as an uninterrupted one.
 
-    def __init__(self, queries: list[CIRQuery], source: CIRSource, lookup: ImageLookup, seed: int):
+    `text_views` maps batch key -> caption view: a method that needs several texts per triplet
+    (BLIP4CIR+Bi: forward- and backward-marked) gets each under its own key, each view marking
+    the raw captions BEFORE the source's caption rule, with its own random draw (as the reference).
+    """
+
+    def __init__(self, queries: list[CIRQuery], source: CIRSource, lookup: ImageLookup, seed: int,
+                 text_views: dict[str, CaptionView] | None = None):
         self.queries, self.source, self.lookup, self.seed = queries, source, lookup, seed
+        self.text_views = text_views or {"text": None}
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -45,9 +60,11 @@ class TripletDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         q = self.queries[i]
-        rng = random.Random(f"{self.seed}-{self.epoch}-{i}")
-        return {"reference": self.lookup(q.reference), "target": self.lookup(q.targets[0]),
-                "text": self.source.train_text(q, rng), "index": i}
+        item = {"reference": self.lookup(q.reference), "target": self.lookup(q.targets[0]), "index": i}
+        for key, view in self.text_views.items():
+            rng = random.Random(f"{self.seed}-{self.epoch}-{i}" + ("" if key == "text" else f"-{key}"))
+            item[key] = self.source.train_text(with_view(q, view), rng)
+        return item
 
 
 class EpochSampler(Sampler):
@@ -81,15 +98,15 @@ class GalleryDataset(Dataset):
 
 
 class QueryDataset(Dataset):
-    def __init__(self, queries: list[CIRQuery], source: CIRSource, lookup: ImageLookup):
-        self.queries, self.source, self.lookup = queries, source, lookup
+    def __init__(self, queries: list[CIRQuery], source: CIRSource, lookup: ImageLookup, view: CaptionView = None):
+        self.queries, self.source, self.lookup, self.view = queries, source, lookup, view
 
     def __len__(self) -> int:
         return len(self.queries)
 
     def __getitem__(self, i: int) -> dict:
         q = self.queries[i]
-        return {"index": i, "reference": self.lookup(q.reference), "text": self.source.eval_text(q)}
+        return {"index": i, "reference": self.lookup(q.reference), "text": self.source.eval_text(with_view(q, self.view))}
 
 
 class CIRDataModule(L.LightningDataModule):
@@ -104,10 +121,14 @@ class CIRDataModule(L.LightningDataModule):
         self.features: dict[str, torch.Tensor] | None = None
         self._eval_sets: dict[str, list[EvalSet]] = {}
         self._train: TripletDataset | None = None
+        self.text_views: dict[str, CaptionView] = {"text": None}
 
     # ---- configured by the pipeline per stage ---------------------------------------------------
-    def use(self, transform: Callable | None = None, features: dict[str, torch.Tensor] | None = None) -> None:
+    def use(self, transform: Callable | None = None, features: dict[str, torch.Tensor] | None = None,
+            text_views: dict[str, CaptionView] | None = None) -> None:
+        """`text_views`: the stage's caption views (its `text_views`); "text" is also the eval query view."""
         self.transform, self.features = transform, features
+        self.text_views = text_views or {"text": None}
         self._train = None
 
     def eval_sets(self, split: str) -> list[EvalSet]:
@@ -139,7 +160,7 @@ class CIRDataModule(L.LightningDataModule):
             queries = [q for q in self.source.train_queries() if q.targets]
             if not queries:
                 raise CirlabError(f"dataset {self.source.name!r} has no training triplets")
-            self._train = TripletDataset(queries, self.source, self._lookup(), self.seed)
+            self._train = TripletDataset(queries, self.source, self._lookup(), self.seed, self.text_views)
         return self._train
 
     def train_dataloader(self) -> DataLoader:
@@ -154,7 +175,8 @@ class CIRDataModule(L.LightningDataModule):
         lookup = self._lookup()
         loaders = []
         for es in self.eval_sets(split):
-            for ds in (GalleryDataset(es.gallery, lookup), QueryDataset(es.queries, self.source, lookup)):
+            queries = QueryDataset(es.queries, self.source, lookup, self.text_views.get("text"))
+            for ds in (GalleryDataset(es.gallery, lookup), queries):
                 loaders.append(DataLoader(ds, batch_size=self.eval_batch_size, num_workers=self.num_workers,
                                           collate_fn=collate))
         return loaders

@@ -37,6 +37,9 @@ class RetrievalModule(L.LightningModule):
     # ---- what a method defines ------------------------------------------------------------------
     frozen_image_encoder: bool = False  # True: batches carry cached image features [B, D], not pixels
     frozen_text_encoder: bool = False   # True: no text gradients; eval text features memoised
+    # batch key -> caption view (a function rewriting each raw caption, or None); "text" also builds the
+    # eval queries. BLIP4CIR+Bi adds direction-marked views; see CIRDataModule.use.
+    text_views: dict = {"text": None}
 
     def train_loader(self, dm):
         """A method that trains on other data than the CIR triplets (e.g. SEARLE's phi on
