@@ -110,7 +110,8 @@ class Retriever:
         if not ref_path.is_file():
             raise CirlabError(f"reference image {ref_path} does not exist")
         ref = encode_images(self.backbone, [ref_path]).to(self.device)
-        query = F.normalize(self.module.query_embedding(ref, [text]).float(), dim=-1).cpu()[0]
+        view = self.module.text_views.get("text")  # e.g. BLIP4CIR+Bi's forward marker, as at evaluation
+        query = F.normalize(self.module.query_embedding(ref, [view(text) if view else text]).float(), dim=-1).cpu()[0]
         scores = self.gallery @ query
         if exclude_reference:
             ref_resolved = ref_path.resolve()

@@ -71,3 +71,27 @@ def synthetic_root() -> Path:
     from cirlab.data.synthetic import SyntheticSpec, ensure
 
     return ensure(SyntheticSpec(), CACHE)
+
+
+# ---- a small random BLIP ------------------------------------------------------------------------
+BLIP_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[", "]", "forward", "backward",
+              "is", "red", "and", "longer", "has", "sand", "als", "a", "##l", "##s"]
+SMALL_BLIP = {"image_text_hidden_size": 16,
+              "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                "num_attention_heads": 2, "image_size": 16, "patch_size": 8},
+              "text_config": {"vocab_size": len(BLIP_VOCAB), "hidden_size": 16, "intermediate_size": 32,
+                              "num_hidden_layers": 1, "num_attention_heads": 2, "encoder_hidden_size": 16,
+                              "max_position_embeddings": 32, "pad_token_id": 0}}
+
+
+@pytest.fixture
+def small_blip(tmp_path):
+    """A random BLIP with a hand-written WordPiece vocab (BLIP4CIR+Bi unit tests, experiment checks)."""
+    import torch
+
+    from cirlab.backbones.blip import BlipBackbone
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(BLIP_VOCAB))
+    torch.manual_seed(0)
+    return BlipBackbone(config=SMALL_BLIP, vocab_file=str(vocab), max_length=32, name="blip_small")

@@ -16,24 +16,6 @@ from cirlab.methods.blip4cir import (Blip4CirCombiner, Blip4CirFinetune, mark_le
                                      stage1_reverse_logits)
 from tests.conftest import results, run_cli
 
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[", "]", "forward", "backward",
-         "is", "red", "and", "longer", "has", "sand", "als", "a", "##l", "##s"]
-SMALL = {"image_text_hidden_size": 16,
-         "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                           "num_attention_heads": 2, "image_size": 16, "patch_size": 8},
-         "text_config": {"vocab_size": len(VOCAB), "hidden_size": 16, "intermediate_size": 32,
-                         "num_hidden_layers": 1, "num_attention_heads": 2, "encoder_hidden_size": 16,
-                         "max_position_embeddings": 32, "pad_token_id": 0}}
-
-
-@pytest.fixture
-def small_blip(tmp_path):
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(VOCAB))
-    torch.manual_seed(0)
-    return BlipBackbone(config=SMALL, vocab_file=str(vocab), max_length=32, name="blip_small")
-
-
 def tokens(backbone, text):
     return backbone.tokenizer.convert_ids_to_tokens(backbone.tokenize([text])["input_ids"][0])
 

@@ -44,7 +44,7 @@ def test_experiments_are_discovered():
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_composes_and_builds(name, tiny_backbone, monkeypatch, tmp_path):
+def test_experiment_composes_and_builds(name, tiny_backbone, small_blip, monkeypatch, tmp_path):
     import open_clip
 
     monkeypatch.setenv("CIRLAB_CACHE", str(tmp_path / "cache"))
@@ -61,6 +61,10 @@ def test_experiment_composes_and_builds(name, tiny_backbone, monkeypatch, tmp_pa
     check_arguments(model["_target_"], model)
     if model.get("model_name"):
         assert open_clip.get_model_config(model["model_name"]) is not None, model["model_name"]
+    elif model.get("hf_id"):  # BLIP from the HF hub: its architecture builds as a BlipConfig
+        from cirlab.backbones.blip import blip_config
+
+        assert blip_config(resolved["backbone"]["architecture"]).vision_config.image_size > 0
     else:
         assert model.get("model_cfg"), "a backbone needs model_name or model_cfg"
 
@@ -74,7 +78,8 @@ def test_experiment_composes_and_builds(name, tiny_backbone, monkeypatch, tmp_pa
         scfg = resolved["method"][stage]
         assert isinstance(scfg["max_epochs"], int) and scfg["max_epochs"] >= 0
         assert isinstance(scfg["batch_size"], int) and scfg["batch_size"] > 0
-        module = instantiate(cfg.method[stage].module, backbone=tiny_backbone, search=cfg.retrieval.search,
+        backbone = small_blip if resolved["backbone"]["name"].startswith("blip") else tiny_backbone
+        module = instantiate(cfg.method[stage].module, backbone=backbone, search=cfg.retrieval.search,
                              search_options=OmegaConf.to_container(cfg.retrieval.options))
         from cirlab.methods.retrieval_module import RetrievalModule
 

@@ -21,11 +21,12 @@ SEARLE = [f"{v}_{d}" for v in ("searle", "searle_xl", "searle_oti", "searle_xl_o
           for d in ("fashioniq", "cirr", "circo")]
 MLCL = [f"mlcl_{d}_rn50x4" for d in ("shoes", "fashioniq", "cirr")]
 CROSSMODAL = [f"crossmodal_{d}_{b}" for d in ("coco", "flickr30k") for b in ("vitb32", "vitl14")]
+BLIP = {"blip4cir_bi_fashioniq_base": (0.4, 0.5), "blip4cir_bi_cirr_base": (0.1, 0.1)}
 SYNTHETIC = {"searle_synthetic": "searle", "mlcl_synthetic": "mlcl", "crossmodal_synthetic": "crossmodal"}
 
 
 def test_every_paper_row_has_a_file():
-    assert set(SEARLE + MLCL + CROSSMODAL + list(SYNTHETIC)) <= set(EXPERIMENTS)
+    assert set(SEARLE + MLCL + CROSSMODAL + list(BLIP) + list(SYNTHETIC)) <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("name", SEARLE)
@@ -92,6 +93,23 @@ def test_crossmodal_rows(name):
                                          "betas", "eps", "weight_decay")} == dict(
         train="adapter", loss="margin", margin=0.1, adapter_ratio=0.2, adapter_reduction=4, lr=1e-4,
         betas=[0.9, 0.98], eps=1e-6, weight_decay=1e-3)
+
+
+@pytest.mark.parametrize("name", sorted(BLIP))
+def test_blip4cir_rows(name):
+    cfg = OmegaConf.to_container(compose_experiment(name), resolve=True)
+    assert cfg["dataset"]["name"] == name.split("_")[2]
+    assert cfg["backbone"]["name"] == "blip_base" and cfg["backbone"]["model"]["target_ratio"] == 1.25
+    assert cfg["dataset"]["preprocess"] == "targetpad" and cfg["trainer"]["precision"] == "16-mixed"
+    m = cfg["method"]
+    assert (m["direction"], m["bidirectional"], m["stages"]) == ("text", True, ["finetune", "combiner"])
+    s1, s2 = m["finetune"], m["combiner"]
+    assert (s1["max_epochs"], s1["batch_size"]) == (20, 128)
+    assert (s1["module"]["lr"], s1["module"]["min_lr"], s1["module"]["cosine_epochs"]) == (5e-5, 0.0, 10)
+    assert (s1["module"]["proj_lr_scale"], s1["module"]["weight_decay"]) == (100.0, 0.05)
+    assert (s2["max_epochs"], s2["batch_size"], s2["module"]["lr"]) == (300, 512, 2e-5)
+    assert (s2["module"]["projection_dim"], s2["module"]["hidden_dim"]) == (2560, 5120)
+    assert (s1["module"]["reverse_weight"], s2["module"]["reverse_weight"]) == BLIP[name]
 
 
 @pytest.mark.parametrize("name,method", sorted(SYNTHETIC.items()))

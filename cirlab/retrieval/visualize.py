@@ -224,7 +224,7 @@ def _eval_set_scores(module, dm, es, ranked: list[list[str]]) -> list[list[float
         gal = torch.cat([module.gallery_embedding(b["image"].to(module.device)).float().cpu()
                          for b in loader(GalleryDataset(needed, lookup))])
         qry = torch.cat([module.query_embedding(b["reference"].to(module.device), b["text"]).float().cpu()
-                         for b in loader(QueryDataset(es.queries, dm.source, lookup))])
+                         for b in loader(QueryDataset(es.queries, dm.source, lookup, dm.text_views.get("text")))])
     module.train(was_training)
     return [[float(qry[i] @ gal[row_of[n]]) for n in row] for i, row in enumerate(ranked)]
 
