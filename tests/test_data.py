@@ -33,6 +33,21 @@ def test_synthetic_is_deterministic_and_splits_are_disjoint(tmp_path):
     assert len(src.queries("test")) == 6 and all(q.targets for q in src.queries("test"))
 
 
+def test_synthetic_style_changes_pixels_only(tmp_path):
+    """A rendering style is an image-domain shift of the same benchmark: same scenes, captions and
+    triplets, other pixels; the default benchmark keeps its folder (every cached result depends on it)."""
+    assert SyntheticSpec().digest() == SyntheticSpec(style="plain").digest() == "063fcdb25b"
+    assert SyntheticSpec(style="noisy").digest() != SyntheticSpec().digest()
+    plain = generate(SyntheticSpec(seed=3, **SMALL), tmp_path / "plain")
+    noisy = generate(SyntheticSpec(seed=3, style="noisy", **SMALL), tmp_path / "noisy")
+    for name in ("captions.jsonl", "triplets.test.jsonl", "triplets.train.jsonl", "gallery.test.txt"):
+        assert (plain / name).read_text() == (noisy / name).read_text()
+    image = sorted((plain / "images").iterdir())[0].name
+    assert (plain / "images" / image).read_bytes() != (noisy / "images" / image).read_bytes()
+    with pytest.raises(CirlabError, match="unknown synthetic style"):
+        generate(SyntheticSpec(style="sketch", **SMALL), tmp_path / "bad")
+
+
 def _write(root, name, lines):
     root.mkdir(parents=True, exist_ok=True)
     (root / name).write_text("".join(lines))

@@ -37,6 +37,11 @@ SLOT_NAMES = {1: ("in the middle",), 2: ("on the left", "on the right"),
 
 Scene = tuple  # per slot: None or (colour, shape)
 
+# Rendering styles: "plain" is what the tiny backbone was pretrained on; the others are image-domain
+# shifts of the same scenes (captions unchanged) for adapting a frozen backbone to a new domain.
+STYLES = {"plain": {}, "light": {"background": (200, 200, 200)}, "outline": {"outline": True},
+          "noisy": {"noise": 0.15}}
+
 
 @dataclass(frozen=True)
 class SyntheticSpec:
@@ -54,9 +59,13 @@ class SyntheticSpec:
     n_test: int = 400
     hard_negatives: int = 3      # per query: target variants with one other slot changed
     noise: float = 0.04          # pixel noise std (0..1 scale)
+    style: str = "plain"         # rendering style (STYLES): same scenes and captions, other pixels
 
     def digest(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        fields = asdict(self)
+        if fields["style"] == "plain":  # fields added later leave the default benchmark's folder unchanged
+            del fields["style"]
+        return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def describe_object(obj) -> str:
@@ -70,6 +79,9 @@ class Generator:
         self.shapes = list(SHAPES)[: spec.n_shapes]
         self.slot_names = SLOT_NAMES[spec.slots]
         self.objects = [(c, s) for c in self.colors for s in self.shapes]
+        if spec.style not in STYLES:
+            raise CirlabError(f"unknown synthetic style {spec.style!r}; choose one of {', '.join(STYLES)}")
+        self.style = STYLES[spec.style]
 
     # ---- scenes -------------------------------------------------------------------------------
     def objects_space(self) -> range:
@@ -139,7 +151,7 @@ class Generator:
         size = self.spec.image_size
         scale = 4  # draw large and downsample: anti-aliased shapes
         big = size * scale
-        img = Image.new("RGB", (big, big), (30, 30, 30))
+        img = Image.new("RGB", (big, big), self.style.get("background", (30, 30, 30)))
         draw = ImageDraw.Draw(img)
         cell = big / self.spec.slots
         for i, obj in enumerate(scene):
@@ -150,21 +162,28 @@ class Generator:
             cx = cell * (i + 0.5) + rng.uniform(-0.08, 0.08) * cell
             cy = big / 2 + rng.uniform(-0.15, 0.15) * big
             box = (cx - r, cy - r, cx + r, cy + r)
+            paint = {"outline": color, "width": max(1, round(r / 4))} if self.style.get("outline") else {"fill": color}
             if obj[1] == "circle":
-                draw.ellipse(box, fill=color)
+                draw.ellipse(box, **paint)
             elif obj[1] == "square":
-                draw.rectangle(box, fill=color)
+                draw.rectangle(box, **paint)
             elif obj[1] == "triangle":
-                draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=color)
+                draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], **paint)
             else:  # cross
                 w = r / 3
-                draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=color)
-                draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=color)
+                if self.style.get("outline"):
+                    draw.polygon([(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w),
+                                  (cx + r, cy + w), (cx + w, cy + w), (cx + w, cy + r), (cx - w, cy + r),
+                                  (cx - w, cy + w), (cx - r, cy + w), (cx - r, cy - w), (cx - w, cy - w)], **paint)
+                else:
+                    draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=color)
+                    draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=color)
         img = img.resize((size, size), Image.BICUBIC)
-        if self.spec.noise > 0:
+        noise = self.style.get("noise", self.spec.noise)
+        if noise > 0:
             arr = np.asarray(img, dtype=np.float32) / 255.0
             nrng = np.random.default_rng(rng.randrange(2**32))
-            arr = np.clip(arr + nrng.normal(0, self.spec.noise, arr.shape), 0, 1)
+            arr = np.clip(arr + nrng.normal(0, noise, arr.shape), 0, 1)
             img = Image.fromarray((arr * 255).round().astype(np.uint8))
         return img
 
