@@ -20,7 +20,7 @@ run: install
 
 ## the test suite (slow integration tests included; under 15 minutes on 2 cores)
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 bench: install
 	for f in bench/*.py; do $(PY) $$f || exit 1; done
