@@ -78,3 +78,19 @@ def test_check_data_lists_missing_and_corrupt_images(cli, tmp_path):
     assert "1 missing, 1 unreadable" in out and names[0] in out and "zero bytes" in out
     assert cli("+task=check_data", "dataset=cirr", f"dataset.root={materialize('cirr', tmp_path / 'ok')}",
                "+splits=[val]")[0] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dataset", ["fashioniq", "cirr"])
+def test_blip4cir_bi_trains_on_official_layout(dataset, cli, tmp_path):
+    """BLIP4CIR+Bi's direction markers reach FashionIQ/CIRR through the ordinary sources."""
+    root = materialize(dataset, tmp_path / dataset)
+    run = tmp_path / "run"
+    code, out, err = cli("+method=blip4cir_bi", f"dataset={dataset}", f"dataset.root={root}",
+                         "method.finetune.max_epochs=1", "method.finetune.batch_size=4",
+                         "method.combiner.max_epochs=1", "method.combiner.batch_size=4", "eval.visualize=false",
+                         run_dir=run)
+    assert code == 0, err
+    stages = results(run)["stages"]
+    for key in KEYS[dataset]:
+        assert key in stages["finetune"] and key in stages["combiner"], key
