@@ -78,7 +78,8 @@ BLIP_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[", "]", "forward",
               "is", "red", "and", "longer", "has", "sand", "als", "a", "##l", "##s"]
 SMALL_BLIP = {"image_text_hidden_size": 16,
               "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                                "num_attention_heads": 2, "image_size": 16, "patch_size": 8},
+                                "num_attention_heads": 2, "image_size": 16, "patch_size": 8,
+                                "initializer_range": 0.02},  # HF default 1e-10 makes a random ViT image-blind
               "text_config": {"vocab_size": len(BLIP_VOCAB), "hidden_size": 16, "intermediate_size": 32,
                               "num_hidden_layers": 1, "num_attention_heads": 2, "encoder_hidden_size": 16,
                               "max_position_embeddings": 32, "pad_token_id": 0}}

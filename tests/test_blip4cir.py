@@ -168,3 +168,14 @@ def test_blip4cir_bi_beats_zeroshot_on_held_out_test(tmp_path):
     stage1, stage2 = stages["finetune"]["test/recall_at_10"], stages["combiner"]["test/recall_at_10"]
     print(f"blip_tiny test R@10: zero-shot sum {zero_shot:.2f}, stage I {stage1:.2f}, stage II {stage2:.2f}")
     assert stage1 >= zero_shot + 4 and stage2 >= zero_shot + 4  # measured margins: +6 to +10 over 3 seeds
+
+
+def test_image_grounded_text_encoding_depends_on_the_image(small_blip):
+    small_blip.eval()
+    tok = small_blip.tokenize(["is red", "is red"])
+    with torch.no_grad():
+        grounded = small_blip.encode_grounded_text(torch.randn(2, 3, 16, 16), tok)
+        unimodal = small_blip.encode_text(tok)
+    assert grounded.shape == unimodal.shape == (2, 16)
+    assert not torch.allclose(grounded[0], grounded[1])        # same text, other image
+    assert torch.allclose(unimodal[0], unimodal[1], atol=1e-6)  # unimodal ignores images

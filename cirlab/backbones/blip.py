@@ -86,6 +86,18 @@ class BlipBackbone(Backbone):
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
         return self.encode_text(self.tokenize(texts))
 
+    def encode_grounded_text(self, images: torch.Tensor, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+        """text_proj([CLS]) of the text encoder cross-attending to the image's ViT tokens (BLIP's
+        image-grounded mode). BLIP4CIR+Bi's reference does NOT use it (it sums unimodal features);
+        offered for methods that compose inside the encoder."""
+        image_tokens = self.model.vision_model(pixel_values=images).last_hidden_state
+        out = self.model.text_encoder(
+            input_ids=tokens["input_ids"].to(self.device), attention_mask=tokens["attention_mask"].to(self.device),
+            encoder_hidden_states=image_tokens,
+            encoder_attention_mask=torch.ones(image_tokens.shape[:2], dtype=torch.long, device=self.device),
+            return_dict=True)
+        return self.model.text_proj(out.last_hidden_state[:, 0])
+
     def add_tokens(self, tokens: list[str]) -> None:
         """New special tokens with their own (trainable) word-embedding rows; idempotent, so every
         stage of a method may ask for them and a resumed stage's checkpoint shapes still match."""
@@ -93,10 +105,6 @@ class BlipBackbone(Backbone):
         if missing:
             self.tokenizer.add_special_tokens({"additional_special_tokens": missing})
             self.model.text_encoder.resize_token_embeddings(len(self.tokenizer))
-
-    @property
-    def word_dim(self) -> int:
-        return int(self.model.config.text_config.hidden_size)
 
     def image_parameters(self):
         return list(self.model.vision_model.parameters()) + list(self.model.vision_proj.parameters())
