@@ -35,8 +35,10 @@ def test_synthetic_is_deterministic_and_splits_are_disjoint(tmp_path):
 
 def test_synthetic_style_changes_pixels_only(tmp_path):
     """A rendering style is an image-domain shift of the same benchmark: same scenes, captions and
-    triplets, other pixels; the default benchmark keeps its folder (every cached result depends on it)."""
-    assert SyntheticSpec().digest() == SyntheticSpec(style="plain").digest() == "063fcdb25b"
+    triplets, other pixels. Fields added later keep the folder name at their old value (edit_captions=0
+    is the benchmark before edit captions: same images and triplets, see the edit-caption test)."""
+    assert SyntheticSpec(edit_captions=0).digest() == SyntheticSpec(style="plain", edit_captions=0).digest() == "063fcdb25b"
+    assert SyntheticSpec().digest() == "a73cacbf18"
     assert SyntheticSpec(style="noisy").digest() != SyntheticSpec().digest()
     plain = generate(SyntheticSpec(seed=3, **SMALL), tmp_path / "plain")
     noisy = generate(SyntheticSpec(seed=3, style="noisy", **SMALL), tmp_path / "noisy")
@@ -82,3 +84,39 @@ def test_jsonl_missing_file_and_root(tmp_path):
         JsonlSource(tmp_path / "nope")
     with pytest.raises(CirlabError, match="missing file: .*triplets.val.jsonl"):
         JsonlSource(tmp_path).queries("val")
+
+
+def test_edit_captions_describe_their_image(tmp_path):
+    """An edit caption names another scene and the modification that turns it into the image's scene,
+    in the grammar of the CIR texts; only training/pretraining images get them."""
+    import random
+    import re
+
+    from cirlab.data.synthetic import Generator
+
+    gen = Generator(SyntheticSpec())
+    obj = r"a (\w+) (\w+) (on the left|in the middle|on the right)"
+    for seed in range(200):
+        rng = random.Random(seed)
+        scene = gen.random_scene(rng)
+        caption = gen.edit_caption(scene, rng)
+        head, changes = re.fullmatch(r"a photo of (.+?) that (.+)", caption).groups()
+        slots = {m[2]: (m[0], m[1]) for m in re.findall(obj, head)}
+        for change in changes.split(" and "):
+            if m := re.fullmatch(r"has nothing (.+)", change):
+                assert m[1] in slots, caption  # removes an object the named scene has
+                slots.pop(m[1])
+            else:
+                m = re.fullmatch(r"(also )?has " + obj, change)
+                assert bool(m[1]) == (m[4] not in slots), caption  # "also" exactly when the slot was empty
+                slots[m[4]] = (m[2], m[3])
+        assert slots == {gen.slot_names[i]: o for i, o in enumerate(scene) if o}, caption
+
+    root = generate(SyntheticSpec(seed=3, **SMALL), tmp_path / "b")
+    records = [json.loads(line) for line in (root / "captions.jsonl").read_text().splitlines()]
+    assert all(("edit_captions" in r) == (r["split"] in ("train", "pretrain")) for r in records)
+    assert all(len(r["edit_captions"]) == 3 for r in records if "edit_captions" in r)
+    src = JsonlSource(root)
+    assert [c for _, c in src.image_captions("test", edits=True)] == [c for _, c in src.image_captions("test")]
+    with_edits = src.image_captions("train", edits=True)
+    assert all(len(c) == len(p) + 3 for (_, c), (_, p) in zip(with_edits, src.image_captions("train")))

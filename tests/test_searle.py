@@ -254,3 +254,76 @@ def test_searle_beats_single_modality_zero_shot(tmp_path):
     # Measured: SEARLE beats text-only clearly but image-only by less than the 3 points issue 6 asks
     # for (the sum baseline, 36, beats both); the issue stays open on that. Assert what holds.
     assert searle >= text + 3 and searle > image
+
+
+def test_fashioniq_queries_average_both_caption_orders():
+    """SEARLE's FashionIQ rule: strip '.?, ', join the two captions in both orders, average the two
+    normalised prompt features and renormalise (not CLIP4Cir's capitalised single order)."""
+    from types import SimpleNamespace
+
+    from cirlab.data.records import CIRQuery
+    from cirlab.methods.searle import SearleOTI
+
+    b = tiny_random()
+    module = SearleOTI(b)
+    query = CIRQuery("dress/0", "ref", ("is red.", " has long sleeves?"), ("tgt",))
+    module.eval_data = SimpleNamespace(source=SimpleNamespace(name="fashioniq"))
+    assert module.query_texts(query) == ["is red and has long sleeves", "has long sleeves and is red"]
+    module.eval_data = SimpleNamespace(source=SimpleNamespace(name="cirr", eval_text=lambda q: q.captions[0]))
+    assert module.query_texts(query) == ["is red."]
+
+    token = torch.randn(1, b.token_dim)
+    one = [module.encode_queries(token, [[t]]) for t in ("is red and has long sleeves", "has long sleeves and is red")]
+    both = module.encode_queries(token, [["is red and has long sleeves", "has long sleeves and is red"]])
+    expected = torch.nn.functional.normalize(one[0] + one[1], dim=-1)
+    assert torch.allclose(both, expected, atol=1e-6)
+    assert not torch.allclose(both, one[0], atol=1e-3)  # the order matters to the encoder: both count
+
+
+def _jpegs(folder: Path, names: list[str]) -> None:
+    from PIL import Image
+
+    for i, name in enumerate(names):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (32, 32), (i * 7 % 255, 80, 160)).save(folder / name, format="JPEG")
+
+
+def test_imagenet_folder_source(tmp_path):
+    from cirlab.data.sources.imagefolder import ImageFolderSource
+
+    root = tmp_path / "ImageNet1K"
+    _jpegs(root / "test", ["ILSVRC2012_test_00000002.JPEG", "n01/ILSVRC2012_test_00000001.JPEG"])
+    (root / "test" / "notes.txt").write_text("not an image")
+    (root / "test" / "small.jpg").write_bytes(b"")  # the reference globs *.JPEG only
+    src = ImageFolderSource(root)
+    assert src.unlabeled_images() == ["ILSVRC2012_test_00000002.JPEG", "n01/ILSVRC2012_test_00000001.JPEG"]
+    assert src.image_path("n01/ILSVRC2012_test_00000001.JPEG").is_file()
+    with pytest.raises(CirlabError, match=r"without CIR queries: .*\+dataset@method.unlabeled=imagenet"):
+        src.eval_sets("val")
+    with pytest.raises(CirlabError, match=r"test images folder not found.*\n.*Expected layout(.|\n)*ILSVRC2012"):
+        ImageFolderSource(tmp_path / "nowhere").unlabeled_images()
+    (tmp_path / "empty" / "test").mkdir(parents=True)
+    with pytest.raises(CirlabError, match="no .JPEG images under"):
+        ImageFolderSource(tmp_path / "empty").unlabeled_images()
+
+
+def test_phi_trains_on_an_imagenet_folder(tmp_path, synthetic_root):
+    """+dataset@method.unlabeled=imagenet: phi's OTI targets and features come from the folder's images,
+    evaluation from the CIR dataset; dataset=imagenet alone says how to use it."""
+    root = tmp_path / "ImageNet1K"
+    from PIL import Image
+
+    for i, png in enumerate(sorted((synthetic_root / "images").iterdir())[:40]):
+        (root / "test" / f"n{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.open(png).convert("RGB").save(root / "test" / f"n{i % 2}" / f"ILSVRC2012_test_{i:08d}.JPEG")
+    run = tmp_path / "run"
+    proc = run_cli(tmp_path, "+method=searle", "+dataset@method.unlabeled=imagenet", f"method.unlabeled.root={root}",
+                   f"method.token_dir={tmp_path / 'tokens'}", "method.oti.steps=3", "method.phi.batch_size=16",
+                   "method.phi.max_epochs=1", run_dir=run)
+    assert "OTI targets for 40 unlabeled images" in proc.stdout + proc.stderr
+    assert [p.name.split("-")[0] for p in (tmp_path / "tokens").iterdir()] == ["imagenet"]
+    assert "test/recall_at_10" in results(run)["metrics"]
+
+    proc = run_cli(tmp_path, "+method=zeroshot", "dataset=imagenet", f"dataset.root={root}", check=False)
+    assert proc.returncode == 2
+    assert "without CIR queries" in proc.stderr and "+dataset@method.unlabeled=imagenet" in proc.stderr

@@ -52,8 +52,8 @@ def load_or_pretrain(backbone: Backbone, cache_dir: str, model_cfg: dict, pretra
     return backbone
 
 
-def _load_split(source, backbone, split):
-    pairs = source.image_captions(split)
+def _load_split(source, backbone, split, edits=False):
+    pairs = source.image_captions(split, edits=edits)
     images = torch.stack([backbone.preprocess(load_image(source.image_path(n)))
                           for n, _ in tqdm(pairs, desc=f"loading {split} images", leave=False)])
     return images, [caps for _, caps in pairs]
@@ -64,7 +64,7 @@ def pretrain_on_captions(backbone: Backbone, cache_dir: str, cfg: dict, path: Pa
     log.info("pretraining the %s backbone on synthetic captions (first use; cached at %s)", backbone.name, path)
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
     source = synthetic_source(cache_dir, **cfg.get("dataset", {}))
-    train_x, train_caps = _load_split(source, backbone, "train")
+    train_x, train_caps = _load_split(source, backbone, "train", edits=cfg.get("edit_captions", False))
     test_x, test_caps = _load_split(source, backbone, "test")
     module = ContrastivePretraining(backbone, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     trainer = L.Trainer(max_epochs=cfg["epochs"], accelerator="cpu", devices=1, logger=False,

@@ -7,7 +7,9 @@ Each image is a scene: `slots` horizontal positions, each empty or holding a (co
 Captions describe the scene in several surface forms ("a red circle on the left and ...",
 "a photo of a red circle on the left that has a blue square on the right", ...), so a CLIP
 pretrained on them speaks the language of the modification texts ("has a blue circle on the
-left", "also has a green square on the right", "has nothing in the middle").
+left", "also has a green square on the right", "has nothing in the middle"). Training and pretraining
+images also get edit captions ("a photo of <another scene> that <modification>"), the language
+SEARLE's prompt "a photo of $ that {text}" relies on; held-out images never do.
 Galleries are built around the queries with hard negatives (the target with one other slot
 changed, the reference itself), so zero-shot baselines stay low and training has headroom.
 """
@@ -60,16 +62,25 @@ class SyntheticSpec:
     hard_negatives: int = 3      # per query: target variants with one other slot changed
     noise: float = 0.04          # pixel noise std (0..1 scale)
     style: str = "plain"         # rendering style (STYLES): same scenes and captions, other pixels
+    edit_captions: int = 3       # per train/pretraining image: captions in the modification grammar (below)
 
     def digest(self) -> str:
         fields = asdict(self)
-        if fields["style"] == "plain":  # fields added later leave the default benchmark's folder unchanged
-            del fields["style"]
+        for name, old in (("style", "plain"), ("edit_captions", 0)):  # fields added later: their old value
+            if fields[name] == old:                                     # keeps the folder name it had
+                del fields[name]
         return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def describe_object(obj) -> str:
     return f"a {obj[0]} {obj[1]}"
+
+
+def change_text(where: str, old, new) -> str:
+    """One slot's modification text, the grammar shared by CIR queries and edit captions."""
+    if new is None:
+        return f"has nothing {where}"
+    return f"{'also ' if old is None else ''}has {describe_object(new)} {where}"
 
 
 class Generator:
@@ -118,22 +129,30 @@ class Generator:
             obj = target[slot]
             if obj is None:
                 new = rng.choice(self.objects)
-                texts.append(f"also has {describe_object(new)} {where}")
-                target[slot] = new
-                continue
-            choice = rng.random()
-            if choice < 0.25 and sum(o is not None for o in target) > 1:
-                texts.append(f"has nothing {where}")
-                target[slot] = None
-            elif choice < 0.6:
-                new = (rng.choice([c for c in self.colors if c != obj[0]]), obj[1])
-                texts.append(f"has {describe_object(new)} {where}")
-                target[slot] = new
             else:
-                new = (obj[0], rng.choice([s for s in self.shapes if s != obj[1]]))
-                texts.append(f"has {describe_object(new)} {where}")
-                target[slot] = new
+                choice = rng.random()
+                if choice < 0.25 and sum(o is not None for o in target) > 1:
+                    new = None
+                elif choice < 0.6:
+                    new = (rng.choice([c for c in self.colors if c != obj[0]]), obj[1])
+                else:
+                    new = (obj[0], rng.choice([s for s in self.shapes if s != obj[1]]))
+            texts.append(change_text(where, obj, new))
+            target[slot] = new
         return tuple(target), " and ".join(texts)
+
+    def edit_caption(self, scene: Scene, rng: random.Random) -> str:
+        """Describe `scene` as another scene plus the modification that turns it into this one:
+        "a photo of a red circle on the left and a cyan cross on the right that has a blue square on
+        the left". Web captions teach real CLIP this language ("a photo of X that ..."); the tiny
+        backbone learns it from these, so a pseudo-word for a reference image can be composed with a
+        modification text zero-shot (SEARLE)."""
+        source, _ = self.edit(scene, rng)
+        head = " and ".join(f"{describe_object(o)} {self.slot_names[i]}" for i, o in enumerate(source) if o)
+        changes = [change_text(self.slot_names[i], source[i], scene[i])
+                   for i in range(self.spec.slots) if source[i] != scene[i]]
+        rng.shuffle(changes)
+        return f"a photo of {head} that " + " and ".join(changes)
 
     def perturb(self, scene: Scene, rng: random.Random) -> Scene:
         """A hard negative: change one slot's object (or fill/empty it)."""
@@ -269,7 +288,11 @@ def generate(spec: SyntheticSpec, root: Path) -> Path:
         for s in scenes:
             cap_rng = random.Random(f"{spec.seed}-cap-{image_name(s)}")
             caps = sorted({gen.caption(s, cap_rng) for _ in range(8)})[:5]
-            cap_lines.append(json.dumps({"image": image_name(s), "captions": caps, "split": split}) + "\n")
+            record = {"image": image_name(s), "captions": caps, "split": split}
+            if spec.edit_captions and split in ("train", "pretrain"):  # never of held-out images
+                edit_rng = random.Random(f"{spec.seed}-edit-{image_name(s)}")
+                record["edit_captions"] = [gen.edit_caption(s, edit_rng) for _ in range(spec.edit_captions)]
+            cap_lines.append(json.dumps(record) + "\n")
     write_text(root / "captions.jsonl", "".join(cap_lines))
     (root / "vocabulary.txt").write_text("".join(f"{c} {s}\n" for c, s in gen.objects))
     write_json(root / "spec.json", asdict(spec))  # last: its presence marks a complete benchmark

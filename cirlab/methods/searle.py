@@ -190,6 +190,7 @@ class _SearleBase(RetrievalModule):
         self.oti_cfg = {**OTI_DEFAULTS, **(oti or {})}
         self.token_dir = token_dir
         self._text: SearleText | None = None
+        self._queries: dict[int, list] = {}  # query loader index -> its queries (set per evaluation)
 
     def text(self) -> SearleText:
         if self._text is None:
@@ -223,10 +224,49 @@ class _SearleBase(RetrievalModule):
     def prompt_tokens(self, texts: list[str]) -> torch.Tensor:
         return self.backbone.tokenize([self.prompt.format(t) for t in texts]).to(self.device)
 
-    def encode_queries(self, tokens: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    def encode_queries(self, tokens: torch.Tensor, texts: list[list[str]]) -> torch.Tensor:
+        """Query features: per query the mean of its texts' normalised prompt features, renormalised
+        (one text: just its feature; FashionIQ: both caption orders, as the reference's validate.py)."""
+        n_texts = {len(t) for t in texts}
+        if len(n_texts) != 1:
+            raise CirlabError(f"internal: queries of one batch have different numbers of texts {n_texts}")
+        k = n_texts.pop()
         with torch.no_grad():
-            return F.normalize(self.backbone.encode_text_with_pseudo_tokens(self.prompt_tokens(texts),
-                                                                            tokens.to(self.device)).float(), dim=-1)
+            feats = self.backbone.encode_text_with_pseudo_tokens(
+                self.prompt_tokens([t for ts in texts for t in ts]), tokens.to(self.device).repeat_interleave(k, 0))
+            feats = F.normalize(feats.float(), dim=-1).view(len(texts), k, -1).mean(1)
+        return F.normalize(feats, dim=-1)
+
+    def query_texts(self, query) -> list[str]:
+        """A query's texts: FashionIQ's two captions stripped of '.?, ' and joined in both orders
+        (SEARLE's rule, not CLIP4Cir's capitalised one); elsewhere the source's caption rule."""
+        source = self.eval_data.source
+        if source.name == "fashioniq" and len(query.captions) == 2:
+            c1, c2 = (c.strip(".?, ") for c in query.captions)
+            return [f"{c1} and {c2}", f"{c2} and {c1}"]
+        return [source.eval_text(query)]
+
+    def _prepare(self, split: str) -> None:
+        """Before an evaluation: the queries of each query loader (their texts are built per query)."""
+        self._queries = {2 * s + 1: es.queries for s, es in enumerate(self.eval_data.eval_sets(split))}
+
+    def on_validation_start(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._prepare(self.eval_data.val_split)
+
+    def on_test_start(self) -> None:
+        self._prepare(self.eval_data.test_split)
+
+    def reference_tokens(self, batch: dict, dataloader_idx: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _eval_step(self, batch: dict, dataloader_idx: int) -> None:
+        if dataloader_idx % 2 == 0:
+            return super()._eval_step(batch, dataloader_idx)
+        queries = self._queries[dataloader_idx]
+        texts = [self.query_texts(queries[i]) for i in batch["index"].tolist()]
+        emb = self.encode_queries(self.reference_tokens(batch, dataloader_idx), texts)
+        self._outputs[dataloader_idx].append((batch["index"], emb))
 
 
 class SearleOTI(_SearleBase):
@@ -237,28 +277,19 @@ class SearleOTI(_SearleBase):
         self._query_tokens: dict[int, torch.Tensor] = {}
 
     def _prepare(self, split: str) -> None:
+        super()._prepare(split)
         dm = self.eval_data
         self._query_tokens = {}
-        for s, es in enumerate(dm.eval_sets(split)):
-            refs = [q.reference for q in es.queries]
+        for loader, queries in self._queries.items():
+            refs = [q.reference for q in queries]
             uniq = list(dict.fromkeys(refs))
             feats = torch.stack([dm.features[n] for n in uniq])
             tokens = self.invert(uniq, feats, f"{dm.source.name}")
             row = {n: i for i, n in enumerate(uniq)}
-            self._query_tokens[2 * s + 1] = tokens[[row[r] for r in refs]]
+            self._query_tokens[loader] = tokens[[row[r] for r in refs]]
 
-    def on_validation_start(self) -> None:
-        if not self.trainer.sanity_checking:
-            self._prepare(self.eval_data.val_split)
-
-    def on_test_start(self) -> None:
-        self._prepare(self.eval_data.test_split)
-
-    def _eval_step(self, batch: dict, dataloader_idx: int) -> None:
-        if dataloader_idx % 2 == 0:
-            return super()._eval_step(batch, dataloader_idx)
-        tokens = self._query_tokens[dataloader_idx][batch["index"].cpu()]
-        self._outputs[dataloader_idx].append((batch["index"], self.encode_queries(tokens, batch["text"])))
+    def reference_tokens(self, batch: dict, dataloader_idx: int) -> torch.Tensor:
+        return self._query_tokens[dataloader_idx][batch["index"].cpu()]
 
     def query_embedding(self, reference, texts):
         raise CirlabError("SearleOTI embeds queries by their reference image's OTI token (see _eval_step)")
@@ -277,23 +308,26 @@ class Searle(_SearleBase):
     def __init__(self, backbone, dropout: float = 0.5, lr: float = 1e-4, weight_decay: float = 0.01,
                  temperature: float = 0.25, lambda_distil: float = 1.0, lambda_gpt: float = 0.75,
                  top_k_concepts: int = 150, max_images: int | None = None, cache_dir: str | None = None,
-                 image_splits: tuple = ("train",), batch_size: int = 256, seed: int = 0, **kwargs):
+                 image_splits: tuple = ("train",), unlabeled_source=None, batch_size: int = 256, seed: int = 0,
+                 **kwargs):
         super().__init__(backbone, **kwargs)
         d = backbone.embed_dim
         self.phi = Phi(d, 4 * d, backbone.token_dim, dropout)
         self.lr, self.weight_decay, self.temperature = lr, weight_decay, temperature
         self.lambda_distil, self.lambda_gpt, self.top_k_concepts = lambda_distil, lambda_gpt, top_k_concepts
         self.max_images, self.cache_dir, self.image_splits = max_images, cache_dir, tuple(image_splits)
+        self.unlabeled_source = unlabeled_source  # e.g. dataset=imagenet's source; None: the evaluated dataset
         self.batch_size, self.seed = batch_size, seed
         self._concepts: torch.Tensor | None = None
 
-    def unlabeled_images(self, dm) -> list[str]:
-        """The unlabeled training images: the captioned 'train' images of the source (synthetic: the
-        CIR-train and pretraining images; their captions are not used), else the triplets' images."""
+    def unlabeled_images(self, source) -> list[str]:
+        """phi's training images: the captioned images of `image_splits` where the source has captions
+        (synthetic: the CIR-train and pretraining images; captions unused), else its unlabeled images
+        (an ImageNet folder, or the training triplets' images); at most max_images, drawn by seed."""
         try:
-            names = [n for split in self.image_splits for n, _ in dm.source.image_captions(split)]
+            names = [n for split in self.image_splits for n, _ in source.image_captions(split)]
         except CirlabError:
-            names = dm.source.train_images()
+            names = source.unlabeled_images()
         names = list(dict.fromkeys(names))
         if self.max_images and len(names) > self.max_images:
             names = sorted(random.Random(self.seed).sample(names, self.max_images), key=names.index)
@@ -302,19 +336,20 @@ class Searle(_SearleBase):
     def train_loader(self, dm):
         from cirlab.data.features import FeatureCache
 
-        names = self.unlabeled_images(dm)
+        source = self.unlabeled_source or dm.source
+        names = self.unlabeled_images(source)
         if not names:
-            raise CirlabError(f"dataset {dm.source.name!r} has no unlabeled training images for phi")
-        missing = [n for n in names if dm.features is None or n not in dm.features]
-        feats = dict(dm.features or {})
+            raise CirlabError(f"dataset {source.name!r} has no unlabeled training images for phi")
+        feats = dict(dm.features or {}) if source is dm.source else {}  # another source: other names
+        missing = [n for n in names if n not in feats]
         if missing:
             if not self.cache_dir:
                 raise CirlabError("internal: Searle needs cache_dir to cache unlabeled image features")
             cache = FeatureCache(self.cache_dir)
-            feats.update(cache.get(self.backbone, missing, [dm.source.image_path(n) for n in missing]))
+            feats.update(cache.get(self.backbone, missing, [source.image_path(n) for n in missing]))
         x = torch.stack([feats[n] for n in names]).float()
         start = time.time()
-        tokens = self.invert(names, x, f"{dm.source.name}-unlabeled")
+        tokens = self.invert(names, x, f"{source.name}-unlabeled")
         log.info("phi: OTI targets for %d unlabeled images ready in %.0f s", len(names), time.time() - start)
         text = self.text()
         self._concepts = text.concepts_of(x, self.top_k_concepts)
@@ -347,8 +382,11 @@ class Searle(_SearleBase):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(x))
         return loss
 
+    def reference_tokens(self, batch: dict, dataloader_idx: int) -> torch.Tensor:
+        return self.phi(self.image_features(batch["reference"]))
+
     def query_embedding(self, reference, texts):
-        return self.encode_queries(self.phi(self.image_features(reference)), texts)
+        return self.encode_queries(self.phi(self.image_features(reference)), [[t] for t in texts])
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.phi.parameters(), lr=self.lr, weight_decay=self.weight_decay)

@@ -44,6 +44,10 @@ class CIRSource:
         """(image name, captions) pairs, for text<->image retrieval and backbone pretraining."""
         raise CirlabError(f"dataset {self.name!r} has no image captions")
 
+    def unlabeled_images(self) -> list[str]:
+        """Images usable without labels (SEARLE's phi): by default those of the training triplets."""
+        return self.train_images()
+
     def train_images(self) -> list[str]:
         """Images of the training triplets, in a stable order (for the feature cache)."""
         seen: dict[str, None] = {}

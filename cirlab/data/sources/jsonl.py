@@ -99,7 +99,9 @@ class JsonlSource(CIRSource):
     def has_answers(self, split: str) -> bool:
         return all(q.targets for q in self.queries(split))
 
-    def image_captions(self, split: str) -> list[tuple[str, list[str]]]:
+    def image_captions(self, split: str, edits: bool = False) -> list[tuple[str, list[str]]]:
+        """(image, captions) of a split; `edits` adds the synthetic benchmark's edit captions."""
         path = self.root / "captions.jsonl"
         splits = {"train": ("train", "pretrain")}.get(split, (split,))
-        return [(r["image"], list(r["captions"])) for r in read_jsonl(path) if r.get("split", "train") in splits]
+        return [(r["image"], list(r["captions"]) + (list(r.get("edit_captions", [])) if edits else []))
+                for r in read_jsonl(path) if r.get("split", "train") in splits]
