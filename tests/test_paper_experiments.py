@@ -52,6 +52,10 @@ def test_searle_rows(name):
     else:  # spec §7: AdamW 1e-4 / wd 0.01, batch 256, 100 epochs, dropout 0.5, tau 0.25, 1 / 0.75, top-150
         assert m["stages"] == ["phi"] and (m["phi"]["max_epochs"], m["phi"]["batch_size"]) == (100, 256)
         assert module["batch_size"] == 256
+        # spec §7: phi's images are the unlabeled ImageNet1K test split, *.JPEG searched recursively
+        source = module["unlabeled_source"]
+        assert source["_target_"] == "cirlab.data.sources.imagefolder.ImageFolderSource"
+        assert (source["split"], source["extensions"], module["max_images"]) == ("test", [".JPEG"], 100000)
         assert {k: module[k] for k in ("lr", "weight_decay", "dropout", "temperature", "lambda_distil",
                                        "lambda_gpt", "top_k_concepts")} == dict(
             lr=1e-4, weight_decay=0.01, dropout=0.5, temperature=0.25, lambda_distil=1.0, lambda_gpt=0.75,
