@@ -238,7 +238,9 @@ def test_oti_resumes_without_redoing_finished_images(pretrained_tiny_backbone, s
 
 
 @pytest.mark.slow
-def test_searle_beats_single_modality_zero_shot(tmp_path):
+def test_searle_and_searle_oti_beat_single_modality_zero_shot(tmp_path):
+    """Issue 6's bar: both variants >= 3 points R@10 over image-only and text-only on the held-out test
+    split, zero-shot (no triplet is used). Measured: image 21.50, text 13.50, SEARLE-OTI 28.25, SEARLE 26.00."""
     def r10(*args):
         name = re.sub(r"\W+", "_", "_".join(args))[:60]
         run_cli(tmp_path, *args, run_dir=tmp_path / name)
@@ -246,14 +248,13 @@ def test_searle_beats_single_modality_zero_shot(tmp_path):
 
     image = r10("+method=zeroshot", "method.fusion=image")
     text = r10("+method=zeroshot", "method.fusion=text")
-    searle = r10("+method=searle", f"method.token_dir={tmp_path / 'tokens'}", "method.oti.steps=20",
-                 "method.oti.ema_decay=0.85",  # 0.99 suits 350 steps; after 20 it would still be 82% init
-                 "method.oti.batch_size=256", "method.phi.module.max_images=256", "method.phi.batch_size=128",
-                 "method.phi.max_epochs=8", "method.phi.module.lr=1e-3")
-    print(f"test R@10: image-only {image}, text-only {text}, SEARLE {searle}")
-    # Measured: SEARLE beats text-only clearly but image-only by less than the 3 points issue 6 asks
-    # for (the sum baseline, 36, beats both); the issue stays open on that. Assert what holds.
-    assert searle >= text + 3 and searle > image
+    tokens = f"method.token_dir={tmp_path / 'tokens'}"
+    searle_oti = r10("+method=searle_oti", tokens, "method.oti.steps=100", "method.oti.ema_decay=0.95",
+                     "method.oti.batch_size=256")
+    searle = r10("+experiment=searle_synthetic", tokens)  # the README's SEARLE row
+    print(f"test R@10: image-only {image}, text-only {text}, SEARLE-OTI {searle_oti}, SEARLE {searle}")
+    assert searle_oti >= max(image, text) + 3
+    assert searle >= max(image, text) + 3
 
 
 def test_fashioniq_queries_average_both_caption_orders():
@@ -327,3 +328,22 @@ def test_phi_trains_on_an_imagenet_folder(tmp_path, synthetic_root):
     proc = run_cli(tmp_path, "+method=zeroshot", "dataset=imagenet", f"dataset.root={root}", check=False)
     assert proc.returncode == 2
     assert "without CIR queries" in proc.stderr and "+dataset@method.unlabeled=imagenet" in proc.stderr
+
+
+def test_phi_token_norm_option():
+    """token_norm=null is the reference (phi's raw output); a number or `oti` keeps phi's direction and
+    fixes the norm (the distillation loss sees only directions)."""
+    from cirlab.methods.searle import Searle
+
+    b = tiny_random()
+    x = torch.randn(3, b.embed_dim)
+    raw = Searle(b, dropout=0.0).eval()
+    assert torch.equal(raw.tokens(x), raw.phi(x))
+    fixed = Searle(b, dropout=0.0, token_norm=2.0).eval()
+    fixed.phi.load_state_dict(raw.phi.state_dict())
+    out = fixed.tokens(x)
+    assert torch.allclose(out.norm(dim=-1), torch.full((3,), 2.0))
+    assert torch.allclose(torch.nn.functional.cosine_similarity(out, raw.phi(x)), torch.ones(3), atol=1e-6)
+    assert "target_norm" in fixed.state_dict()  # `oti`'s measured norm travels with the checkpoint
+    with pytest.raises(CirlabError, match="token_norm"):
+        Searle(b, token_norm="mean")

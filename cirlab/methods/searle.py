@@ -309,7 +309,7 @@ class Searle(_SearleBase):
                  temperature: float = 0.25, lambda_distil: float = 1.0, lambda_gpt: float = 0.75,
                  top_k_concepts: int = 150, max_images: int | None = None, cache_dir: str | None = None,
                  image_splits: tuple = ("train",), unlabeled_source=None, batch_size: int = 256, seed: int = 0,
-                 **kwargs):
+                 token_norm: float | str | None = None, **kwargs):
         super().__init__(backbone, **kwargs)
         d = backbone.embed_dim
         self.phi = Phi(d, 4 * d, backbone.token_dim, dropout)
@@ -317,6 +317,12 @@ class Searle(_SearleBase):
         self.lambda_distil, self.lambda_gpt, self.top_k_concepts = lambda_distil, lambda_gpt, top_k_concepts
         self.max_images, self.cache_dir, self.image_splits = max_images, cache_dir, tuple(image_splits)
         self.unlabeled_source = unlabeled_source  # e.g. dataset=imagenet's source; None: the evaluated dataset
+        if not (token_norm is None or token_norm == "oti" or isinstance(token_norm, (int, float))):
+            raise CirlabError(f"method.phi.module.token_norm={token_norm!r}: use null (reference), oti or a number")
+        self.token_norm = token_norm
+        # the norm phi's tokens are scaled to (token_norm=oti: the OTI targets' mean norm; a checkpoint keeps it)
+        self.register_buffer("target_norm", torch.tensor(float(token_norm) if isinstance(token_norm, (int, float))
+                                                         else 0.0))
         self.batch_size, self.seed = batch_size, seed
         self._concepts: torch.Tensor | None = None
 
@@ -350,6 +356,8 @@ class Searle(_SearleBase):
         x = torch.stack([feats[n] for n in names]).float()
         start = time.time()
         tokens = self.invert(names, x, f"{source.name}-unlabeled")
+        if self.token_norm == "oti":
+            self.target_norm.fill_(tokens.norm(dim=-1).mean().item())
         log.info("phi: OTI targets for %d unlabeled images ready in %.0f s", len(names), time.time() - start)
         text = self.text()
         self._concepts = text.concepts_of(x, self.top_k_concepts)
@@ -360,12 +368,20 @@ class Searle(_SearleBase):
         return DataLoader(TensorDataset(x, tokens, torch.arange(len(x))), batch_size=self.batch_size,
                           shuffle=True, drop_last=True, generator=gen)
 
+    def tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """phi's pseudo tokens. The reference uses phi's raw output; the distillation loss only sees its
+        direction, so with token_norm set the direction is kept and the norm fixed (an option)."""
+        out = self.phi(features)
+        if self.token_norm is None:
+            return out
+        return F.normalize(out, dim=-1) * self.target_norm
+
     def on_train_epoch_start(self) -> None:
         self.backbone.eval()
 
     def training_step(self, batch, batch_idx):
         x, target, idx = batch
-        pred = self.phi(x)
+        pred = self.tokens(x)
         loss = self.lambda_distil * distillation_loss(target, pred, self.temperature)
         self.log("train/distil", loss, batch_size=len(x))
         if self.lambda_gpt > 0:
@@ -383,10 +399,10 @@ class Searle(_SearleBase):
         return loss
 
     def reference_tokens(self, batch: dict, dataloader_idx: int) -> torch.Tensor:
-        return self.phi(self.image_features(batch["reference"]))
+        return self.tokens(self.image_features(batch["reference"]))
 
     def query_embedding(self, reference, texts):
-        return self.encode_queries(self.phi(self.image_features(reference)), [[t] for t in texts])
+        return self.encode_queries(self.tokens(self.image_features(reference)), [[t] for t in texts])
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.phi.parameters(), lr=self.lr, weight_decay=self.weight_decay)
