@@ -94,3 +94,19 @@ def test_blip4cir_bi_trains_on_official_layout(dataset, cli, tmp_path):
     stages = results(run)["stages"]
     for key in KEYS[dataset]:
         assert key in stages["finetune"] and key in stages["combiner"], key
+
+
+@pytest.mark.parametrize("dataset", ["fashioniq", "circo"])
+def test_searle_oti_runs_on_official_layout(dataset, cli, tmp_path):
+    """SEARLE-OTI through the ordinary sources (FashionIQ: both caption orders averaged per query)."""
+    root = materialize(dataset, tmp_path / dataset)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("dress\nshirt\nred dress\ndog\n")
+    run = tmp_path / "run"
+    code, out, err = cli("+method=searle_oti", f"dataset={dataset}", f"dataset.root={root}",
+                         f"method.concepts.vocabulary={vocab}", "method.phrases.per_concept=4", "method.oti.steps=3",
+                         f"method.token_dir={tmp_path / 'tokens'}", "eval.visualize=false", run_dir=run)
+    assert code == 0, err
+    metrics = results(run)["metrics"]
+    for key in KEYS[dataset]:
+        assert key in metrics and 0 <= metrics[key] <= 100, key
