@@ -310,7 +310,8 @@ def test_imagenet_folder_source(tmp_path):
 
 def test_phi_trains_on_an_imagenet_folder(tmp_path, synthetic_root):
     """+dataset@method.unlabeled=imagenet: phi's OTI targets and features come from the folder's images,
-    evaluation from the CIR dataset; dataset=imagenet alone says how to use it."""
+    evaluation from the CIR dataset (sanity check on, as trainer=gpu); dataset=imagenet alone says how
+    to use it."""
     root = tmp_path / "ImageNet1K"
     from PIL import Image
 
@@ -320,7 +321,7 @@ def test_phi_trains_on_an_imagenet_folder(tmp_path, synthetic_root):
     run = tmp_path / "run"
     proc = run_cli(tmp_path, "+method=searle", "+dataset@method.unlabeled=imagenet", f"method.unlabeled.root={root}",
                    f"method.token_dir={tmp_path / 'tokens'}", "method.oti.steps=3", "method.phi.batch_size=16",
-                   "method.phi.max_epochs=1", run_dir=run)
+                   "method.phi.max_epochs=1", "trainer.num_sanity_val_steps=2", run_dir=run)
     assert "OTI targets for 40 unlabeled images" in proc.stdout + proc.stderr
     assert [p.name.split("-")[0] for p in (tmp_path / "tokens").iterdir()] == ["imagenet"]
     assert "test/recall_at_10" in results(run)["metrics"]

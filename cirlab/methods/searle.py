@@ -250,9 +250,8 @@ class _SearleBase(RetrievalModule):
         """Before an evaluation: the queries of each query loader (their texts are built per query)."""
         self._queries = {2 * s + 1: es.queries for s, es in enumerate(self.eval_data.eval_sets(split))}
 
-    def on_validation_start(self) -> None:
-        if not self.trainer.sanity_checking:
-            self._prepare(self.eval_data.val_split)
+    def on_validation_start(self) -> None:  # also before the sanity check (trainer=gpu runs one)
+        self._prepare(self.eval_data.val_split)
 
     def on_test_start(self) -> None:
         self._prepare(self.eval_data.test_split)
