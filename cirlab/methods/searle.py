@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from cirlab.data.sources.fashioniq import STRIP
 from cirlab.errors import CirlabError
 from cirlab.io import load_torch, save_torch
 from cirlab.methods import searle_text as st
@@ -242,7 +243,7 @@ class _SearleBase(RetrievalModule):
         (SEARLE's rule, not CLIP4Cir's capitalised one); elsewhere the source's caption rule."""
         source = self.eval_data.source
         if source.name == "fashioniq" and len(query.captions) == 2:
-            c1, c2 = (c.strip(".?, ") for c in query.captions)
+            c1, c2 = (c.strip(STRIP) for c in query.captions)
             return [f"{c1} and {c2}", f"{c2} and {c1}"]
         return [source.eval_text(query)]
 
