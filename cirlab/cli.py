@@ -48,6 +48,10 @@ def print_table(results: dict) -> None:
     print(f"  {'metric'.ljust(width)}  value")
     for key, value in metrics.items():
         print(f"  {key.ljust(width)}  {value:6.2f}")
+    reported = results.get("reported_split")
+    for stage, how in results.get("selection", {}).items():
+        note = " (the reported split: not held out)" if reported and how.startswith(f"best {reported}/") else ""
+        print(f"  stage {stage}: weights = {how}{note}")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")

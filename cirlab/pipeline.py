@@ -31,6 +31,7 @@ from cirlab.errors import CirlabError
 from cirlab.io import read_json, write_json
 from cirlab.methods.retrieval_module import RetrievalModule
 from cirlab.retrieval.submission import write_predictions
+from cirlab.weights import load_weights
 
 log = logging.getLogger("cirlab")
 
@@ -69,10 +70,6 @@ def git_commit() -> str | None:
         return None
 
 
-def monitor_key(dm: CIRDataModule) -> str:
-    return f"{dm.val_split}/{dm.source.protocol.main_metric}"
-
-
 def build_logger(cfg: DictConfig, stage: str, stage_dir: Path):
     if not cfg.get("logger"):
         return False
@@ -92,6 +89,9 @@ def check_stage_config(name: str, scfg: DictConfig) -> None:
         value = scfg.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise CirlabError(f"method.{name}.{key} must be a non-negative integer, got {value!r}")
+    file = scfg.get("checkpoint")
+    if file and not Path(file).is_file():
+        raise CirlabError(f"method.{name}.checkpoint={file}: no such file")
 
 
 def run_stage(cfg: DictConfig, name: str, backbone, dm: CIRDataModule, run_dir: Path,
@@ -131,7 +131,14 @@ def run_stage(cfg: DictConfig, name: str, backbone, dm: CIRDataModule, run_dir: 
         dm.use(transform=backbone.preprocess, text_views=module.text_views)
     dm.batch_size = scfg.batch_size
 
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor_key(dm), mode="max",
+    record: dict[str, Any] = {"stage": name, "best_checkpoint": None}
+    if scfg.get("checkpoint"):
+        layout = load_weights(module.stage_weights(), scfg.checkpoint, module.checkpoint_layouts(),
+                              f"method.{name}.checkpoint")
+        log.info("stage %s: weights from %s (%s)", name, scfg.checkpoint, layout)
+        record["weights_from"] = {"file": str(scfg.checkpoint), "layout": layout}
+    monitor = module.checkpoint_monitor()
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max",
                                  save_last=True, save_top_k=1, enable_version_counter=False,
                                  save_on_train_epoch_end=True)  # a whole-epoch state: resume starts the next epoch
     logger = build_logger(cfg, name, stage_dir)
@@ -139,7 +146,6 @@ def run_stage(cfg: DictConfig, name: str, backbone, dm: CIRDataModule, run_dir: 
                                      callbacks=[checkpoint, BatchSeed(cfg.seed)], logger=logger,
                                      default_root_dir=str(stage_dir), plugins=[SafeCheckpointIO()],
                                      reload_dataloaders_every_n_epochs=1)
-    record: dict[str, Any] = {"stage": name, "best_checkpoint": None}
     if train:
         last = ckpt_dir / "last.ckpt"
         ckpt_path = str(last) if resume and last.is_file() else None
@@ -150,10 +156,11 @@ def run_stage(cfg: DictConfig, name: str, backbone, dm: CIRDataModule, run_dir: 
             trainer.fit(module, dm, ckpt_path=ckpt_path)
         else:
             trainer.fit(module, train_dataloaders=loader, val_dataloaders=dm.val_dataloader(), ckpt_path=ckpt_path)
-        best = checkpoint.best_model_path or str(last)
+        best = (checkpoint.best_model_path if monitor else "") or str(last)
         load_module_weights(module, Path(best))
         record["best_checkpoint"] = best
         record["epochs"] = trainer.current_epoch
+    record["selected_on"] = selection(monitor, train, record.get("weights_from"))
     module.metrics = {}
     trainer.validate(module, dm, verbose=False)
     trainer.test(module, dm, verbose=False)
@@ -165,6 +172,13 @@ def run_stage(cfg: DictConfig, name: str, backbone, dm: CIRDataModule, run_dir: 
         write_json(done, record)
     finish_logger(logger)
     return record
+
+
+def selection(monitor: str | None, trained: bool, weights_from: dict | None) -> str:
+    """How this stage's weights were chosen, for results.json and the results table."""
+    if trained:
+        return f"best {monitor}" if monitor else "last epoch"
+    return "given checkpoint (no training)" if weights_from else "no training"
 
 
 def visualize(cfg: DictConfig, module: RetrievalModule, dm: CIRDataModule, split: str, stage_dir: Path,
@@ -219,6 +233,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "stages": {k: v["metrics"] for k, v in stages.items()},
         "method": cfg.method.name, "dataset": cfg.dataset.name, "backbone": cfg.backbone.name,
         "main_metric": f"{cfg.dataset.test_split}/{source.protocol.main_metric}",
+        "reported_split": cfg.dataset.test_split,
+        # how each stage's weights were chosen; "best <split>/..." on the reported split is not held out
+        "selection": {k: v.get("selected_on", "unknown") for k, v in stages.items()},
         "config": OmegaConf.to_container(cfg, resolve=True),
         "git_commit": git_commit(),
         "wall_time_s": round(time.time() - start, 2),

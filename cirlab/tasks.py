@@ -37,7 +37,43 @@ def report(cfg: DictConfig) -> None:
     print(leaderboard([runs] if isinstance(runs, str) else list(runs), "csv" if cfg.get("csv") else "markdown"))
 
 
-TASKS = {"check_data": check_data, "report": report}
+def export(cfg: DictConfig) -> None:
+    """A finished run's trained weights in their authors' layouts (tuned_clip.pt, combiner.pt, phi.pt, ...),
+    so they can be handed to the reference code or loaded back with backbone.checkpoint /
+    method.<stage>.checkpoint: `cirlab +task=export +run=RUN_DIR [+out=DIR]` (default RUN_DIR/reference)."""
+    from pathlib import Path
+
+    from hydra.utils import get_class
+
+    from cirlab.io import load_torch, read_json, save_torch
+
+    if not cfg.get("run"):
+        raise CirlabError("name the run folder: cirlab +task=export +run=outputs/runs/<run> [+out=DIR]")
+    run = Path(cfg.run)
+    config = read_json(run / "results.json")["config"] if (run / "results.json").is_file() else None
+    if config is None:
+        raise CirlabError(f"{run} is not a finished cirlab run (no results.json)")
+    out = Path(cfg.get("out") or run / "reference")
+    written = 0
+    for stage in config["method"]["stages"]:
+        record = read_json(run / "stages" / stage / "done.json")
+        if not record.get("best_checkpoint"):
+            print(f"stage {stage}: not trained in this run, nothing to export")
+            continue
+        ckpt = load_torch(record["best_checkpoint"])
+        files = get_class(config["method"][stage]["module"]["_target_"]).reference_files(ckpt["state_dict"],
+                                                                                        int(ckpt["epoch"]))
+        if not files:
+            print(f"stage {stage}: its method has no reference layout to export")
+        for name, obj in files.items():
+            save_torch(out / name, obj)
+            written += 1
+            print(f"stage {stage}: {out / name}")
+    if not written:
+        raise CirlabError(f"nothing to export from {run}")
+
+
+TASKS = {"check_data": check_data, "report": report, "export": export}
 
 
 def run_task(cfg: DictConfig):

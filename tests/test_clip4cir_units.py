@@ -14,15 +14,15 @@ from cirlab.methods.losses import batch_contrastive
 def test_combiner_shapes_lambda_and_formula():
     torch.manual_seed(0)
     comb = Combiner(8).eval()
-    assert comb.text_projection.out_features == 32 and comb.combiner_layer.out_features == 64
+    assert comb.text_projection_layer.out_features == 32 and comb.combiner_layer.out_features == 64
     img, txt = torch.randn(5, 8), torch.randn(5, 8)
     out, lam = comb.combine(img, txt, return_lambda=True)
     assert out.shape == (5, 8) and lam.shape == (5, 1)
     assert ((lam > 0) & (lam < 1)).all()
     assert torch.allclose(out.norm(dim=-1), torch.ones(5))
     # the formula, recomputed by hand from the layers
-    t = F.relu(comb.text_projection(txt))
-    i = F.relu(comb.image_projection(img))
+    t = F.relu(comb.text_projection_layer(txt))
+    i = F.relu(comb.image_projection_layer(img))
     c = torch.cat([t, i], -1)
     v = comb.output_layer(F.relu(comb.combiner_layer(c)))
     lam2 = torch.sigmoid(comb.dynamic_scalar[3](F.relu(comb.dynamic_scalar[0](c))))

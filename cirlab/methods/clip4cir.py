@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from cirlab.errors import CirlabError
-from cirlab.methods.combiner import Combiner
+from cirlab.methods.combiner import Combiner, CombinerStage
 from cirlab.methods.losses import batch_contrastive
 from cirlab.methods.retrieval_module import RetrievalModule
 
@@ -57,7 +57,7 @@ class CLIP4CirFinetune(RetrievalModule):
                                  weight_decay=self.weight_decay)
 
 
-class CLIP4CirCombiner(RetrievalModule):
+class CLIP4CirCombiner(CombinerStage, RetrievalModule):
     """Stage II: the Combiner on a frozen backbone (image features come from the cache)."""
 
     frozen_image_encoder = True

@@ -1,9 +1,14 @@
-"""The CLIP4Cir Combiner (ABaldrati/CLIP4Cir:src/combiner.py), also used by BLIP4CIR+Bi and MLCL."""
+"""The CLIP4Cir Combiner (ABaldrati/CLIP4Cir:src/combiner.py), also used by BLIP4CIR+Bi and MLCL.
+
+Parameter names are the reference's (`text_projection_layer`, `image_projection_layer`, `combiner_layer`,
+`output_layer`, `dynamic_scalar.{0,3}`), so the authors' `combiner*.pt` files load as they are."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cirlab.weights import Layout, cirlab_stage, strip_prefix, wrapped
 
 
 class Combiner(nn.Module):
@@ -18,8 +23,8 @@ class Combiner(nn.Module):
         super().__init__()
         p = projection_dim or 4 * feature_dim
         h = hidden_dim or 8 * feature_dim
-        self.text_projection = nn.Linear(feature_dim, p)
-        self.image_projection = nn.Linear(feature_dim, p)
+        self.text_projection_layer = nn.Linear(feature_dim, p)
+        self.image_projection_layer = nn.Linear(feature_dim, p)
         self.combiner_layer = nn.Linear(2 * p, h)
         self.output_layer = nn.Linear(h, feature_dim)
         self.dynamic_scalar = nn.Sequential(nn.Linear(2 * p, h), nn.ReLU(), nn.Dropout(dropout),
@@ -27,8 +32,8 @@ class Combiner(nn.Module):
         self.dropout1, self.dropout2, self.dropout3 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
 
     def combine(self, image: torch.Tensor, text: torch.Tensor, return_lambda: bool = False):
-        t = self.dropout1(F.relu(self.text_projection(text)))
-        i = self.dropout2(F.relu(self.image_projection(image)))
+        t = self.dropout1(F.relu(self.text_projection_layer(text)))
+        i = self.dropout2(F.relu(self.image_projection_layer(image)))
         c = torch.cat([t, i], dim=-1)
         v = self.output_layer(self.dropout3(F.relu(self.combiner_layer(c))))
         lam = self.dynamic_scalar(c)
@@ -37,3 +42,23 @@ class Combiner(nn.Module):
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return self.combine(image, text)
+
+
+def combiner_layouts() -> list[Layout]:
+    """What `method.combiner.checkpoint` accepts."""
+    return [wrapped("Combiner", "CLIP4Cir / BLIP4CIR+Bi combiner file {'epoch': int, 'Combiner': state_dict}"),
+            cirlab_stage("combiner.", "its combiner.* weights")]
+
+
+class CombinerStage:
+    """Mixin of the stage-II modules whose own weights are one `Combiner` in `self.combiner`."""
+
+    def stage_weights(self) -> nn.Module:
+        return self.combiner
+
+    def checkpoint_layouts(self) -> list[Layout]:
+        return combiner_layouts()
+
+    @classmethod
+    def reference_files(cls, state: dict, epoch: int) -> dict:
+        return {"combiner.pt": {"epoch": epoch, "Combiner": strip_prefix(state, "combiner.")}}

@@ -72,14 +72,14 @@ class MultiLevelCombiner(nn.Module):
 
     def project_text(self, text: torch.Tensor) -> torch.Tensor:
         c = self.combiner
-        return c.dropout1(F.relu(c.text_projection(text)))
+        return c.dropout1(F.relu(c.text_projection_layer(text)))
 
     def fuse(self, image: torch.Tensor, text: torch.Tensor, t: torch.Tensor | None = None) -> dict:
         """All levels (un-normalised f_h, f_c; normalised f_s) and the concat feature `raw`.
         `t`: a text projection to reuse (SSCL's augmented branch shares the clean branch's)."""
         c = self.combiner
         t = self.project_text(text) if t is None else t
-        v = c.dropout2(F.relu(c.image_projection(image)))
+        v = c.dropout2(F.relu(c.image_projection_layer(image)))
         raw = torch.cat([t, v], dim=-1)
         h = c.dropout3(F.relu(c.combiner_layer(raw)))
         lam = c.dynamic_scalar(raw)

@@ -18,6 +18,7 @@ from cirlab.backbones.base import Backbone
 from cirlab.errors import CirlabError
 from cirlab.retrieval.embedding_file import EmbeddingWriter
 from cirlab.retrieval.metrics import SetResult, score_eval_set, split_metrics
+from cirlab.weights import Layout, cirlab_stage
 
 
 class RetrievalModule(L.LightningModule):
@@ -72,6 +73,24 @@ class RetrievalModule(L.LightningModule):
 
     def query_embedding(self, reference: torch.Tensor, texts: list[str]) -> torch.Tensor:
         raise NotImplementedError
+
+    # ---- weights in and out in the reference layouts (cirlab/weights.py) -------------------------
+    def stage_weights(self) -> torch.nn.Module:
+        """The part of this module that is the stage's own weights (`method.<stage>.checkpoint` fills it)."""
+        return self
+
+    def checkpoint_layouts(self) -> list[Layout]:
+        """File layouts `method.<stage>.checkpoint` accepts; methods add their authors' layouts."""
+        return [cirlab_stage("", f"a {type(self).__name__} stage")]
+
+    @classmethod
+    def reference_files(cls, state: dict, epoch: int) -> dict:
+        """This stage's weights in its authors' layout, {file name: object} (cirlab +task=export)."""
+        return {}
+
+    def checkpoint_monitor(self) -> str | None:
+        """Metric that selects the best epoch (the val split's main metric); None = keep the last epoch."""
+        return f"{self.eval_data.val_split}/{self.eval_data.source.protocol.main_metric}"
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["cirlab"] = {"method": type(self).__name__, "backbone": self.backbone.name}
