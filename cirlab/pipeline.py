@@ -210,6 +210,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     start = time.time()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     resume = bool(cfg.resume) or cfg.ckpt_path == "last"
+    for name in cfg.method.stages:  # config errors before any data or model work
+        if name not in cfg.method:
+            raise CirlabError(f"method.stages names {name!r} but method has no such stage; "
+                              f"stages defined: {[k for k in cfg.method if k not in ('name', 'stages')]}")
+        check_stage_config(name, cfg.method[name])
     source = instantiate(cfg.dataset.source)
     backbone = instantiate(cfg.backbone.model)
     kind = cfg.dataset.get("kind", "cir")
@@ -218,11 +223,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     dm_class = CaptionDataModule if kind == "captions" else CIRDataModule
     dm = dm_class(source, eval_batch_size=cfg.eval.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
                   val_split=cfg.dataset.val_split, test_split=cfg.dataset.test_split)
-    for name in cfg.method.stages:
-        if name not in cfg.method:
-            raise CirlabError(f"method.stages names {name!r} but method has no such stage; "
-                              f"stages defined: {[k for k in cfg.method if k not in ('name', 'stages')]}")
-        check_stage_config(name, cfg.method[name])
     stages: dict[str, Any] = {}
     for name in cfg.method.stages:
         L.seed_everything(cfg.seed, workers=True, verbose=False)

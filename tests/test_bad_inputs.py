@@ -89,10 +89,15 @@ CASES = {
     "target_not_in_gallery": (lambda r: jsonl_data(r, gallery=["images/a.png"]), J + ["dataset.path=ROOT"],
                               ["target images/b.png", "not in the gallery"]),
     "checkpoint_wrong_shape": (_wrong_checkpoint, ["+method=zeroshot", "backbone.checkpoint=ROOT/bad.pt"],
-                               ["does not fit backbone 'tiny'"]),
+                               ["backbone.checkpoint=", "does not fit", "missing in the file", "model.visual"]),
     "checkpoint_other_backbone": (_other_backbone_checkpoint, ["+method=zeroshot", "backbone.checkpoint=ROOT/other.pt"],
                                   ["'clip_vit_b32'", "'tiny'"]),
-    "checkpoint_missing": (None, ["+method=zeroshot", "backbone.checkpoint=ROOT/none.pt"], ["does not exist"]),
+    "checkpoint_missing": (None, ["+method=zeroshot", "backbone.checkpoint=ROOT/none.pt"], ["no such file"]),
+    "checkpoint_unknown_layout": (lambda r: torch.save({"Phi": {"layers.0.weight": torch.zeros(2, 2)}}, r / "phi.pt"),
+                                  ["+method=zeroshot", "backbone.checkpoint=ROOT/phi.pt"],
+                                  ["none of the layouts", "'Phi'", "{'epoch': int, 'CLIP': state_dict}"]),
+    "combiner_checkpoint_missing": (None, ["+method=clip4cir_combiner", "method.combiner.checkpoint=ROOT/c.pt"],
+                                    ["method.combiner.checkpoint=", "no such file"]),
 }
 
 

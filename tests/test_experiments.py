@@ -103,3 +103,23 @@ def test_paper_experiments_pin_the_reference_setup(name, dataset):
     assert (cb.module.lr, cb.batch_size, cb.max_epochs) == (2e-5, 4096, 300)
     assert (cb.module.projection_dim, cb.module.hidden_dim) == (2560, 5120)
     assert list(cfg.method.stages) == ["finetune", "combiner"]
+
+
+RELEASED = [n for n in EXPERIMENTS if n.startswith("eval_released_")]
+
+
+@pytest.mark.parametrize("name", RELEASED)
+def test_released_model_experiments_evaluate_given_weights_only(name):
+    """Nothing trains; the final stage's weights and the backbone come from files; the paper's number is
+    written down for comparison."""
+    cfg = compose_experiment(name)
+    for stage in cfg.method.stages:
+        assert cfg.method[stage].max_epochs == 0, stage
+    assert cfg.method[cfg.method.stages[-1]].get("checkpoint") or cfg.backbone.get("checkpoint")
+    assert "Expected" in (ROOT / "experiments" / f"{name}.yaml").read_text()
+    if cfg.backbone.get("pretrained", "absent") != "absent":  # open_clip: no OpenAI download under the file
+        assert cfg.backbone.pretrained is None and cfg.backbone.quick_gelu is True
+
+
+def test_clip4cir_released_experiments_exist():
+    assert {"eval_released_clip4cir_fashioniq_rn50x4", "eval_released_clip4cir_cirr_rn50x4"} <= set(RELEASED)

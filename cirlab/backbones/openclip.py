@@ -1,5 +1,9 @@
 """open_clip models behind the Backbone interface: a named model + pretrained tag, a local
-checkpoint file, or a small config given inline (the tiny backbone)."""
+checkpoint file, or a small config given inline (the tiny backbone).
+
+OpenAI's CLIP weights were trained with QuickGELU; open_clip >= 2.29 builds its plain model names
+with nn.GELU even for `pretrained='openai'` (it only warns), so cirlab asks for QuickGELU itself
+whenever the weights are OpenAI's (`quick_gelu`)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,23 +16,27 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from cirlab.backbones.base import Backbone
 from cirlab.data.transforms import build_transform
 from cirlab.errors import CirlabError
-from cirlab.io import load_torch
+from cirlab.weights import Layout, add_prefix, cirlab_stage, load_weights, wrapped
 
 
 class OpenCLIPBackbone(Backbone):
     def __init__(self, model_name: str | None = None, pretrained: str | None = None,
                  model_cfg: dict[str, Any] | None = None, checkpoint: str | None = None,
-                 preprocess: str = "clip", target_ratio: float = 1.25, name: str | None = None):
+                 preprocess: str = "clip", target_ratio: float = 1.25, name: str | None = None,
+                 quick_gelu: bool | None = None):
         super().__init__()
         if model_cfg is not None:
             self.model = open_clip.model.CLIP(**model_cfg)
+            self.quick_gelu = bool(model_cfg.get("quick_gelu", False))
             self.tokenizer = open_clip.SimpleTokenizer(context_length=model_cfg["text_cfg"]["context_length"])
             mean, std = OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
         else:
             if model_name not in open_clip.list_models():
                 raise CirlabError(f"unknown open_clip model {model_name!r}; see open_clip.list_models()")
+            self.quick_gelu = uses_quick_gelu(pretrained) if quick_gelu is None else bool(quick_gelu)
             try:
-                self.model = open_clip.create_model(model_name, pretrained=pretrained)
+                self.model = open_clip.create_model(model_name, pretrained=pretrained,
+                                                    force_quick_gelu=self.quick_gelu)
             except RuntimeError as err:
                 raise CirlabError(
                     f"could not load pretrained weights {model_name}/{pretrained}: {err}\n"
@@ -128,22 +136,56 @@ class OpenCLIPBackbone(Backbone):
         return [p for p in self.model.parameters() if id(p) not in visual]
 
 
+def uses_quick_gelu(pretrained: str | None) -> bool:
+    """QuickGELU unless the weights are an open_clip tag other than 'openai' (e.g. LAION's, trained with
+    GELU): 'openai', a local file (OpenAI's .pt files) and no weights (these configs describe OpenAI's
+    models, whose weights may come later through backbone.checkpoint) all mean OpenAI's activation."""
+    return pretrained in (None, "openai") or Path(str(pretrained)).is_file()
+
+
+# OpenAI's JIT archives carry these three non-tensor attributes in their state dict
+_OPENAI_EXTRAS = ("input_resolution", "context_length", "vocab_size")
+
+
+def _from_clip_names(state: dict) -> dict:
+    """OpenAI `clip` / open_clip CLIP parameter names (visual.*, transformer.*, token_embedding.weight, ...)
+    are open_clip's own: only the backbone's `model.` prefix is added."""
+    return add_prefix({k: v for k, v in state.items() if k not in _OPENAI_EXTRAS}, "model.")
+
+
+def _is_clip_state(obj) -> bool:
+    return (isinstance(obj, dict) and any(k.startswith("visual.") for k in obj)
+            and all(isinstance(v, torch.Tensor) for k, v in obj.items() if k not in _OPENAI_EXTRAS))
+
+
+def clip_layouts(backbone_name: str) -> list[Layout]:
+    """What `backbone.checkpoint` accepts for an open_clip backbone."""
+
+    def cirlab_file(obj):
+        if obj["backbone"] != backbone_name:
+            raise CirlabError(f"the file holds weights of backbone {obj['backbone']!r}, but the config builds "
+                              f"{backbone_name!r}. Pick the matching backbone=... or another checkpoint.")
+        return obj["state_dict"]
+
+    return [
+        Layout("cirlab backbone file {'backbone': name, 'state_dict': ...}",
+               lambda o: isinstance(o, dict) and "backbone" in o and isinstance(o.get("state_dict"), dict),
+               cirlab_file),
+        cirlab_stage("backbone.", "its backbone.* weights"),
+        wrapped("CLIP", "CLIP4Cir fine-tuned CLIP {'epoch': int, 'CLIP': state_dict} (OpenAI clip names)",
+                _from_clip_names),
+        Layout("open_clip training checkpoint {'epoch', 'state_dict': {(module.)visual.*, ...}}",
+               lambda o: isinstance(o, dict) and _is_clip_state(
+                   {k.removeprefix("module."): v for k, v in (o.get("state_dict") or {}).items()}),
+               lambda o: _from_clip_names({k.removeprefix("module."): v for k, v in o["state_dict"].items()})),
+        Layout("OpenAI / open_clip CLIP state dict (visual.*, transformer.*, token_embedding.weight, ...)",
+               _is_clip_state, _from_clip_names),
+    ]
+
+
 def load_backbone_weights(backbone: Backbone, path: str | Path) -> None:
-    """Load a cirlab backbone checkpoint ({'backbone': name, 'state_dict': ...}) or a raw state dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise CirlabError(f"backbone.checkpoint={path} does not exist")
-    obj = load_torch(path)
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else obj
-    if isinstance(obj, dict) and "backbone" in obj and obj["backbone"] != backbone.name:
-        raise CirlabError(f"{path} holds weights of backbone {obj['backbone']!r}, but the config builds "
-                          f"{backbone.name!r}. Pick the matching backbone=... or another checkpoint.")
-    try:
-        backbone.load_state_dict(state)
-    except RuntimeError as err:
-        detail = " ".join(str(err).split())
-        raise CirlabError(f"{path} does not fit backbone {backbone.name!r} (wrong shapes or keys): "
-                          f"{detail[:300]}{'...' if len(detail) > 300 else ''}") from err
+    """backbone.checkpoint: cirlab's files or a CLIP state dict in OpenAI's / CLIP4Cir's / open_clip's layout."""
+    load_weights(backbone, path, clip_layouts(backbone.name), "backbone.checkpoint")
 
 
 def backbone_checkpoint(backbone: Backbone) -> dict:

@@ -13,6 +13,7 @@ from cirlab.errors import CirlabError
 from cirlab.methods.combiner import Combiner, CombinerStage
 from cirlab.methods.losses import batch_contrastive
 from cirlab.methods.retrieval_module import RetrievalModule
+from cirlab.weights import strip_prefix
 
 ENCODERS = ("both", "text", "image")
 
@@ -50,6 +51,11 @@ class CLIP4CirFinetune(RetrievalModule):
         loss = batch_contrastive(query, target, self.logit_scale)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(query))
         return loss
+
+    @classmethod
+    def reference_files(cls, state: dict, epoch: int) -> dict:
+        """CLIP4Cir's `tuned_clip_*.pt`: {'epoch', 'CLIP': state dict in OpenAI clip names}."""
+        return {"tuned_clip.pt": {"epoch": epoch, "CLIP": strip_prefix(state, "backbone.model.")}}
 
     def configure_optimizers(self):
         params = [p for p in self.backbone.parameters() if p.requires_grad]
