@@ -11,6 +11,7 @@ import torch
 
 from cirlab.errors import CirlabError
 from cirlab.io import write_json
+from cirlab.methods.combiner import Combiner
 from fixtures.make_images import materialize
 
 ROW = {"id": "q", "reference": "images/a.png", "text": "make it red", "target": "images/b.png"}
@@ -96,6 +97,11 @@ CASES = {
     "checkpoint_unknown_layout": (lambda r: torch.save({"Phi": {"layers.0.weight": torch.zeros(2, 2)}}, r / "phi.pt"),
                                   ["+method=zeroshot", "backbone.checkpoint=ROOT/phi.pt"],
                                   ["none of the layouts", "'Phi'", "{'epoch': int, 'CLIP': state_dict}"]),
+    "combiner_checkpoint_other_size": (
+        lambda r: torch.save({"epoch": 3, "Combiner": Combiner(128, 64, 96).state_dict()}, r / "c.pt"),
+        ["+method=clip4cir_combiner", "method.combiner.checkpoint=ROOT/c.pt"],
+        ["method.combiner.checkpoint=", "CLIP4Cir / BLIP4CIR+Bi combiner", "another shape",
+         "text_projection_layer.weight: file (64, 128) vs model (512, 128)"]),
     "combiner_checkpoint_missing": (None, ["+method=clip4cir_combiner", "method.combiner.checkpoint=ROOT/c.pt"],
                                     ["method.combiner.checkpoint=", "no such file"]),
 }

@@ -33,7 +33,9 @@ def test_bf16_mixed_matches_fp32_within_two_points(tmp_path):
     a = results(tmp_path / "fp32")["metrics"]["test/recall_at_10"]
     b = results(tmp_path / "bf16")["metrics"]["test/recall_at_10"]
     print(f"test R@10: fp32 {a:.2f}, bf16-mixed {b:.2f}")
-    assert abs(a - b) <= 2.0
+    # metrics are float32 fractions x 100, as the reference computes them (141/400 -> 35.2499991...):
+    # compare whole queries (400 test queries: 2 points = 8 queries), not float digits
+    assert round(abs(a - b) * 400 / 100) <= 8
 
 
 def test_gallery_on_disk_gives_identical_metrics(cli, tmp_path):
