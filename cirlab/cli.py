@@ -33,7 +33,9 @@ def usage() -> str:
         f"  experiments: {', '.join(options('experiment')) or '(none)'}\n"
         "Choose a method with +method=NAME (or a checked-in experiment with +experiment=NAME), e.g.\n"
         "  cirlab +method=clip4cir dataset=synthetic backbone=tiny\n"
-        "Tasks: +task=check_data (verify a dataset's files), +task=report (leaderboard of runs).\n"
+        "Tasks: +task=check_data (verify a dataset's files), +task=report (leaderboard of runs),\n"
+        "       +task=export +run=DIR (a run's weights in the authors' layouts).\n"
+        "Released weights: backbone.checkpoint=FILE, method.<stage>.checkpoint=FILE (see the README).\n"
         "Any config value can be overridden (key=value); sweeps with -m. Full config: cirlab +method=X --cfg job"
     )
 
