@@ -36,12 +36,16 @@ def wrapped(key: str, name: str, rename: Callable[[dict], dict] = lambda sd: sd)
                   lambda obj: rename(dict(obj[key])))
 
 
-def cirlab_stage(prefix: str, what: str) -> Layout:
-    """A cirlab stage checkpoint (`stages/<stage>/checkpoints/best.ckpt`): the tensors under `prefix`."""
+def cirlab_stage(prefix: str, what: str, without: str | None = None) -> Layout:
+    """A cirlab stage checkpoint (`stages/<stage>/checkpoints/best.ckpt`): the tensors under `prefix`,
+    less those under `without` (e.g. the frozen backbone beside a stage's own weights)."""
+    def own(obj):
+        return {k: v for k, v in strip_prefix(obj["state_dict"], prefix).items()
+                if not (without and k.startswith(without))}
+
     return Layout(f"cirlab stage checkpoint (stages/<stage>/checkpoints/*.ckpt; {what})",
                   lambda obj: isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) and "epoch" in obj
-                  and any(k.startswith(prefix) for k in obj["state_dict"]),
-                  lambda obj: strip_prefix(obj["state_dict"], prefix))
+                  and any(k.startswith(prefix) for k in obj["state_dict"]), own)
 
 
 def strip_prefix(state: dict, prefix: str) -> dict:

@@ -1,4 +1,4 @@
-"""OpenAI CLIP as trained (QuickGELU) and CLIP4Cir's released files in the reference layouts.
+"""OpenAI CLIP as trained (QuickGELU) and CLIP4Cir's / MLCL's released files in the reference layouts.
 
 The files are built from the reference code's key names written out below (OpenAI clip/model.py,
 CLIP4Cir's combiner.py and its `torch.save({'epoch': e, 'CLIP' | 'Combiner': state_dict})`), never
@@ -16,6 +16,7 @@ from cirlab.backbones.openclip import OpenCLIPBackbone, load_backbone_weights, u
 from cirlab.errors import CirlabError
 from cirlab.methods.clip4cir import CLIP4CirCombiner
 from cirlab.methods.combiner import Combiner
+from cirlab.methods.mlcl import MLCLCombiner
 from cirlab.weights import load_weights
 from conftest import ROOT, results, run_cli
 
@@ -118,6 +119,38 @@ def test_reference_combiner_file_gives_the_source_outputs(tmp_path):
     torch.save({"epoch": 1, "Combiner": Combiner(16, 32, 40).state_dict()}, tmp_path / "other.pt")
     with pytest.raises(CirlabError, match="text_projection_layer.weight: file"):
         load_weights(stage.stage_weights(), tmp_path / "other.pt", stage.checkpoint_layouts(), "x")
+
+
+def test_mlcl_reference_combiner_file_gives_the_source_queries(tmp_path):
+    """MLCL's combiner.pt: the CLIP4Cir names plus combiner_proj.*, and loss_weight / logit_scale /
+    logit_scale_sl as tensors of shape [1] (JWargrave/MLCL src/combiner.py)."""
+    torch.manual_seed(0)
+    source = MLCLCombiner(small_clip(0), projection_dim=24, hidden_dim=40).eval()
+    with torch.no_grad():
+        source.mlc.loss_weight.fill_(0.3), source.logit_scale.fill_(4.0), source.logit_scale_sl.fill_(3.0)
+    c = source.mlc.combiner
+    ref = {k: v.clone() for k, v in c.state_dict().items()}
+    assert sorted(ref) == sorted(REFERENCE_COMBINER_KEYS)
+    ref.update({"combiner_proj.weight": source.mlc.combiner_proj.weight.detach().clone(),
+                "combiner_proj.bias": source.mlc.combiner_proj.bias.detach().clone(),
+                "loss_weight": torch.tensor([0.3]), "logit_scale": torch.tensor([4.0]),
+                "logit_scale_sl": torch.tensor([3.0])})
+    torch.save({"epoch": 5, "Combiner": ref}, tmp_path / "combiner.pt")
+    torch.manual_seed(1)
+    loaded = MLCLCombiner(small_clip(0), projection_dim=24, hidden_dim=40).eval()
+    layout = load_weights(loaded.stage_weights(), tmp_path / "combiner.pt", loaded.checkpoint_layouts(), "x")
+    assert layout.startswith("MLCL combiner file")
+    img, texts = torch.randn(3, 16), ["a red circle", "has a blue square", "x"]
+    assert torch.equal(loaded.query_embedding(img, texts), source.query_embedding(img, texts))
+    assert loaded.logit_scale.item() == 4.0 and loaded.logit_scale_sl.item() == 3.0
+    exported = MLCLCombiner.reference_files(source.state_dict(), 5)["combiner.pt"]
+    assert exported["epoch"] == 5 and sorted(exported["Combiner"]) == sorted(ref)
+    assert all(torch.equal(exported["Combiner"][k], ref[k]) for k in ref)
+    # trained with --learn_t 0: no temperatures in the file, cirlab keeps its constant 100
+    del ref["logit_scale"], ref["logit_scale_sl"]
+    torch.save({"epoch": 5, "Combiner": ref}, tmp_path / "fixed_t.pt")
+    load_weights(loaded.stage_weights(), tmp_path / "fixed_t.pt", loaded.checkpoint_layouts(), "x")
+    assert loaded.logit_scale.exp().item() == pytest.approx(100.0)
 
 
 @pytest.mark.slow

@@ -51,6 +51,7 @@ from cirlab.errors import CirlabError
 from cirlab.io import load_torch, save_torch
 from cirlab.methods.combiner import Combiner
 from cirlab.methods.retrieval_module import RetrievalModule
+from cirlab.weights import Layout, cirlab_stage
 
 log = logging.getLogger("cirlab")
 
@@ -244,7 +245,8 @@ class MLCLCombiner(RetrievalModule):
         for p in backbone.parameters():
             p.requires_grad_(False)
         self.mlc = MultiLevelCombiner(backbone.embed_dim, projection_dim, hidden_dim, dropout)
-        init = torch.tensor(math.log(logit_scale))
+        self.fixed_log_scale = math.log(logit_scale)  # what --learn_t 0 keeps constant
+        init = torch.tensor(self.fixed_log_scale)
         self.logit_scale = nn.Parameter(init.clone(), requires_grad=learn_t)
         self.logit_scale_sl = nn.Parameter(init.clone(), requires_grad=learn_t)
         self.lr, self.loss_weight_lr = lr, loss_weight_lr
@@ -253,6 +255,37 @@ class MLCLCombiner(RetrievalModule):
 
     def on_train_epoch_start(self) -> None:
         self.backbone.eval()
+
+    # ---- the authors' combiner*.pt: one flat state dict, scalars of shape [1] ------------------------
+    _SCALARS = ("loss_weight", "logit_scale", "logit_scale_sl")
+
+    def stage_weights(self) -> nn.Module:
+        own = nn.Module()
+        own.mlc, own.logit_scale, own.logit_scale_sl = self.mlc, self.logit_scale, self.logit_scale_sl
+        return own
+
+    def checkpoint_layouts(self) -> list[Layout]:
+        def from_reference(obj: dict) -> dict:
+            ref = dict(obj["Combiner"])
+            state = {f"mlc.{k}" if k.startswith("combiner_proj.") else f"mlc.combiner.{k}": v
+                     for k, v in ref.items() if k not in self._SCALARS}
+            state["mlc.loss_weight"] = ref.get("loss_weight", torch.empty(0)).reshape(())
+            for name in ("logit_scale", "logit_scale_sl"):  # absent when trained with --learn_t 0: constants
+                state[name] = ref[name].reshape(()) if name in ref else torch.tensor(self.fixed_log_scale)
+            return state
+
+        return [Layout("MLCL combiner file {'epoch': int, 'Combiner': state_dict} (combiner_proj.*, loss_weight)",
+                       lambda o: isinstance(o, dict) and isinstance(o.get("Combiner"), dict)
+                       and "combiner_proj.weight" in o["Combiner"], from_reference),
+                cirlab_stage("", "its weights beside the backbone", without="backbone.")]
+
+    @classmethod
+    def reference_files(cls, state: dict, epoch: int) -> dict:
+        ref = {k.removeprefix("mlc.combiner.").removeprefix("mlc."): v for k, v in state.items()
+               if k.startswith("mlc.")}
+        ref.update({k: state[k].reshape(1) for k in ("logit_scale", "logit_scale_sl")})
+        ref["loss_weight"] = ref["loss_weight"].reshape(1)
+        return {"combiner.pt": {"epoch": epoch, "Combiner": ref}}
 
     def query_embedding(self, reference, texts):
         levels = self.mlc.fuse(self.image_features(reference), self.text_features(texts))
