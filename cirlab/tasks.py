@@ -83,7 +83,8 @@ def convert_blip(cfg: DictConfig) -> None:
         raise CirlabError("name the checkpoint and the folder to write: cirlab +task=convert_blip backbone=blip_base "
                           "+src=model_base.pth +out=DIR")
     if not cfg.backbone.get("architecture"):
-        raise CirlabError(f"backbone={cfg.backbone.name} has no BLIP architecture to convert into; add backbone=blip_base")
+        raise CirlabError(f"backbone={cfg.backbone.name} has no BLIP architecture to convert into; "
+                          "add backbone=blip_base")
     dropped = convert_blip_checkpoint(cfg.src, cfg.out, cfg.backbone.architecture,
                                       tokenizer=cfg.get("tokenizer") or "bert-base-uncased")
     for why, keys in dropped.items():

@@ -299,7 +299,8 @@ def test_combiner_file_uses_the_reference_parameter_names(tmp_path):
         state[f"{name}.weight"], state[f"{name}.bias"] = torch.randn(rows, cols), torch.randn(rows)
     torch.save({"epoch": 7, "Combiner": state, "optimizer_state_dict": {}}, tmp_path / "combiner.pt")
     module = Blip4CirCombiner(small(tmp_path), projection_dim=p, hidden_dim=h)
-    load_weights(module.stage_weights(), tmp_path / "combiner.pt", module.checkpoint_layouts(), "method.combiner.checkpoint")
+    load_weights(module.stage_weights(), tmp_path / "combiner.pt", module.checkpoint_layouts(),
+                 "method.combiner.checkpoint")
     assert all(torch.equal(module.combiner.state_dict()[k], v) for k, v in state.items())
 
 
@@ -317,7 +318,8 @@ def test_eval_released_experiments_compose_and_build(dataset, text_file, combine
     cfg = compose_experiment(f"eval_released_blip4cir_bi_{dataset}")
     r = OmegaConf.to_container(cfg, resolve=True)
     released = tmp_path / "data" / "released"
-    assert (r["dataset"]["name"], r["dataset"]["preprocess"], r["trainer"]["precision"]) == (dataset, "targetpad", "32-true")
+    assert (r["dataset"]["name"], r["dataset"]["preprocess"]) == (dataset, "targetpad")
+    assert r["trainer"]["precision"] == "32-true"  # as the reference's validate.py
     assert r["backbone"]["name"] == "blip_base" and r["backbone"]["hf_id"] == str(released / "blip_model_base")
     assert r["backbone"]["checkpoint"] == str(released / "blip4cir_bi" / dataset / text_file)
     m = r["method"]
@@ -354,3 +356,24 @@ def test_export_and_reload_reproduce_the_test_metrics(cli, tmp_path):
     assert second["stages"] == first["stages"]
     assert second["metrics"] == first["metrics"] and first["metrics"]["test/recall_at_50"] > 0
     assert second["selection"] == {"finetune": "no training", "combiner": "given checkpoint (no training)"}
+
+
+def test_blip_tiny_takes_a_tuned_blip_file_over_its_pretrained_weights(tmp_path, monkeypatch, synthetic_root):
+    import yaml
+
+    from cirlab.backbones import blip
+
+    monkeypatch.setattr(blip, "load_or_pretrain", lambda backbone, *args: backbone)  # no 4-min pretraining here
+    model = yaml.safe_load(open("conf/backbone/blip_tiny.yaml"))["model"]
+
+    def build(seed, checkpoint=None):
+        return blip.pretrained_blip_tiny(str(CACHE), model["model_cfg"], {**model["pretrain"], "seed": seed},
+                                         checkpoint=checkpoint)
+
+    tuned = build(1)
+    write_tuned_blip(tuned, tmp_path / "tuned_blip_best.pt")
+    loaded = build(0, checkpoint=str(tmp_path / "tuned_blip_best.pt"))
+    image, text = features(loaded)
+    assert torch.equal(text, features(tuned)[1]) and torch.equal(image, features(build(0))[0])
+    with pytest.raises(CirlabError, match="no such file or folder"):
+        build(0, checkpoint=str(tmp_path / "missing.pt"))

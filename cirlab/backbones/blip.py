@@ -95,10 +95,12 @@ def load_folder(folder: str | Path, what: str) -> tuple[BlipForImageTextRetrieva
 
 def from_hub(hf_id: str) -> tuple[BlipForImageTextRetrieval, BertTokenizerFast]:
     """A hub id through HF's own cache and download (HF_HUB_OFFLINE=1: cache only), or a local folder."""
-    if Path(hf_id).is_dir():
-        return load_folder(hf_id, "backbone.hf_id")
+    if Path(hf_id).expanduser().is_dir():
+        return load_folder(Path(hf_id).expanduser(), "backbone.hf_id")
     if hf_id.startswith(("/", ".", "~")):
-        raise CirlabError(f"backbone.hf_id={hf_id}: no such folder (give a Hugging Face hub id or a save_pretrained folder)")
+        raise CirlabError(f"backbone.hf_id={hf_id}: no such folder. Give a Hugging Face hub id or a save_pretrained "
+                          "folder (BLIP's model_base.pth becomes one with +task=convert_blip backbone=blip_base "
+                          f"+src=model_base.pth +out={hf_id})")
     try:
         return BlipForImageTextRetrieval.from_pretrained(hf_id), BertTokenizerFast.from_pretrained(hf_id)
     except (OSError, ValueError) as err:
