@@ -245,12 +245,15 @@ def test_size_mismatch_and_missing_file_are_clear_errors(tmp_path):
         BlipBackbone(hf_id="cirlab-tests/unused", checkpoint=str(tmp_path / "missing.pt"))
 
 
-def test_cli_wrong_backbone_checkpoint_exits_2_without_results(cli, tmp_path):
+@pytest.mark.parametrize("file,shown", [("phi.pt", "BLIPTextEncoder"), ("missing.pt", "no such file or folder"),
+                                        ("tuned_big.pt", "another shape")])
+def test_cli_bad_backbone_checkpoint_exits_2_without_results(cli, tmp_path, file, shown):
     small(tmp_path).save_pretrained(tmp_path / "blip")
     torch.save({"Phi": {"w": torch.zeros(2)}}, tmp_path / "phi.pt")
+    write_tuned_blip(small(tmp_path, text={"hidden_size": 32, "intermediate_size": 64}), tmp_path / "tuned_big.pt")
     code, _, err = cli("+method=blip4cir_bi", "backbone=blip_base", f"backbone.hf_id={tmp_path / 'blip'}",
-                       f"backbone.checkpoint={tmp_path / 'phi.pt'}")
-    assert code == 2 and "cirlab error" in err and "BLIPTextEncoder" in err and "Traceback" not in err
+                       f"backbone.checkpoint={tmp_path / file}")
+    assert code == 2 and "cirlab error" in err and shown in err and "Traceback" not in err
     assert not (tmp_path / "run" / "results.json").exists()
 
 
