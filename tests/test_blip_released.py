@@ -6,6 +6,8 @@ The reference layouts are written here by hand from the authors' code (salesforc
 blip_pretrain.py; Cuberick-Orion/Bi-Blip4CIR utils.save_model, combiner.py), not from cirlab's converters."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -338,8 +340,6 @@ def test_eval_released_experiments_compose_and_build(dataset, text_file, combine
 # ---- 4. CLI round trip: train, export, evaluate the exported files --------------------------------------
 @pytest.mark.slow
 def test_export_and_reload_reproduce_the_test_metrics(cli, tmp_path):
-    import json
-
     from cirlab.backbones.blip import caption_vocab
 
     small(tmp_path, vocab=tuple(caption_vocab(str(CACHE)))).save_pretrained(tmp_path / "blip")
@@ -380,3 +380,26 @@ def test_blip_tiny_takes_a_tuned_blip_file_over_its_pretrained_weights(tmp_path,
     assert torch.equal(text, features(tuned)[1]) and torch.equal(image, features(build(0))[0])
     with pytest.raises(CirlabError, match="no such file or folder"):
         build(0, checkpoint=str(tmp_path / "missing.pt"))
+
+
+@pytest.mark.parametrize("dataset", ["fashioniq", "cirr"])
+def test_eval_released_runs_on_the_official_layout(dataset, cli, tmp_path):
+    """The experiment end to end with small stand-ins for model_base, tuned_blip and combiner files."""
+    from fixtures.make_images import materialize
+
+    root = materialize(dataset, tmp_path / dataset)
+    small(tmp_path).save_pretrained(tmp_path / "blip_model_base")
+    write_tuned_blip(small(tmp_path, seed=1), tmp_path / "tuned_blip.pt")
+    combiner = Blip4CirCombiner(small(tmp_path), projection_dim=8, hidden_dim=12).combiner
+    torch.save({"epoch": 0, "Combiner": combiner.state_dict()}, tmp_path / "combiner.pt")
+    run = tmp_path / "run"
+    code, out, err = cli(f"+experiment=eval_released_blip4cir_bi_{dataset}", f"dataset.root={root}", "trainer=cpu",
+                         f"backbone.hf_id={tmp_path / 'blip_model_base'}",
+                         f"backbone.checkpoint={tmp_path / 'tuned_blip.pt'}",
+                         f"method.combiner.checkpoint={tmp_path / 'combiner.pt'}",
+                         "method.combiner.module.projection_dim=8", "method.combiner.module.hidden_dim=12",
+                         "eval.visualize=false", run_dir=run)
+    assert code == 0, err
+    res = json.loads((run / "results.json").read_text())
+    assert res["selection"] == {"combiner": "given checkpoint (no training)"}
+    assert res["config"]["trainer"]["accelerator"] == "cpu" and res["metrics"]
