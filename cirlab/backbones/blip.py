@@ -106,10 +106,11 @@ def from_hub(hf_id: str) -> tuple[BlipForImageTextRetrieval, BertTokenizerFast]:
     except (OSError, ValueError) as err:
         from huggingface_hub import constants
 
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         why = ("Hugging Face offline mode is on (HF_HUB_OFFLINE=1) and they are not in its cache"
                if constants.HF_HUB_OFFLINE else "they are not in the Hugging Face cache and could not be downloaded")
         raise CirlabError(
-            f"cannot load BLIP weights {hf_id!r}: {why} ({(str(err).strip().splitlines() or [type(err).__name__])[0][:200]})\n"
+            f"cannot load BLIP weights {hf_id!r}: {why} ({detail})\n"
             f"Download them once where there is network (`hf download {hf_id}`, or `huggingface-cli download "
             f"{hf_id}` with an older huggingface_hub) into the HF cache this machine reads (HF_HOME), then run "
             "with HF_HUB_OFFLINE=1; or give a local folder: backbone.hf_id=/path/to/dir (saved with "
