@@ -75,17 +75,20 @@ def export(cfg: DictConfig) -> None:
 
 def convert_blip(cfg: DictConfig) -> None:
     """BLIP's own checkpoint (e.g. model_base.pth, where BLIP4CIR+Bi starts) -> a save_pretrained folder:
-    `cirlab +task=convert_blip backbone=blip_base +src=model_base.pth +out=DIR [+tokenizer=bert-base-uncased|DIR]`,
-    then `backbone=blip_base backbone.hf_id=DIR`. The architecture is the backbone's (blip_base: 384 px)."""
+    `cirlab +task=convert_blip +src=model_base.pth +out=DIR [+tokenizer=bert-base-uncased|DIR]`, then
+    `backbone=blip_base backbone.hf_id=DIR`. Into the chosen backbone's BLIP architecture, else blip_base's."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
     from cirlab.backbones.blip_convert import convert_blip_checkpoint
 
     if not cfg.get("src") or not cfg.get("out"):
-        raise CirlabError("name the checkpoint and the folder to write: cirlab +task=convert_blip backbone=blip_base "
-                          "+src=model_base.pth +out=DIR")
-    if not cfg.backbone.get("architecture"):
-        raise CirlabError(f"backbone={cfg.backbone.name} has no BLIP architecture to convert into; "
-                          "add backbone=blip_base")
-    dropped = convert_blip_checkpoint(cfg.src, cfg.out, cfg.backbone.architecture,
+        raise CirlabError("name the checkpoint and the folder to write: "
+                          "cirlab +task=convert_blip +src=model_base.pth +out=DIR")
+    architecture = cfg.backbone.get("architecture") or OmegaConf.load(
+        Path(__file__).resolve().parents[1] / "conf" / "backbone" / "blip_base.yaml").architecture
+    dropped = convert_blip_checkpoint(cfg.src, cfg.out, architecture,
                                       tokenizer=cfg.get("tokenizer") or "bert-base-uncased")
     for why, keys in dropped.items():
         print(f"not used ({why}): {len(keys)} tensors, e.g. {keys[0]}")

@@ -99,8 +99,8 @@ def from_hub(hf_id: str) -> tuple[BlipForImageTextRetrieval, BertTokenizerFast]:
         return load_folder(Path(hf_id).expanduser(), "backbone.hf_id")
     if hf_id.startswith(("/", ".", "~")):
         raise CirlabError(f"backbone.hf_id={hf_id}: no such folder. Give a Hugging Face hub id or a save_pretrained "
-                          "folder (BLIP's model_base.pth becomes one with +task=convert_blip backbone=blip_base "
-                          f"+src=model_base.pth +out={hf_id})")
+                          "folder (BLIP's model_base.pth becomes one with +task=convert_blip +src=model_base.pth "
+                          f"+out={hf_id})")
     try:
         return BlipForImageTextRetrieval.from_pretrained(hf_id), BertTokenizerFast.from_pretrained(hf_id)
     except (OSError, ValueError) as err:
