@@ -73,7 +73,29 @@ def export(cfg: DictConfig) -> None:
         raise CirlabError(f"nothing to export from {run}")
 
 
-TASKS = {"check_data": check_data, "report": report, "export": export}
+def convert_blip(cfg: DictConfig) -> None:
+    """BLIP's own checkpoint (e.g. model_base.pth, where BLIP4CIR+Bi starts) -> a save_pretrained folder:
+    `cirlab +task=convert_blip +src=model_base.pth +out=DIR [+tokenizer=bert-base-uncased|DIR]`, then
+    `backbone=blip_base backbone.hf_id=DIR`. Into the chosen backbone's BLIP architecture, else blip_base's."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from cirlab.backbones.blip_convert import convert_blip_checkpoint
+
+    if not cfg.get("src") or not cfg.get("out"):
+        raise CirlabError("name the checkpoint and the folder to write: "
+                          "cirlab +task=convert_blip +src=model_base.pth +out=DIR")
+    architecture = cfg.backbone.get("architecture") or OmegaConf.load(
+        Path(__file__).resolve().parents[1] / "conf" / "backbone" / "blip_base.yaml").architecture
+    dropped = convert_blip_checkpoint(cfg.src, cfg.out, architecture,
+                                      tokenizer=cfg.get("tokenizer") or "bert-base-uncased")
+    for why, keys in dropped.items():
+        print(f"not used ({why}): {len(keys)} tensors, e.g. {keys[0]}")
+    print(f"wrote {cfg.out}: use it with backbone=blip_base backbone.hf_id={cfg.out}")
+
+
+TASKS = {"check_data": check_data, "report": report, "export": export, "convert_blip": convert_blip}
 
 
 def run_task(cfg: DictConfig):

@@ -1,22 +1,28 @@
 """BLIP (HF transformers `BlipForImageTextRetrieval`) behind the Backbone interface.
 
-As Bi-BLIP4CIR encodes (../shared/spec/blip4cir.md §1): image = vision_proj(ViT CLS of the last
+As Bi-BLIP4CIR encodes (Cuberick-Orion/Bi-Blip4CIR): image = vision_proj(ViT CLS of the last
 layer), text = text_proj(BERT [CLS]) in unimodal 'text' mode (no cross-attention), both raw
-(un-normalised). Three ways to build one:
-- `backbone=blip_base`: the HF hub model (`hf_id`), only from the local HF cache (no download here);
-- `backbone.checkpoint=DIR`: a folder written by `BlipBackbone.save_pretrained` (model + tokenizer);
+(un-normalised). Where the weights come from:
+- `backbone=blip_base`: `hf_id`, a Hugging Face hub id downloaded into HF's cache on first use (as
+  open_clip fetches `openai` weights; HF_HUB_OFFLINE=1 reads the cache only), or a local folder
+  written by `save_pretrained` / `cirlab +task=convert_blip` (BLIP's own model_base.pth);
+- `backbone.checkpoint`: a `save_pretrained` folder (the whole model, instead of `hf_id`), or a file
+  loaded on top of the model built from `hf_id`: BLIP4CIR+Bi's `tuned_blip_*.pt` (the text side) or a
+  cirlab stage checkpoint (the whole backbone). The file's layout is recognised from its keys;
 - `backbone=blip_tiny`: a small `BlipConfig` with a WordPiece vocab built offline from the
   synthetic captions, pretrained by cirlab on first use and cached by config hash (as `tiny`).
 """
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from torch import nn
 from transformers import BertTokenizerFast, BlipConfig, BlipForImageTextRetrieval
 
 from cirlab.backbones.base import Backbone
@@ -24,39 +30,112 @@ from cirlab.backbones.pretrain import load_or_pretrain, plain
 from cirlab.data.transforms import build_transform
 from cirlab.errors import CirlabError
 from cirlab.io import write_text
+from cirlab.weights import Layout, cirlab_stage, load_strict, read_weights, recognise, strip_prefix, wrapped
+
+log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 DIRECTION_WORDS = ["[", "]", "forward", "backward"]
+
+# ---- the text side in the reference's names -------------------------------------------------------
+TEXT_PARTS = ("text_encoder.", "text_proj.")
+POSITION_IDS = "text_encoder.embeddings.position_ids"
+WORD_EMBEDDINGS = "text_encoder.embeddings.word_embeddings.weight"
+
+
+class BlipTextSide(nn.Module):
+    """A BLIP's text encoder + text_proj under the names of Bi-BLIP4CIR's `BLIPTextEncoder` (BLIP's
+    med.py BertModel names are HF BlipTextModel's). It shares the parameters, so a strict load into it
+    fills exactly the backbone's text side."""
+
+    def __init__(self, model: BlipForImageTextRetrieval):
+        super().__init__()
+        self.text_encoder = model.text_encoder
+        self.text_proj = model.text_proj
+
+
+def from_reference_text(state: dict) -> dict:
+    """BLIPTextEncoder state -> BlipTextSide: med.py saves `position_ids` (a constant arange buffer,
+    not saved by HF), so it is dropped here by name."""
+    return {k: v for k, v in state.items() if k != POSITION_IDS}
+
+
+def to_reference_text(state: dict) -> dict:
+    """BlipTextSide state -> BLIPTextEncoder: the reference loads it with a strict load_state_dict,
+    which needs med.py's `position_ids` buffer back."""
+    positions = state["text_encoder.embeddings.position_embeddings.weight"].shape[0]
+    return {**state, POSITION_IDS: torch.arange(positions).unsqueeze(0)}
+
+
+TUNED_BLIP = wrapped("BLIPTextEncoder", "BLIP4CIR+Bi text encoder file (tuned_blip_*.pt: {'epoch', 'BLIPTextEncoder': "
+                     "text_encoder.*, text_proj.*}), loaded into the text side", from_reference_text)
+
+
+def text_side_state(module_state: dict) -> dict:
+    """The text side (BlipTextSide names) of a cirlab method module's state dict."""
+    return {k: v for k, v in strip_prefix(module_state, "backbone.model.").items() if k.startswith(TEXT_PARTS)}
+
+
+def text_side_layouts() -> list[Layout]:
+    """What BLIP4CIR+Bi's stage I accepts as its own weights (`method.finetune.checkpoint`)."""
+    stage = cirlab_stage("backbone.model.", "its BLIP text encoder + text_proj")
+    return [TUNED_BLIP, Layout(stage.name, stage.match, lambda obj: text_side_state(obj["state_dict"]))]
+
+
+BACKBONE_FILE_LAYOUTS = [TUNED_BLIP, cirlab_stage("backbone.", "its backbone.* weights: the whole BLIP")]
+FOLDER_LAYOUT = "a folder saved with save_pretrained (model + tokenizer; e.g. written by +task=convert_blip)"
+
+
+def load_folder(folder: str | Path, what: str) -> tuple[BlipForImageTextRetrieval, BertTokenizerFast]:
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise CirlabError(f"{what}={folder} is not a BLIP folder saved with save_pretrained (no config.json in it)")
+    return BlipForImageTextRetrieval.from_pretrained(folder), BertTokenizerFast.from_pretrained(folder)
+
+
+def from_hub(hf_id: str) -> tuple[BlipForImageTextRetrieval, BertTokenizerFast]:
+    """A hub id through HF's own cache and download (HF_HUB_OFFLINE=1: cache only), or a local folder."""
+    if Path(hf_id).expanduser().is_dir():
+        return load_folder(Path(hf_id).expanduser(), "backbone.hf_id")
+    if hf_id.startswith(("/", ".", "~")):
+        raise CirlabError(f"backbone.hf_id={hf_id}: no such folder. Give a Hugging Face hub id or a save_pretrained "
+                          "folder (BLIP's model_base.pth becomes one with +task=convert_blip +src=model_base.pth "
+                          f"+out={hf_id})")
+    try:
+        return BlipForImageTextRetrieval.from_pretrained(hf_id), BertTokenizerFast.from_pretrained(hf_id)
+    except (OSError, ValueError) as err:
+        from huggingface_hub import constants
+
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        why = ("Hugging Face offline mode is on (HF_HUB_OFFLINE=1) and they are not in its cache"
+               if constants.HF_HUB_OFFLINE else "they are not in the Hugging Face cache and could not be downloaded")
+        raise CirlabError(
+            f"cannot load BLIP weights {hf_id!r}: {why} ({detail})\n"
+            f"Download them once where there is network (`hf download {hf_id}`, or `huggingface-cli download "
+            f"{hf_id}` with an older huggingface_hub) into the HF cache this machine reads (HF_HOME), then run "
+            "with HF_HUB_OFFLINE=1; or give a local folder: backbone.hf_id=/path/to/dir (saved with "
+            "save_pretrained, or converted from BLIP's model_base.pth with +task=convert_blip).") from err
 
 
 class BlipBackbone(Backbone):
     def __init__(self, hf_id: str | None = None, checkpoint: str | None = None, config: dict | None = None,
                  vocab_file: str | None = None, preprocess: str = "clip", target_ratio: float = 1.25,
-                 max_length: int = 77, name: str = "blip", local_files_only: bool = True):
+                 max_length: int = 77, name: str = "blip"):
         super().__init__()
-        if checkpoint:
-            folder = Path(checkpoint)
-            if not (folder / "config.json").is_file():
-                raise CirlabError(f"backbone.checkpoint={folder} is not a BLIP folder saved with save_pretrained "
-                                  "(no config.json in it)")
-            self.model = BlipForImageTextRetrieval.from_pretrained(folder)
-            self.tokenizer = BertTokenizerFast.from_pretrained(folder)
+        if checkpoint and not Path(checkpoint).exists():
+            raise CirlabError(f"backbone.checkpoint={checkpoint}: no such file or folder")
+        if checkpoint and Path(checkpoint).is_dir():
+            self.model, self.tokenizer = load_folder(checkpoint, "backbone.checkpoint")
         elif config is not None:
             if not vocab_file:
                 raise CirlabError("a BLIP built from backbone config needs a WordPiece vocab_file for its tokenizer")
             self.model = BlipForImageTextRetrieval(BlipConfig(**plain(config)))
             words = Path(vocab_file).read_text().split("\n")  # transformers 5 takes the vocab itself, not its file
             self.tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
+        elif hf_id:
+            self.model, self.tokenizer = from_hub(hf_id)
         else:
-            try:
-                self.model = BlipForImageTextRetrieval.from_pretrained(hf_id, local_files_only=local_files_only)
-                self.tokenizer = BertTokenizerFast.from_pretrained(hf_id, local_files_only=local_files_only)
-            except (OSError, ValueError) as err:
-                raise CirlabError(
-                    f"cannot load BLIP weights {hf_id!r}: {' '.join(str(err).split())[:200]}\n"
-                    "They are not in the local Hugging Face cache and cannot be downloaded here. On a machine with "
-                    f"network run `huggingface-cli download {hf_id}` (or pass backbone.local_files_only=false), "
-                    "or give a folder saved with save_pretrained: backbone.checkpoint=/path/to/dir.") from err
+            raise CirlabError("a BLIP backbone needs backbone.hf_id (hub id or folder) or a backbone.checkpoint folder")
         self.model.eval()
         cfg = self.model.config
         self.image_size = int(cfg.vision_config.image_size)
@@ -66,6 +145,34 @@ class BlipBackbone(Backbone):
         self.preprocess = build_transform(preprocess, self.image_size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD,
                                           target_ratio)
         self.name = name
+        if checkpoint and Path(checkpoint).is_file():
+            self.load_weights_file(checkpoint)
+
+    def load_weights_file(self, path: str | Path) -> str:
+        """A `backbone.checkpoint` file on top of this model, recognised by its keys, loaded strictly
+        (the text side for the reference's text-encoder file, all of it for a cirlab checkpoint)."""
+        what = f"backbone.checkpoint={path}"
+        obj = read_weights(path, "backbone.checkpoint")
+        try:
+            layout = recognise(obj, BACKBONE_FILE_LAYOUTS, what)
+        except CirlabError as err:
+            raise CirlabError(f"{err}\n  - {FOLDER_LAYOUT}") from None
+        state = layout.to_state(obj)
+        self._fit_vocab(state)
+        load_strict(BlipTextSide(self.model) if layout is TUNED_BLIP else self, state, f"{what} ({layout.name})")
+        log.info("BLIP weights from %s (%s)", path, layout.name)
+        return layout.name
+
+    def _fit_vocab(self, state: dict) -> None:
+        """A run with method.direction=learned saves extra word-embedding rows (its direction tokens, which
+        the method adds to the tokenizer again, in the same order); grow the embedding to hold them. Any
+        other difference is left to the strict load to report."""
+        key = next((k for k in state if k.endswith(WORD_EMBEDDINGS)), None)
+        own = self.model.text_encoder.get_input_embeddings().weight.shape
+        if key and state[key].shape[0] > own[0] and state[key].shape[1] == own[1]:
+            log.info("word embeddings grown from %d to %d rows (tokens added by the run that saved them)",
+                     own[0], state[key].shape[0])
+            self.model.text_encoder.resize_token_embeddings(state[key].shape[0])
 
     # ---- encoders -------------------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -140,7 +247,7 @@ def caption_vocab(cache_dir: str, dataset: dict | None = None) -> list[str]:
 
 def pretrained_blip_tiny(cache_dir: str, model_cfg: dict, pretrain: dict, preprocess: str = "clip",
                          checkpoint: str | None = None, name: str = "blip_tiny", max_length: int = 32) -> BlipBackbone:
-    if checkpoint:
+    if checkpoint and Path(checkpoint).is_dir():
         return BlipBackbone(checkpoint=checkpoint, preprocess=preprocess, name=name, max_length=max_length)
     model_cfg, pretrain = plain(model_cfg), plain(pretrain)
     vocab = caption_vocab(cache_dir, pretrain.get("dataset"))
@@ -154,7 +261,12 @@ def pretrained_blip_tiny(cache_dir: str, model_cfg: dict, pretrain: dict, prepro
     torch.manual_seed(pretrain["seed"])  # the same initial weights whatever ran before
     backbone = BlipBackbone(config=config, vocab_file=str(vocab_path), preprocess=preprocess, name=name,
                             max_length=max_length)
-    return load_or_pretrain(backbone, cache_dir, {"blip": config, "vocab": vocab}, pretrain, name)
+    backbone = load_or_pretrain(backbone, cache_dir, {"blip": config, "vocab": vocab}, pretrain, name)
+    if checkpoint:
+        if not Path(checkpoint).is_file():
+            raise CirlabError(f"backbone.checkpoint={checkpoint}: no such file or folder")
+        backbone.load_weights_file(checkpoint)
+    return backbone
 
 
 def blip_config(cfg: dict[str, Any]) -> BlipConfig:

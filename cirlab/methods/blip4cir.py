@@ -1,6 +1,6 @@
 """BLIP4CIR+Bi (Liu et al., WACV 2024): bi-directional training with a direction token.
 
-Facts from Cuberick-Orion/Bi-Blip4CIR (../shared/spec/blip4cir.md). The method is CLIP4Cir on a
+Facts from Cuberick-Orion/Bi-Blip4CIR. The method is CLIP4Cir on a
 BLIP backbone plus REVERSED queries: (target image + backward-marked text) should retrieve the
 reference. Stage I fine-tunes the BLIP text encoder only (image encoder frozen: cached features),
 query = normalize(r + t); stage II trains the Combiner on the frozen stage-I encoders.
@@ -21,6 +21,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from cirlab.backbones.blip import BlipTextSide, text_side_layouts, text_side_state, to_reference_text
 from cirlab.errors import CirlabError
 from cirlab.methods.clip4cir import CLIP4CirCombiner, CLIP4CirFinetune
 from cirlab.methods.losses import batch_contrastive
@@ -86,6 +87,20 @@ class Blip4CirFinetune(BiDirectional, CLIP4CirFinetune):
                          eval_mode=False, **kwargs)  # the reference trains with BERT dropout active
         self._setup_directions(backbone, direction, bidirectional, reverse_weight)
         self.min_lr, self.cosine_epochs, self.proj_lr_scale = min_lr, cosine_epochs, proj_lr_scale
+
+    # ---- weights in and out in the reference's layout: stage I's own weights are the text side -------
+    def stage_weights(self) -> torch.nn.Module:
+        return BlipTextSide(self.backbone.model)
+
+    def checkpoint_layouts(self):
+        return text_side_layouts()
+
+    @classmethod
+    def reference_files(cls, state: dict, epoch: int) -> dict:
+        """tuned_blip.pt as the reference saves it ({'epoch', 'BLIPTextEncoder': ...}; its optimizer state is
+        not kept), so its combiner_train.py / validate.py load it with --blip-model-path. With
+        direction=learned the word embedding carries the two extra direction rows."""
+        return {"tuned_blip.pt": {"epoch": epoch, "BLIPTextEncoder": to_reference_text(text_side_state(state))}}
 
     def reverse_logits(self, batch: dict) -> torch.Tensor:
         return stage1_reverse_logits(self.image_features(batch["reference"]), self.text_features(batch["text_reverse"]),
