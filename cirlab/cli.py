@@ -34,7 +34,8 @@ def usage() -> str:
         "Choose a method with +method=NAME (or a checked-in experiment with +experiment=NAME), e.g.\n"
         "  cirlab +method=clip4cir dataset=synthetic backbone=tiny\n"
         "Tasks: +task=check_data (verify a dataset's files), +task=report (leaderboard of runs),\n"
-        "       +task=export +run=DIR (a run's weights in the authors' layouts).\n"
+        "       +task=export +run=DIR (a run's weights in the authors' layouts),\n"
+        "       +task=convert_blip +src=model_base.pth +out=DIR (BLIP's pretraining file -> HF folder).\n"
         "Released weights: backbone.checkpoint=FILE, method.<stage>.checkpoint=FILE (see the README).\n"
         "Any config value can be overridden (key=value); sweeps with -m. Full config: cirlab +method=X --cfg job"
     )
