@@ -27,7 +27,7 @@ def test_combiner_shapes_lambda_and_formula():
     v = comb.output_layer(F.relu(comb.combiner_layer(c)))
     lam2 = torch.sigmoid(comb.dynamic_scalar[3](F.relu(comb.dynamic_scalar[0](c))))
     assert torch.allclose(out, F.normalize(v + lam2 * txt + (1 - lam2) * img, dim=-1), atol=1e-6)
-    # 2 projections + combiner layer + output layer + 2 in the scalar branch (the spec says "5" but lists 6)
+    # 2 projections + combiner layer + output layer + 2 in the scalar branch (as the reference's combiner.py)
     assert sum(isinstance(m, torch.nn.Linear) for m in comb.modules()) == 6
 
 

@@ -91,7 +91,7 @@ def test_experiment_composes_and_builds(name, tiny_backbone, small_blip, monkeyp
 @pytest.mark.parametrize("name,dataset", [("clip4cir_fashioniq_rn50x4", "fashioniq"),
                                           ("clip4cir_cirr_rn50x4", "cirr")])
 def test_paper_experiments_pin_the_reference_setup(name, dataset):
-    """The reference README's hyperparameters (../shared/spec/clip4cir.md §4-5), not the tiny defaults."""
+    """The reference README's hyperparameters (docs/methods/clip4cir.md#hyperparameters), not the tiny defaults."""
     cfg = compose_experiment(name)
     assert cfg.dataset.name == dataset
     assert cfg.backbone.name == "clip_rn50x4" and cfg.backbone.model.model_name == "RN50x4"

@@ -1,4 +1,4 @@
-"""The paper-row experiments (SEARLE, MLCL, cross-modal) pin the reference setups of ../shared/spec/
+"""The paper-row experiments (SEARLE, MLCL, cross-modal) pin the reference setups of docs/methods/
 (searle.md, mlcl.md, crossmodal.md), and the synthetic counterparts keep the method defaults the README's
 figures were measured with. Compose only: no data, no weights."""
 from __future__ import annotations
@@ -45,17 +45,17 @@ def test_searle_rows(name):
     stage = m["stages"][0]
     module = m[stage]["module"]
     assert module["prompt"] == "a photo of $ that {}"
-    # spec §6: AdamW 2e-2 / wd 0.01, 350 steps, EMA 0.99, lambda_cos 1, lambda_gpt 0.5, chunks of 32, top-15, seed 42
+    # docs/methods/searle.md#oti: AdamW 2e-2 / wd 0.01, 350 steps, EMA 0.99, lambda_cos 1, lambda_gpt 0.5, chunks of 32, top-15, seed 42
     assert {k: module["oti"][k] for k in ("steps", "lr", "weight_decay", "ema_decay", "lambda_cos", "lambda_gpt",
                                           "batch_size", "top_k", "seed")} == dict(
         steps=350, lr=0.02, weight_decay=0.01, ema_decay=0.99, lambda_cos=1.0, lambda_gpt=0.5, batch_size=32,
         top_k=15, seed=42)
     if oti:
         assert m["stages"] == ["eval"] and m["eval"]["max_epochs"] == 0
-    else:  # spec §7: AdamW 1e-4 / wd 0.01, batch 256, 100 epochs, dropout 0.5, tau 0.25, 1 / 0.75, top-150
+    else:  # docs/methods/searle.md#phi-training: AdamW 1e-4 / wd 0.01, batch 256, 100 epochs, dropout 0.5, tau 0.25, 1 / 0.75, top-150
         assert m["stages"] == ["phi"] and (m["phi"]["max_epochs"], m["phi"]["batch_size"]) == (100, 256)
         assert module["batch_size"] == 256
-        # spec §7: phi's images are the unlabeled ImageNet1K test split, *.JPEG searched recursively
+        # docs/methods/searle.md#phi-training: phi's images are the unlabeled ImageNet1K test split, *.JPEG searched recursively
         source = module["unlabeled_source"]
         assert source["_target_"] == "cirlab.data.sources.imagefolder.ImageFolderSource"
         assert (source["split"], source["extensions"], module["max_images"]) == ("test", [".JPEG"], 100000)

@@ -32,7 +32,7 @@ class EvalSet:
 
 @dataclass(frozen=True)
 class Protocol:
-    """How a benchmark scores rankings (facts from the reference code, see ../shared/spec)."""
+    """How a benchmark scores rankings (facts from the reference code, see docs/benchmarks.md#common-protocol)."""
 
     recall_ks: tuple[int, ...] = (1, 5, 10, 50)
     subset_ks: tuple[int, ...] = ()

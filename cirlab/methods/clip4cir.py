@@ -1,6 +1,6 @@
 """CLIP4Cir (Baldrati et al.): stage I task-oriented fine-tuning, stage II Combiner.
 
-Facts from ABaldrati/CLIP4Cir (../shared/spec/clip4cir.md): stage I query = normalize(f_img(ref) +
+Facts from ABaldrati/CLIP4Cir (docs/methods/clip4cir.md): stage I query = normalize(f_img(ref) +
 f_txt(text)) of raw features, loss = CE(100 * q @ t^T, arange(B)), AdamW lr 2e-6 eps 1e-7 wd 0.01,
 backbone kept in eval mode; stage II Combiner on the frozen backbone, Adam lr 2e-5.
 """

@@ -2,7 +2,7 @@
 
 The same code pretrains the tiny backbones on the synthetic captions (all weights, InfoNCE).
 `CrossModalRetrieval` is `+method=crossmodal` (hxhhxx/Clip_crossmodal_retrieval, facts in
-../shared/spec/crossmodal.md): zero-shot evaluation, or training only a light head on the frozen
+docs/methods/crossmodal.md): zero-shot evaluation, or training only a light head on the frozen
 backbone with cached image features: `train=adapter` (residual bottleneck on the image side) or
 `train=projections` (text_projection + visual projection + logit_scale), loss `margin` or `infonce`.
 Protocol (hxhhxx/Clip_crossmodal_retrieval Evaluation.py, the CLIP_benchmark convention):

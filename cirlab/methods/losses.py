@@ -1,4 +1,4 @@
-"""Losses shared across methods (facts in ../shared/spec)."""
+"""Losses shared across methods (docs/methods/clip4cir.md#stage-i, docs/methods/crossmodal.md#losses)."""
 from __future__ import annotations
 
 import torch

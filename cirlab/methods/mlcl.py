@@ -1,6 +1,6 @@
 """MLCL (Zhao et al., ICASSP 2024): multi-level combiner + mCCL + SSCL, stage II on a frozen backbone.
 
-Facts from JWargrave/MLCL (../shared/spec/mlcl.md). "Multi-level" = three outputs of the combiner
+Facts from JWargrave/MLCL (docs/methods/mlcl.md). "Multi-level" = three outputs of the combiner
 (not CLIP layers), all computed from the raw (un-normalised) features f_ref, f_txt:
 
 * low  f_s = normalize(f_ref + f_txt)                                   (no parameters)

@@ -1,4 +1,4 @@
-"""CIR metrics exactly as the reference code computes them (see ../shared/spec).
+"""CIR metrics exactly as the reference code computes them (docs/benchmarks.md#common-protocol).
 
 - Recall@K: the (first) target within the top K; CIRR and Shoes rank with the reference removed.
   CIRCO's Recall@K is w.r.t. `target_img_id`, its first ground truth.

@@ -9,7 +9,7 @@ Builders:
     train/val, test = val2017; Flickr30k kaggle `captions.txt` randomly split into
     all-2000 / 1000 / 1000), here with a fixed seed (the reference uses none).
   * `synthetic_captions` (the bundled benchmark) and `jsonl_captions` (own data, captions.jsonl).
-Facts: ../shared/spec/crossmodal.md sections 4 and 6.
+Facts: docs/methods/crossmodal.md#data, docs/benchmarks.md#coco-and-flickr30k.
 """
 from __future__ import annotations
 
