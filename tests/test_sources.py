@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -16,7 +17,11 @@ from cirlab.data.sources.shoes import ShoesSource
 from cirlab.errors import CirlabError
 from fixtures.make_images import materialize, write_image
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "annotations"  # ../shared beside the clone
+# The full official annotation files (tens of MB, not committed): set CIRLAB_REAL_ANNOTATIONS to a folder
+# holding fashioniq/, cirr/, shoes/ in their official layouts to run the full-count checks.
+REAL = Path(os.environ.get("CIRLAB_REAL_ANNOTATIONS", "/nonexistent"))
+NO_REAL = ("the full official annotation files are not in this checkout (set CIRLAB_REAL_ANNOTATIONS to "
+           "run the full-count checks; the committed fixtures cover the formats)")
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +158,7 @@ def test_shoes_duplicate_basename_takes_first_sorted(tmp_path):
         root / "images/a_copy/deep/img_womens_flats_1491.jpg"
 
 
-@pytest.mark.skipif(not (REAL / "shoes").is_dir(), reason="real annotations not available")
+@pytest.mark.skipif(not (REAL / "shoes").is_dir(), reason=NO_REAL)
 def test_shoes_real_counts():
     src = ShoesSource(REAL / "shoes")
     assert len(src.train_queries()) == 8990
@@ -230,7 +235,7 @@ def test_check_images_corrupt_file(tmp_path):
     assert [p for p, _ in report.unreadable] == [broken] and not report.missing
 
 
-@pytest.mark.skipif(not (REAL / "cirr").is_dir(), reason="real annotations not available")
+@pytest.mark.skipif(not (REAL / "cirr").is_dir(), reason=NO_REAL)
 def test_real_fashioniq_and_cirr_counts():
     fiq = FashionIQSource(REAL / "fashioniq")
     assert [(len(es.queries), len(es.gallery)) for es in fiq.eval_sets("val")] == \
