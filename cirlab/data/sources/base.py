@@ -69,6 +69,11 @@ class CIRSource:
                 + (f"\nDetected: {self.detected}" if self.detected else "")
                 + (f"\nWhere to get the data: README section '{self.readme_section}'." if self.readme_section else ""))
 
+    def missing_image(self, what: str) -> ImageNotFound:
+        """The error for an absent image: where it was looked for, the accepted layouts, how to list them all."""
+        return ImageNotFound(f"{self.name}: {what}\n{self.layout_help()}\n`cirlab +task=check_data "
+                             f"dataset={self.name} dataset.root=...` lists every missing image.")
+
     def require_dir(self, path: Path, what: str) -> Path:
         if not path.is_dir():
             raise CirlabError(f"{self.name}: {what} folder not found: {path}\n{self.layout_help()}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cirlab.data.records import CIRQuery, EvalSet, Protocol
-from cirlab.data.sources.base import CIRSource, ImageNotFound
+from cirlab.data.sources.base import CIRSource
 from cirlab.data.sources.common import check_targets, read_records
 from cirlab.errors import CirlabError
 from cirlab.io import read_json
@@ -81,7 +81,7 @@ class CIRRSource(CIRSource):
                     path = self.image_root / rel
                     if not path.is_file():
                         absent = "" if self.image_root.is_dir() else f" (there is no folder {self.image_root})"
-                        raise ImageNotFound(f"cirr: image {name} not found: {path}{absent}\n{self.layout_help()}")
+                        raise self.missing_image(f"image {name} not found: {path}{absent}")
                     return path
         raise CirlabError(f"cirr: image {name!r} is in none of the split files under {self.root / 'image_splits'}")
 

@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 from cirlab.data.records import CIRQuery, EvalSet, Protocol
-from cirlab.data.sources.base import CIRSource, ImageNotFound
+from cirlab.data.sources.base import CIRSource
 from cirlab.data.sources.common import read_records
 from cirlab.errors import CirlabError
 
@@ -45,7 +45,7 @@ class ShoesSource(CIRSource):
                               "Images are found by file name: keep one copy (or point dataset.root at one tree).")
         if name not in self._index:
             none = "" if self._index else " (no .jpg/.jpeg/.png file at all there)"
-            raise ImageNotFound(f"shoes: image {name} not found under {self.root}{none}\n{self.layout_help()}")
+            raise self.missing_image(f"image {name} not found under {self.root}{none}")
         return self._index[name]
 
     def _index_images(self) -> None:
@@ -73,7 +73,8 @@ class ShoesSource(CIRSource):
             return ""
         if not self._index:
             return f"no images under {self.root}"
-        tops = sorted({p.relative_to(self.root).parts[0] if p.parent != self.root else "." for p in self._index.values()})
+        tops = sorted({p.relative_to(self.root).parts[0] if p.parent != self.root else "."
+                       for p in self._index.values()})
         kind = "gathered in images/" if tops == ["images"] else "as unpacked"
         shown = ", ".join(f"{t}/" for t in tops[:4]) + (f" and {len(tops) - 4} more folders" if len(tops) > 4 else "")
         return f"images {kind}: {len(self._index)} under {self.root}, in {shown}"
