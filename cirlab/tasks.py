@@ -23,6 +23,8 @@ def check_data(cfg: DictConfig) -> None:
             print(f"split {split}: {err}")
     report = check_images(source, usable)
     print(f"dataset {cfg.dataset.name} ({', '.join(usable)}): {format_report(report)}")
+    if source.detected:
+        print(f"detected layout: {source.detected}")
     if not report.ok or len(usable) < len(dict.fromkeys(splits)):
         if source.layout:
             print(f"expected layout:\n{source.layout}")

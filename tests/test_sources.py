@@ -151,13 +151,6 @@ def test_shoes_fixture(roots):
     assert src.protocol.recall_ks == (1, 10, 50) and src.protocol.exclude_reference
 
 
-def test_shoes_duplicate_basename_takes_first_sorted(tmp_path):
-    root = materialize("shoes", tmp_path / "shoes")
-    write_image(root / "images/a_copy/deep/img_womens_flats_1491.jpg")
-    assert ShoesSource(root).image_path("img_womens_flats_1491.jpg") == \
-        root / "images/a_copy/deep/img_womens_flats_1491.jpg"
-
-
 @pytest.mark.skipif(not (REAL / "shoes").is_dir(), reason=NO_REAL)
 def test_shoes_real_counts():
     src = ShoesSource(REAL / "shoes")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from cirlab.data.sources.base import CIRSource
+from cirlab.data.sources.base import CIRSource, ImageNotFound
 
 SHOWN = 20  # names/paths listed per problem kind; the counts are always complete
 
@@ -39,8 +39,11 @@ def check_images(source: CIRSource, splits) -> ImageReport:
     names = dict.fromkeys(n for split in splits for n in split_images(source, split))
     for name in names:
         report.checked += 1
-        path = source.image_path(name)
-        if not path.is_file():
+        try:
+            path = source.image_path(name)
+        except ImageNotFound:  # sources that know their files say so instead of returning a path
+            path = None
+        if path is None or not path.is_file():
             report.missing.append(name)
         elif path.stat().st_size == 0:
             report.unreadable.append((path, "zero bytes"))

@@ -8,6 +8,10 @@ from cirlab.data.records import CIRQuery, EvalSet, Protocol
 from cirlab.errors import CirlabError
 
 
+class ImageNotFound(CirlabError):
+    """An image the annotations name is not on disk: the data check lists these instead of stopping."""
+
+
 class CIRSource:
     """Base class of every dataset source (synthetic, jsonl, fashioniq, cirr, circo, shoes, ...).
 
@@ -17,8 +21,9 @@ class CIRSource:
 
     name: str = "source"
     protocol: Protocol = Protocol()
-    layout: str = ""  # the expected folder tree, shown when something is missing
+    layout: str = ""  # the expected folder tree(s), shown when something is missing
     readme_section: str = ""
+    detected: str = ""  # which accepted layout was found on disk, for sources that accept several
 
     def image_path(self, name: str) -> Path:
         raise NotImplementedError
@@ -58,16 +63,23 @@ class CIRSource:
         return list(seen)
 
     # ---- helpers for subclasses -----------------------------------------------------------------
+    def layout_help(self) -> str:
+        """The accepted tree(s) and what was found, so a wrong root or folder is fixed in one go."""
+        return (f"Expected layout under dataset.root:\n{self.layout}"
+                + (f"\nDetected: {self.detected}" if self.detected else "")
+                + (f"\nWhere to get the data: README section '{self.readme_section}'." if self.readme_section else ""))
+
+    def missing_image(self, what: str) -> ImageNotFound:
+        """The error for an absent image: where it was looked for, the accepted layouts, how to list them all."""
+        return ImageNotFound(f"{self.name}: {what}\n{self.layout_help()}\n`cirlab +task=check_data "
+                             f"dataset={self.name} dataset.root=...` lists every missing image.")
+
     def require_dir(self, path: Path, what: str) -> Path:
         if not path.is_dir():
-            raise CirlabError(
-                f"{self.name}: {what} folder not found: {path}\nExpected layout under dataset.root:\n"
-                f"{self.layout}" + (f"\nWhere to get the data: README section '{self.readme_section}'."
-                                    if self.readme_section else ""))
+            raise CirlabError(f"{self.name}: {what} folder not found: {path}\n{self.layout_help()}")
         return path
 
     def require_file(self, path: Path, what: str) -> Path:
         if not path.is_file():
-            raise CirlabError(
-                f"{self.name}: {what} not found: {path}\nExpected layout under dataset.root:\n{self.layout}")
+            raise CirlabError(f"{self.name}: {what} not found: {path}\n{self.layout_help()}")
         return path

@@ -1,4 +1,5 @@
-"""CIRR rc2 in its official layout (Cuberick-Orion/CIRR, branch cirr_dataset), read as CLIP4Cir reads it."""
+"""CIRR rc2 in its official layout (Cuberick-Orion/CIRR, branch cirr_dataset) or the one CLIP4Cir and SEARLE
+use (images beside cirr/), read as CLIP4Cir reads it."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,14 +11,26 @@ from cirlab.errors import CirlabError
 from cirlab.io import read_json
 
 SPLITS = {"train": "train", "val": "val", "test": "test1", "test1": "test1"}
+IMAGE_DIRS = ("train", "dev", "test1")  # the split files' paths start with one of these
+SEED = "CLIP4Cir/SEARLE layout"
+OFFICIAL = "official cirr_dataset layout"
 
-LAYOUT = """  <root>/                         (e.g. cirr_dataset/cirr/)
-    captions/cap.rc2.<split>.json           split: train, val, test1
-    image_splits/split.rc2.<split>.json     {"<name>": "./train/<k>/<name>.png", ...}
-    img_raw/                                (image_root; the split-file paths are relative to it)
-      train/<0..99>/<name>.png
-      dev/<name>.png
-      test1/<name>.png"""
+LAYOUT = """  either the CLIP4Cir/SEARLE layout, dataset.root=CIRR (or cirr_dataset):
+    CIRR/
+      cirr/captions/cap.rc2.<split>.json           split: train, val, test1
+      cirr/image_splits/split.rc2.<split>.json     {"<name>": "./train/<k>/<name>.png", ...}
+      train/<0..99>/<name>.png, dev/<name>.png, test1/<name>.png
+  or the official layout (Cuberick-Orion/CIRR, cirr_dataset branch), dataset.root=cirr:
+    cirr/
+      captions/cap.rc2.<split>.json
+      image_splits/split.rc2.<split>.json
+      img_raw/train/<0..99>/<name>.png, img_raw/dev/<name>.png, img_raw/test1/<name>.png
+  The split files' paths are relative to the image folder (CIRR/, or cirr/img_raw/);
+  dataset.image_root=DIR names it when the images are elsewhere."""
+
+
+def _has_annotations(folder: Path) -> bool:
+    return (folder / "captions").is_dir() or (folder / "image_splits").is_dir()
 
 
 class CIRRSource(CIRSource):
@@ -28,10 +41,24 @@ class CIRRSource(CIRSource):
                         main_metric="avg_recall_at_5_subset_at_1")
 
     def __init__(self, root: str | Path, image_root: str | Path | None = None):
-        """image_root: where the split-file paths start; CLIP4Cir/SEARLE keep the images beside `cirr/`,
-        i.e. image_root = <root>/.. ."""
-        self.root = self.require_dir(Path(root), "dataset root")
-        self.image_root = Path(image_root) if image_root is not None else self.root / "img_raw"
+        """Either layout from `root` alone: the READMEs of CLIP4Cir/SEARLE and of CIRR name different
+        folders, and users type the one they unpacked. `image_root` (optional) overrides the image folder."""
+        root = self.require_dir(Path(root), "dataset root")
+        # `root` may also be the cirr/ folder of the CLIP4Cir/SEARLE layout: its images are then beside it
+        ann = root / "cirr" if _has_annotations(root / "cirr") else root if _has_annotations(root) else None
+        if ann is None:
+            raise CirlabError(f"cirr: no captions/ or image_splits/ folder in {root} or in {root / 'cirr'}: "
+                              f"set dataset.root to the CIRR folder.\n{self.layout_help()}")
+        if (ann / "img_raw").is_dir():
+            layout, images = OFFICIAL, ann / "img_raw"
+        elif ann != root or any((root.parent / d).is_dir() for d in IMAGE_DIRS):
+            layout, images = SEED, ann.parent
+        else:  # no images yet: errors name the official folder
+            layout, images = OFFICIAL, ann / "img_raw"
+        self.root = ann
+        self.image_root = Path(image_root) if image_root is not None else images
+        self.detected = (f"{layout}: annotations in {ann}, images in {self.image_root}"
+                         + (" (dataset.image_root)" if image_root is not None else ""))
         self._splits: dict[str, dict[str, str]] = {}
 
     def split_file(self, split: str) -> dict[str, str]:
@@ -51,7 +78,11 @@ class CIRRSource(CIRSource):
             if split in self._splits or (self.root / "image_splits" / f"split.rc2.{split}.json").is_file():
                 rel = self.split_file(split).get(name)
                 if rel is not None:
-                    return self.image_root / rel
+                    path = self.image_root / rel
+                    if not path.is_file():
+                        absent = "" if self.image_root.is_dir() else f" (there is no folder {self.image_root})"
+                        raise self.missing_image(f"image {name} not found: {path}{absent}")
+                    return path
         raise CirlabError(f"cirr: image {name!r} is in none of the split files under {self.root / 'image_splits'}")
 
     def queries(self, split: str) -> list[CIRQuery]:
