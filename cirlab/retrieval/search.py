@@ -3,6 +3,8 @@
 Exact search keeps a running top-k over gallery chunks, so memory is bounded by the chunk,
 not the gallery (galleries may be memory-mapped arrays larger than RAM). Order is by score
 descending, ties by gallery index ascending, which equals a stable sort of the full matrix.
+Per chunk, group maxima rule out most items without sorting them (`_chunk_candidates`); only the
+few candidates left are ordered, with exact tie handling at the k-th score (`_select`).
 """
 from __future__ import annotations
 
@@ -66,11 +68,15 @@ def _chunk_candidates(s: torch.Tensor, start: int, k: int, bound: torch.Tensor |
     else:
         lo = bound
         rows, group = (~(maxima <= lo[:, None])).nonzero().unbind(1)
+    if len(rows) > q * g // 8:     # little to prune (ties, adversarial order): keep every column,
+        return s, torch.arange(start, start + c, device=s.device).expand(q, c)   # bounded memory
     cols = group[:, None] + g * torch.arange(_GROUP, device=s.device)  # [pairs, _GROUP]
-    vals = s[rows[:, None], cols]
-    hit = ~(vals < lo[rows, None]) if bound is None else ~(vals <= lo[rows, None])
-    pair, j = hit.nonzero().unbind(1)                                  # still row-major
-    rows, cols, vals = rows[pair], cols[pair, j], vals[pair, j]
+    cols = cols.flatten()
+    vals = s.view(-1).index_select(0, (rows * c).repeat_interleave(_GROUP) + cols)
+    lo = lo.index_select(0, rows).repeat_interleave(_GROUP)
+    hit = (~(vals < lo) if bound is None else ~(vals <= lo)).nonzero().squeeze(1)   # still row-major
+    rows = rows.index_select(0, hit // _GROUP)
+    cols, vals = cols.index_select(0, hit), vals.index_select(0, hit)
     counts = torch.bincount(rows, minlength=q)
     slot = torch.arange(len(rows), device=s.device) - (counts.cumsum(0) - counts)[rows]
     width = int(counts.max())
