@@ -125,3 +125,16 @@ def test_on_disk_gallery(tmp_path):
     for chunk in (4 * 51 * _GROUP, 5000, 999):
         check(q, ef, 50, chunk=chunk)
         check(q, ef, 50, torch.arange(16) * 700, chunk=chunk)
+
+
+def test_gaussian_data_equals_full_sort_of_the_same_chunk_scores():
+    # float data: the reference sorts the very scores the search computes (same chunked matmul)
+    gen = torch.Generator().manual_seed(6)
+    q, g = torch.randn(25, 32, generator=gen), torch.randn(30_000, 32, generator=gen)
+    chunk = 4 * 51 * _GROUP + 5
+    scores = torch.cat([q @ g[s:s + chunk].T for s in range(0, len(g), chunk)], 1)
+    ex = torch.randint(0, len(g), (25,), generator=gen)
+    scores[torch.arange(25), ex] = float("-inf")
+    s_ref, i_ref = torch.sort(-scores, dim=1, stable=True)
+    s, i = exact_search(q, g, 50, ex, chunk=chunk)
+    assert torch.equal(i, i_ref[:, :50]) and torch.equal(s, -s_ref[:, :50])
