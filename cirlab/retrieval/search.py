@@ -3,6 +3,8 @@
 Exact search keeps a running top-k over gallery chunks, so memory is bounded by the chunk,
 not the gallery (galleries may be memory-mapped arrays larger than RAM). Order is by score
 descending, ties by gallery index ascending, which equals a stable sort of the full matrix.
+Per chunk, group maxima rule out most items without sorting them (`_chunk_candidates`); only the
+few candidates left are ordered, with exact tie handling at the k-th score (`_select`).
 """
 from __future__ import annotations
 
@@ -12,12 +14,81 @@ import torch
 from cirlab.errors import CirlabError
 
 
-def _topk_stable(scores: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of each row by (score desc, index asc). torch.topk breaks ties arbitrarily, hence this."""
+_GROUP = 32  # columns per group in the chunk pre-selection (see _chunk_candidates)
+_PAD = 2**62  # gallery index of padding candidates (score -inf): loses every tie, never kept
+
+
+def _order(scores: torch.Tensor, index: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """First `keep` of each row by (score desc, index asc): a stable sort by index, then by score.
+    Sorts every column: for narrow rows (the kept candidates) and the rare rows tied at the border."""
     order = torch.argsort(index, dim=1, stable=True)
     scores, index = scores.gather(1, order), index.gather(1, order)
-    order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :keep]
     return scores.gather(1, order), index.gather(1, order)
+
+
+def _select(scores: torch.Tensor, index: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top `keep` of each row by (score desc, index asc), whatever the column order.
+
+    torch.topk breaks ties arbitrarily, but the SET of its top `keep` is exact whenever the
+    (keep+1)-th score is strictly below the keep-th: then only those `keep` candidates are sorted.
+    Rows tied at the border (or with NaN there) are sorted in full, which keeps the lowest
+    gallery indices among the tied scores."""
+    if scores.shape[1] <= 4 * keep + 16:
+        return _order(scores, index, keep)
+    top, pos = torch.topk(scores, keep + 1, dim=1)
+    tied = ~(top[:, keep] < top[:, keep - 1])   # NaN ranks first, as in a sort: count it as a tie
+    out_s, out_i = _order(top[:, :keep], index.gather(1, pos[:, :keep]), keep)
+    if tied.any():
+        rows = tied.nonzero().squeeze(1)
+        out_s[rows], out_i[rows] = _order(scores[rows], index[rows], keep)
+    return out_s, out_i
+
+
+def _chunk_candidates(s: torch.Tensor, start: int, k: int, bound: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The items of the score chunk `s` that may enter the top-k, as (scores, gallery indices), one
+    row per query, padded with (-inf, _PAD) to the longest row.
+
+    With `bound` (the running k-th best score) only items scoring above it can enter: k kept items
+    score at least as much and have lower gallery indices. Without it (the first chunk) only items
+    at or above the chunk's k-th largest group maximum can: k other items (the group maxima) score
+    more than any item below it. Groups (group j: columns j, j + g, j + 2g, ...; their maxima are an
+    elementwise max over contiguous rows) whose maximum fails the bound are skipped whole, so
+    scores are compared one by one only in the few groups that pass. Comparisons are written
+    "not below" so that NaN, which sorts first, is always a candidate."""
+    q, c = s.shape
+    g = c // _GROUP
+    if g < 4 * (k + 1):            # small chunk: every column is a candidate
+        return s, torch.arange(start, start + c, device=s.device).expand(q, c)
+    maxima = s[:, :g * _GROUP].unflatten(1, (_GROUP, g)).amax(1)         # [q, g]
+    if bound is None:
+        lo = torch.topk(maxima, k, dim=1).values[:, -1]
+        rows, group = (~(maxima < lo[:, None])).nonzero().unbind(1)     # row-major
+    else:
+        lo = bound
+        rows, group = (~(maxima <= lo[:, None])).nonzero().unbind(1)
+    if len(rows) > q * g // 8:     # little to prune (ties, adversarial order): keep every column,
+        return s, torch.arange(start, start + c, device=s.device).expand(q, c)   # bounded memory
+    cols = group[:, None] + g * torch.arange(_GROUP, device=s.device)  # [pairs, _GROUP]
+    cols = cols.flatten()
+    vals = s.view(-1).index_select(0, (rows * c).repeat_interleave(_GROUP) + cols)
+    lo = lo.index_select(0, rows).repeat_interleave(_GROUP)
+    hit = (~(vals < lo) if bound is None else ~(vals <= lo)).nonzero().squeeze(1)   # still row-major
+    rows = rows.index_select(0, hit // _GROUP)
+    cols, vals = cols.index_select(0, hit), vals.index_select(0, hit)
+    counts = torch.bincount(rows, minlength=q)
+    slot = torch.arange(len(rows), device=s.device) - (counts.cumsum(0) - counts)[rows]
+    width = int(counts.max())
+    cand_s = torch.full((q, width), float("-inf"), device=s.device)
+    cand_i = torch.full((q, width), _PAD, dtype=torch.long, device=s.device)
+    cand_s[rows, slot] = vals
+    cand_i[rows, slot] = cols + start
+    if g * _GROUP < c:             # the last few columns of a ragged chunk: all candidates
+        rest = torch.arange(start + g * _GROUP, start + c, device=s.device)
+        cand_s = torch.cat([cand_s, s[:, g * _GROUP:]], 1)
+        cand_i = torch.cat([cand_i, rest.expand(q, -1)], 1)
+    return cand_s, cand_i
 
 
 def exact_search(queries: torch.Tensor, gallery, k: int, exclude: torch.Tensor | None = None,
@@ -31,18 +102,27 @@ def exact_search(queries: torch.Tensor, gallery, k: int, exclude: torch.Tensor |
     if n == 0:
         raise CirlabError("the gallery is empty: nothing to retrieve from")
     queries = queries.float()
+    device = queries.device
     k = min(k, n - 1 if exclude is not None else n)  # an excluded item must never fill a slot
-    best_s = torch.full((len(queries), 0), float("-inf"))
-    best_i = torch.zeros((len(queries), 0), dtype=torch.long)
+    best_s = torch.full((len(queries), 0), float("-inf"), device=device)
+    best_i = torch.zeros((len(queries), 0), dtype=torch.long, device=device)
+    if k <= 0:
+        return best_s.cpu(), best_i.cpu()
+    if exclude is not None:
+        exclude = exclude.to(device)
     for start in range(0, n, chunk):
         block = gallery[start:start + chunk]
         block = torch.from_numpy(np.asarray(block)) if not isinstance(block, torch.Tensor) else block
-        s = queries @ block.to(queries.device).float().T
-        idx = torch.arange(start, start + len(block)).expand_as(s)
+        s = queries @ block.to(device).float().T
         if exclude is not None:
-            s = s.masked_fill(idx == exclude[:, None].to(s.device), float("-inf"))
-        best_s, best_i = _topk_stable(torch.cat([best_s, s.cpu()], 1), torch.cat([best_i, idx.cpu()], 1), k)
-    return best_s, best_i
+            local = exclude - start
+            rows = ((local >= 0) & (local < s.shape[1])).nonzero().squeeze(1)
+            s[rows, local[rows]] = float("-inf")
+        full = best_s.shape[1] == k
+        cand_s, cand_i = _chunk_candidates(s, start, k, best_s[:, -1] if full else None)
+        best_s, best_i = _select(torch.cat([best_s, cand_s], 1), torch.cat([best_i, cand_i], 1),
+                                 min(k, start + s.shape[1]))
+    return best_s.cpu(), best_i.cpu()
 
 
 def faiss_search(queries: torch.Tensor, gallery, k: int, exclude: torch.Tensor | None = None,
@@ -73,7 +153,7 @@ def faiss_search(queries: torch.Tensor, gallery, k: int, exclude: torch.Tensor |
     if exclude is not None:
         s = s.masked_fill(i == exclude[:, None], float("-inf"))
     # faiss orders ties arbitrarily: restore (score desc, index asc) as exact search does
-    return _topk_stable(s, i, min(k, len(xb) - extra))
+    return _order(s, i, min(k, len(xb) - extra))
 
 
 def search(queries: torch.Tensor, gallery, k: int, exclude: torch.Tensor | None = None,
