@@ -133,12 +133,16 @@ def lm_phrases(model, tokenizer, concepts: list[str], batch_concepts: int = 1, *
     return out
 
 
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
 class _PlainUnpickler(pickle.Unpickler):
     """Loads only pickle's built-in containers and scalars (dict, list, str, int, ...): any class or
     function reference is refused before it is resolved, so a phrases file can never run code."""
 
     def find_class(self, module: str, name: str):
-        raise pickle.UnpicklingError(f"it references {module}.{name}")
+        raise _Refused(f"it references {module}.{name}")
 
 
 PHRASES_FORMAT = ("the reference's concept_to_phrases.pkl (release asset GPTNeo27B.zip of github.com/miccunifi/SEARLE) "
@@ -154,7 +158,7 @@ def load_phrases(path: str | Path) -> dict[str, list[str]]:
     if path.suffix.lower() in (".pkl", ".pickle") or raw[:1] == b"\x80":
         try:
             obj = _PlainUnpickler(io.BytesIO(raw)).load()
-        except pickle.UnpicklingError as err:
+        except _Refused as err:
             raise CirlabError(f"phrases file {path} refused: a phrases pickle holds only a dict of lists of strings, "
                               f"but {err}. Use the authors' file or a JSON object {{concept: [phrase, ...]}}") from err
         except Exception as err:  # truncated or not a pickle
