@@ -306,7 +306,7 @@ def test_exported_phi_reproduces_the_run(tmp_path):
     with no OTI and no vocabulary or phrases (both point to missing files in the evaluation)."""
     train = tmp_path / "train"
     run_cli(tmp_path, "+method=searle", "method.oti.steps=2", "method.phi.module.max_images=64",
-            "method.phi.batch_size=32", "method.phi.max_epochs=2", f"method.token_dir={tmp_path / 'tokens'}",
+            "method.phi.batch_size=32", "method.phi.max_epochs=1", f"method.token_dir={tmp_path / 'tokens'}",
             run_dir=train)
     trained = results(train)
     assert trained["selection"]["phi"].startswith("best val/")  # synthetic: val is held out from test
