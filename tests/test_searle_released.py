@@ -275,7 +275,8 @@ def test_bad_phi_files_exit_2_without_a_result(cli, tmp_path):
 
     combiner = tmp_path / "combiner.pt"  # a CLIP4Cir combiner file given as phi
     torch.save({"epoch": 3, "Combiner": Combiner(16).state_dict()}, combiner)
-    assert_refused(*phi_eval(combiner), "method.phi.checkpoint=", "none of the layouts", "'Combiner'", "SEARLE phi file")
+    assert_refused(*phi_eval(combiner), "method.phi.checkpoint=", "none of the layouts", "'Combiner'",
+                   "SEARLE phi file")
 
     assert_refused(*phi_eval(tmp_path / "SEARLE_ViT-B32.pt"), "SEARLE_ViT-B32.pt: no such file")
 

@@ -268,6 +268,6 @@ def build_phrases(cfg: dict, vocabulary: list[str]) -> dict[str, list[str]]:
         except OSError as err:
             raise CirlabError(f"cannot load the phrase LM {name!r} ({err}); use method.phrases.generator=template "
                               "or a pregenerated method.phrases.file=PATH") from err
-        return lm_phrases(model, tok, vocabulary,
-                          num_return_sequences=check_per_concept(cfg.get("per_concept")) or LM_SETTINGS["num_return_sequences"])
+        n = check_per_concept(cfg.get("per_concept")) or LM_SETTINGS["num_return_sequences"]
+        return lm_phrases(model, tok, vocabulary, num_return_sequences=n)
     raise CirlabError(f"unknown method.phrases.generator={kind!r}; choose template or lm")
