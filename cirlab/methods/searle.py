@@ -1,10 +1,12 @@
-"""SEARLE (Baldrati et al., ICCV 2023): zero-shot CIR by textual inversion (facts: shared/spec/searle.md).
+"""SEARLE (Baldrati et al., ICCV 2023): zero-shot CIR by textual inversion (miccunifi/SEARLE).
 
 The reference image becomes one pseudo-word token v* in the text tower's token-embedding space, put at
 the `$` of a prompt like "a photo of $ that {relative caption}"; the prompt feature retrieves targets.
 - `+method=searle_oti` (SearleOTI): v* by optimisation (OTI) per reference image, before evaluation.
 - `+method=searle` (Searle): v* = phi(image feature), phi distilled from OTI tokens of unlabeled images.
 Both work on frozen cached image features; OTI tokens are stored atomically and resumably.
+phi files in the authors' layout (`SEARLE_ViT-B32.pt`, `phi_20.pt`: {'Phi': state_dict}) load with
+`method.phi.checkpoint` and come out of `cirlab +task=export` as `phi.pt`.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from cirlab.errors import CirlabError
 from cirlab.io import load_torch, save_torch
 from cirlab.methods import searle_text as st
 from cirlab.methods.retrieval_module import RetrievalModule
+from cirlab.weights import Layout, cirlab_stage, strip_prefix, wrapped
 
 log = logging.getLogger("cirlab")
 
@@ -63,21 +66,30 @@ def cosine_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class SearleText:
     """Everything text-side both variants need, built once per backbone: vocabulary, concept
-    embeddings, phrase bank, tokenised PALAVRA templates."""
+    embeddings of the whole vocabulary, phrase bank of the usable concepts, tokenised PALAVRA templates."""
 
     def __init__(self, backbone, source, concepts: dict, phrases: dict):
         vocab = (st.read_vocabulary(concepts["vocabulary"]) if concepts.get("vocabulary")
                  else st.default_vocabulary(source))
         self.vocabulary = vocab
-        self.bank = st.PhraseBank(backbone, vocab, st.build_phrases(phrases, vocab),
-                                  int(phrases.get("per_concept", 32)))
-        self.concept_emb = st.concept_embeddings(backbone, self.bank.concepts)
+        self.bank = st.PhraseBank(backbone, vocab, st.build_phrases(phrases, vocab), phrases.get("per_concept"))
+        # vocabulary row -> bank row; -1: a problematic concept (or one without phrases)
+        self.bank_row = torch.tensor([self.bank.index.get(c, -1) for c in vocab])
+        self.concept_emb = st.concept_embeddings(backbone, vocab)
         self.templates = backbone.tokenize([t.format(st.PLACEHOLDER) for t in st.TEMPLATES])
-        self.digest = hashlib.sha1(json.dumps([vocab, self.bank.concepts, phrases, concepts],
+        self.digest = hashlib.sha1(json.dumps([vocab, self.bank.digest, phrases, concepts],
                                               sort_keys=True, default=str).encode()).hexdigest()[:12]
 
     def concepts_of(self, features: torch.Tensor, top_k: int) -> torch.Tensor:
-        return st.associate(features, self.concept_emb, top_k)
+        """Bank rows [N, k] of each image's top-k concepts, ranked over the whole vocabulary, the
+        problematic ones then dropped (-1), as the reference: an image keeps fewer than k usable concepts
+        rather than reaching further down its ranking."""
+        rows = self.bank_row[st.associate(features, self.concept_emb, top_k)]
+        empty = int((rows < 0).all(1).sum())
+        if empty:
+            raise CirlabError(f"{empty} of {len(rows)} images have no usable concept among their top {top_k} (all "
+                              "dropped as problematic or without phrases): raise the top-k or check method.phrases")
+        return rows
 
 
 def oti(backbone, text: SearleText, features: torch.Tensor, cfg: dict,
@@ -85,24 +97,23 @@ def oti(backbone, text: SearleText, features: torch.Tensor, cfg: dict,
     """Optimisation-based textual inversion of a batch of images (each its own token; the batch is only
     parallelism): AdamW, per step a random PALAVRA template (L_cos to the image) and a random phrase of
     one of the image's top-k concepts with '$' for its first occurrence (L_gpt to the plain phrase),
-    loss (l_cos*L_cos + l_gpt*L_gpt)/(l_cos+l_gpt), EMA of the tokens. Returns (tokens, ema, losses)."""
+    loss (l_cos*L_cos + l_gpt*L_gpt)/(l_cos+l_gpt), EMA of the tokens. The phrase is drawn uniformly from
+    all phrases of the image's usable top-k concepts, as the reference's pool. Returns (tokens, ema, losses)."""
     cfg = {**OTI_DEFAULTS, **cfg}
     gen = generator or torch.Generator().manual_seed(int(cfg["seed"]))
     device = backbone.device
     feats = features.float().to(device)
     n = len(feats)
-    concepts = text.concepts_of(feats, int(cfg["top_k"]))  # [n, k] indices into bank.concepts
+    concepts = text.concepts_of(feats, int(cfg["top_k"]))  # [n, k] bank rows, -1 = dropped
     bank = text.bank
     token = (torch.randn(n, backbone.token_dim, generator=gen) * cfg["init_std"]).to(device).requires_grad_(True)
     ema = token.detach().clone()
     opt = torch.optim.AdamW([token], lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     lc, lg = float(cfg["lambda_cos"]), float(cfg["lambda_gpt"])
     losses = []
-    rows = torch.arange(n)
     for _ in range(int(cfg["steps"])):
         t_idx = torch.randint(len(text.templates), (n,), generator=gen)
-        c_idx = concepts[rows, torch.randint(concepts.shape[1], (n,), generator=gen)]
-        p_idx = c_idx * bank.k + torch.randint(bank.k, (n,), generator=gen)
+        p_idx = bank.sample(concepts, gen, pooled=True)
         f_a = backbone.encode_text_with_pseudo_tokens(text.templates[t_idx].to(device), token)
         loss = lc * cosine_loss(f_a, feats)
         if lg > 0:
@@ -342,6 +353,7 @@ class Searle(_SearleBase):
     def train_loader(self, dm):
         from cirlab.data.features import FeatureCache
 
+        text = self.text()  # vocabulary and phrases first: a missing or refused file stops the run before OTI
         source = self.unlabeled_source or dm.source
         names = self.unlabeled_images(source)
         if not names:
@@ -359,7 +371,6 @@ class Searle(_SearleBase):
         if self.token_norm == "oti":
             self.target_norm.fill_(tokens.norm(dim=-1).mean().item())
         log.info("phi: OTI targets for %d unlabeled images ready in %.0f s", len(names), time.time() - start)
-        text = self.text()
         self._concepts = text.concepts_of(x, self.top_k_concepts)
         if len(x) < self.batch_size:
             raise CirlabError(f"{len(x)} unlabeled images are fewer than one batch ({self.batch_size}): "
@@ -387,10 +398,8 @@ class Searle(_SearleBase):
         if self.lambda_gpt > 0:
             text = self.text()
             bank = text.bank
-            cands = self._concepts[idx.cpu()]
             gen = torch.Generator().manual_seed(self.seed * 1000003 + self.global_step)
-            c_idx = cands[torch.arange(len(x)), torch.randint(cands.shape[1], (len(x),), generator=gen)]
-            p_idx = c_idx * bank.k + torch.randint(bank.k, (len(x),), generator=gen)
+            p_idx = bank.sample(self._concepts[idx.cpu()], gen, pooled=False)
             f_p = self.backbone.encode_text_with_pseudo_tokens(bank.tokens_all[p_idx].to(self.device), pred)
             gpt = cosine_loss(f_p, bank.features[p_idx].to(self.device))
             self.log("train/gpt", gpt, batch_size=len(x))
@@ -406,3 +415,34 @@ class Searle(_SearleBase):
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.phi.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    # ---- phi files (cirlab/weights.py) --------------------------------------------------------------
+    def stage_weights(self) -> nn.Module:
+        return self.phi
+
+    def checkpoint_layouts(self) -> list[Layout]:
+        if self.token_norm == "oti":
+            raise CirlabError("method.phi.module.token_norm=oti takes the norm of the OTI targets while training, "
+                              "which a phi file does not carry: give that number (method.phi.module.token_norm=X; "
+                              "cirlab's exported phi.pt holds it under 'token_norm') or null, the reference")
+        return [wrapped("Phi", "SEARLE phi file {'Phi': state_dict} (release SEARLE_ViT-B32.pt / SEARLE_ViT-L14.pt, "
+                               "training phi_<epoch>.pt, cirlab's exported phi.pt)"),
+                cirlab_stage("phi.", "its phi.* weights")]
+
+    @classmethod
+    def reference_files(cls, state: dict, epoch: int) -> dict:
+        """phi.pt as the reference's train_phi.py saves it; a run with token_norm adds the norm its tokens
+        were scaled to (the reference code ignores the key and uses phi's raw output)."""
+        out = {"Phi": strip_prefix(state, "phi."), "epoch": epoch}
+        norm = float(state.get("target_norm", 0.0))
+        if norm > 0:
+            out["token_norm"] = norm
+        return {"phi.pt": out}
+
+    def checkpoint_monitor(self) -> str | None:
+        """The reference judges phi on CIRR val and never on the split it reports. So: the best val epoch
+        only when val is held out from the reported split (synthetic; CIRR with test_split=test1), else the
+        last epoch (FashionIQ/CIRR/CIRCO report val itself)."""
+        if self.eval_data.val_split == self.eval_data.test_split:
+            return None
+        return super().checkpoint_monitor()

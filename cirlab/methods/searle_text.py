@@ -1,16 +1,24 @@
-"""SEARLE text side: concept vocabulary, image-concept association, phrases (facts: shared/spec/searle.md).
+"""SEARLE text side: concept vocabulary, image-concept association, phrases.
 
-- Vocabulary: one concept name per line (`method.concepts.vocabulary=PATH`); the synthetic benchmark
-  ships `vocabulary.txt` ("colour shape" names) and is used by default.
-- Association (spec §4): concept text embedding = mean of the L2-normalised features of the 24 PALAVRA
-  templates filled with " c ", renormalised; score = cosine with the normalised image feature; top-k.
-- Phrases (spec §5): a JSON file {concept: [phrases]}, or the template generator (default; a documented
-  deviation: no LM can be downloaded here), or a HF causal LM with the reference sampling settings.
-- A concept is "problematic" (excluded) if any of its phrases does not contain it verbatim.
+- Vocabulary (`method.concepts.vocabulary=PATH`): the reference's Open Images V7 class list
+  `oidv7-class-descriptions.csv` (columns LabelName,DisplayName; the DisplayName column is used), or a
+  plain text file, one concept per line. The synthetic benchmark ships `vocabulary.txt` ("colour shape"
+  names), used by default; the real benchmarks ship none.
+- Association: concept text embedding = mean of the L2-normalised features of the 24 PALAVRA templates
+  filled with " c ", renormalised; score = cosine with the normalised image feature; top-k over the
+  WHOLE vocabulary, as the reference ranks before it drops the problematic concepts.
+- Phrases: the reference's `concept_to_phrases.pkl` (GPT-Neo 2.7B, 256 per concept) or a JSON file
+  {concept: [phrases]}, or the template generator (default; a documented deviation: no LM can be
+  downloaded here), or a HF causal LM with the reference sampling settings.
+- A concept is "problematic" (dropped) if any of its phrases does not contain it verbatim.
 """
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
 import json
+import pickle
 import re
 from pathlib import Path
 
@@ -47,12 +55,27 @@ CLAUSES = [
 LM_SETTINGS = dict(do_sample=True, max_length=35, num_return_sequences=256, temperature=0.5, no_repeat_ngram_size=2)
 
 
+VOCABULARY_SOURCE = ("SEARLE's vocabulary is the Open Images V7 class list data/oidv7-class-descriptions.csv "
+                     "of github.com/miccunifi/SEARLE")
+
+
 def read_vocabulary(path: str | Path) -> list[str]:
+    """Concept names, stripped and de-duplicated in file order: the DisplayName column of a CSV with
+    that header (names may hold quoted commas), else one name per line."""
     path = Path(path)
     if not path.is_file():
-        raise CirlabError(f"concept vocabulary {path} not found: give method.concepts.vocabulary=PATH "
-                          "(a text file, one concept name per line)")
-    names = list(dict.fromkeys(line.strip() for line in path.read_text().splitlines() if line.strip()))
+        raise CirlabError(f"concept vocabulary {path} not found (method.concepts.vocabulary). {VOCABULARY_SOURCE}: "
+                          "download it there, or give a text file with one concept name per line")
+    text = path.read_text(encoding="utf-8-sig")
+    header = next(csv.reader(io.StringIO(text)), [])
+    if "DisplayName" in header:
+        names = [row["DisplayName"] or "" for row in csv.DictReader(io.StringIO(text))]
+    elif path.suffix.lower() == ".csv":
+        raise CirlabError(f"concept vocabulary {path} is a CSV without a DisplayName column (header {header}): "
+                          "give the Open Images class list (LabelName,DisplayName) or a text file, one name per line")
+    else:
+        names = text.splitlines()
+    names = list(dict.fromkeys(n.strip() for n in names if n.strip()))
     if not names:
         raise CirlabError(f"concept vocabulary {path} is empty")
     return names
@@ -78,10 +101,18 @@ def clean_phrase(text: str) -> str:
     return re.sub(r"\.+", ".", re.sub(r"\n+", ". ", text)).strip()
 
 
-def template_phrases(concepts: list[str], per_concept: int = 32) -> dict[str, list[str]]:
-    if per_concept < 1:
-        raise CirlabError("method.phrases.per_concept must be >= 1")
-    return {c: [f"a photo of {c} that {CLAUSES[i % len(CLAUSES)]}" for i in range(per_concept)] for c in concepts}
+def template_phrases(concepts: list[str], per_concept: int | None = None) -> dict[str, list[str]]:
+    """One phrase per clause (None: all 32), cycling the clauses for more."""
+    n = check_per_concept(per_concept) or len(CLAUSES)
+    return {c: [f"a photo of {c} that {CLAUSES[i % len(CLAUSES)]}" for i in range(n)] for c in concepts}
+
+
+def check_per_concept(per_concept) -> int | None:
+    if per_concept is None:
+        return None
+    if isinstance(per_concept, bool) or not isinstance(per_concept, int) or per_concept < 1:
+        raise CirlabError(f"method.phrases.per_concept={per_concept!r}: a positive integer, or null for all phrases")
+    return per_concept
 
 
 @torch.no_grad()
@@ -102,17 +133,43 @@ def lm_phrases(model, tokenizer, concepts: list[str], batch_concepts: int = 1, *
     return out
 
 
+class _Refused(pickle.UnpicklingError):
+    pass
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Loads only pickle's built-in containers and scalars (dict, list, str, int, ...): any class or
+    function reference is refused before it is resolved, so a phrases file can never run code."""
+
+    def find_class(self, module: str, name: str):
+        raise _Refused(f"it references {module}.{name}")
+
+
+PHRASES_FORMAT = ("the reference's concept_to_phrases.pkl (release asset GPTNeo27B.zip of github.com/miccunifi/SEARLE) "
+                  "or a JSON object {concept: [phrase, ...]}")
+
+
 def load_phrases(path: str | Path) -> dict[str, list[str]]:
+    """{concept: [phrases]} from a pickle (read with `_PlainUnpickler`) or a JSON file."""
     path = Path(path)
     if not path.is_file():
-        raise CirlabError(f"phrases file {path} not found (method.phrases.file): a JSON object "
-                          "{concept: [phrase, ...]}")
-    try:
-        obj = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CirlabError(f"phrases file {path} is not valid JSON: {err}") from err
+        raise CirlabError(f"phrases file {path} not found (method.phrases.file): {PHRASES_FORMAT}")
+    raw = path.read_bytes()
+    if path.suffix.lower() in (".pkl", ".pickle") or raw[:1] == b"\x80":
+        try:
+            obj = _PlainUnpickler(io.BytesIO(raw)).load()
+        except _Refused as err:
+            raise CirlabError(f"phrases file {path} refused: a phrases pickle holds only a dict of lists of strings, "
+                              f"but {err}. Use the authors' file or a JSON object {{concept: [phrase, ...]}}") from err
+        except Exception as err:  # truncated or not a pickle
+            raise CirlabError(f"phrases file {path} is not a readable pickle ({type(err).__name__}: {err})") from err
+    else:
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CirlabError(f"phrases file {path} is not valid JSON: {err}") from err
     if not isinstance(obj, dict) or not all(isinstance(v, list) for v in obj.values()):
-        raise CirlabError(f"phrases file {path} must map each concept to a list of phrases")
+        raise CirlabError(f"phrases file {path} must map each concept to a list of phrases ({PHRASES_FORMAT})")
     return {str(k).strip(): [str(p) for p in v] for k, v in obj.items()}
 
 
@@ -130,34 +187,69 @@ def concept_embeddings(backbone, concepts: list[str], batch: int = 512) -> torch
     return F.normalize(feats, dim=-1)
 
 
-def associate(image_features: torch.Tensor, concept_emb: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Indices [N, k] of the top-k concepts per image by cosine similarity, best first."""
-    sims = F.normalize(image_features.float(), dim=-1) @ concept_emb.T.to(image_features.device)
-    return sims.topk(min(top_k, concept_emb.shape[0]), dim=-1).indices.cpu()
+def associate(image_features: torch.Tensor, concept_emb: torch.Tensor, top_k: int, chunk: int = 4096) -> torch.Tensor:
+    """Indices [N, k] of the top-k concepts per image by cosine similarity, best first (in chunks of
+    images: 100k images x 20k concepts would not fit in memory at once)."""
+    emb = concept_emb.T.to(image_features.device)
+    k = min(top_k, concept_emb.shape[0])
+    return torch.cat([(F.normalize(image_features[i:i + chunk].float(), dim=-1) @ emb).topk(k, dim=-1).indices.cpu()
+                      for i in range(0, len(image_features), chunk)])
 
 
 class PhraseBank:
-    """Per usable concept: K phrases, their plain text features, and their '$' versions tokenised
-    (first occurrence replaced for OTI, all occurrences for phi training)."""
+    """The phrases of every usable concept (its first `per_concept`, None = all), their plain text
+    features, and their '$' versions tokenised (first occurrence replaced for OTI, all for phi training).
+    Concepts may have different phrase counts: phrases are stored flat, concept c owning rows
+    start[c] .. start[c] + count[c] - 1."""
 
-    def __init__(self, backbone, vocabulary: list[str], phrases: dict[str, list[str]], per_concept: int):
+    def __init__(self, backbone, vocabulary: list[str], phrases: dict[str, list[str]], per_concept: int | None):
+        n = check_per_concept(per_concept)
         ok = usable_concepts(phrases)
         self.concepts = [c for c in vocabulary if c in ok]
         if not self.concepts:
             raise CirlabError("no concept of the vocabulary has usable phrases (each phrase must contain its "
                               "concept verbatim): check method.phrases")
         self.index = {c: i for i, c in enumerate(self.concepts)}
-        # every concept gets exactly K phrases (cycled), so sampling a phrase is uniform per concept
-        lists = [[phrases[c][i % len(phrases[c])] for i in range(per_concept)] for c in self.concepts]
+        lists = [phrases[c][:n] for c in self.concepts]
+        self.count = torch.tensor([len(ps) for ps in lists])
+        self.start = torch.cumsum(self.count, 0) - self.count
+        self.max_count = int(self.count.max())
         flat = [p for ps in lists for p in ps]
-        self.k = per_concept
+        digest = hashlib.sha1()
+        for c, ps in zip(self.concepts, lists):
+            digest.update(json.dumps([c, ps]).encode())
+        self.digest = digest.hexdigest()
         with torch.no_grad():
             self.features = torch.cat([backbone.encode_texts(flat[i:i + 512]).float()
-                                       for i in range(0, len(flat), 512)]).cpu()  # [C*K, D]
+                                       for i in range(0, len(flat), 512)]).cpu()  # [P, D]
         self.tokens_first = backbone.tokenize([p.replace(c, PLACEHOLDER, 1) for c, ps in zip(self.concepts, lists)
                                                for p in ps])
         self.tokens_all = backbone.tokenize([p.replace(c, PLACEHOLDER) for c, ps in zip(self.concepts, lists)
                                              for p in ps])
+
+    def sample(self, candidates: torch.Tensor, generator: torch.Generator, pooled: bool) -> torch.Tensor:
+        """One phrase row per image from its candidate concepts [N, k] (bank indices, -1 = dropped).
+        pooled=True: uniform over all phrases of the candidates (the reference's OTI pool); False: a
+        uniform candidate concept, then a uniform phrase of it (the reference's phi training).
+        By rejection, so with every candidate usable and equal counts it draws exactly a column and a
+        phrase index."""
+        n, k = candidates.shape
+        rows = torch.arange(n)
+        concept = candidates[rows, torch.randint(k, (n,), generator=generator)]
+        phrase = torch.randint(self.max_count, (n,), generator=generator)
+        while True:
+            bad = concept < 0
+            if pooled:
+                bad |= phrase >= self.count[concept.clamp(min=0)]
+            if not bad.any():
+                break
+            redo = rows[bad]
+            concept[redo] = candidates[redo, torch.randint(k, (len(redo),), generator=generator)]
+            if pooled:
+                phrase[redo] = torch.randint(self.max_count, (len(redo),), generator=generator)
+        while not pooled and (bad := phrase >= self.count[concept]).any():
+            phrase[bad] = torch.randint(self.max_count, (int(bad.sum()),), generator=generator)
+        return self.start[concept] + phrase
 
 
 def build_phrases(cfg: dict, vocabulary: list[str]) -> dict[str, list[str]]:
@@ -165,7 +257,7 @@ def build_phrases(cfg: dict, vocabulary: list[str]) -> dict[str, list[str]]:
     if cfg.get("file"):
         return load_phrases(cfg["file"])
     if kind == "template":
-        return template_phrases(vocabulary, int(cfg.get("per_concept", 32)))
+        return template_phrases(vocabulary, cfg.get("per_concept"))
     if kind == "lm":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -176,5 +268,6 @@ def build_phrases(cfg: dict, vocabulary: list[str]) -> dict[str, list[str]]:
         except OSError as err:
             raise CirlabError(f"cannot load the phrase LM {name!r} ({err}); use method.phrases.generator=template "
                               "or a pregenerated method.phrases.file=PATH") from err
-        return lm_phrases(model, tok, vocabulary, num_return_sequences=int(cfg.get("per_concept", 256)))
+        n = check_per_concept(cfg.get("per_concept")) or LM_SETTINGS["num_return_sequences"]
+        return lm_phrases(model, tok, vocabulary, num_return_sequences=n)
     raise CirlabError(f"unknown method.phrases.generator={kind!r}; choose template or lm")
