@@ -50,7 +50,7 @@ def test_squarepad_pixels():
 def test_targetpad_ratio_and_untouched_images():
     wide = Image.new("RGB", (400, 200), (255, 255, 255))
     out = TargetPad(1.25)(wide)
-    assert out.size == (400, 320)                     # spec example: s = 320, vp = 60
+    assert out.size == (400, 320)                     # docs/methods/clip4cir.md#preprocessing example: s = 320, vp = 60
     assert out.getpixel((0, 59)) == (0, 0, 0) and out.getpixel((0, 60)) == (255, 255, 255)
     near_square = Image.new("RGB", (110, 100))
     assert TargetPad(1.25)(near_square).size == (110, 100)

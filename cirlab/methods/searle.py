@@ -49,7 +49,7 @@ class Phi(nn.Module):
 
 
 def distillation_loss(v1: torch.Tensor, v2: torch.Tensor, temperature: float = 0.25) -> torch.Tensor:
-    """Symmetric NT-Xent between OTI tokens v1 and predicted tokens v2 (spec §7): numerator
+    """Symmetric NT-Xent between OTI tokens v1 and predicted tokens v2 (docs/methods/searle.md#phi-training): numerator
     exp(cos(v1_i, v2_i)/t) for both rows of pair i, denominator the row sum over the other 2B-1."""
     z = F.normalize(torch.cat([v1, v2]), dim=-1)
     sim = z @ z.T / temperature

@@ -29,7 +29,7 @@ from cirlab.errors import CirlabError
 
 PLACEHOLDER = " $ "
 
-# PALAVRA templates, verbatim from miccunifi/SEARLE src/utils.py get_templates (spec §6.1)
+# PALAVRA templates, verbatim from miccunifi/SEARLE src/utils.py get_templates (docs/methods/searle.md#templates)
 TEMPLATES = [
     "This is a photo of a {}", "This photo contains a {}", "A photo of a {}", "This is an illustration of a {}",
     "This illustration contains a {}", "An illustrations of a {}", "This is a sketch of a {}",
@@ -39,7 +39,7 @@ TEMPLATES = [
     "{} photo", "{} image", "{} illustration",
 ]
 
-# template generator (deviation, spec §5 fallback): "a photo of {c} that " + a clause
+# template generator (deviation, docs/methods/searle.md#cirlab-vs-the-reference): "a photo of {c} that " + a clause
 CLAUSES = [
     "is on the table", "is in the street", "was taken outdoors", "was taken indoors", "is on the left",
     "is on the right", "is in the middle", "has nothing on the left", "has nothing on the right",
@@ -51,7 +51,7 @@ CLAUSES = [
     "is easy to recognise",
 ]
 
-# the reference's sampling settings for GPT phrases (spec §5)
+# the reference's sampling settings for GPT phrases (docs/methods/searle.md#phrases)
 LM_SETTINGS = dict(do_sample=True, max_length=35, num_return_sequences=256, temperature=0.5, no_repeat_ngram_size=2)
 
 
