@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see cirlab/cli.py
 import subprocess
 import sys
 from pathlib import Path
