@@ -209,6 +209,10 @@ def load_module_weights(module: torch.nn.Module, path: Path) -> None:
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     start = time.time()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.ckpt_path not in (None, "last"):
+        raise CirlabError(f"ckpt_path={cfg.ckpt_path}: ckpt_path takes `last` (resume the run in hydra.run.dir). "
+                          "To start or evaluate a stage from a weights file: method.<stage>.checkpoint=FILE "
+                          "(or backbone.checkpoint=FILE for the backbone)")
     resume = bool(cfg.resume) or cfg.ckpt_path == "last"
     for name in cfg.method.stages:  # config errors before any data or model work
         if name not in cfg.method:

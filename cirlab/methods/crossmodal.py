@@ -11,6 +11,7 @@ images (hit: ANY of the image's captions in the top K); rsum = sum of the six re
 """
 from __future__ import annotations
 
+import logging
 import random
 import weakref
 
@@ -24,6 +25,8 @@ from cirlab.errors import CirlabError
 from cirlab.methods.losses import cosine_margin, symmetric_infonce
 from cirlab.methods.retrieval_module import RetrievalModule
 from cirlab.retrieval.search import exact_search
+
+log = logging.getLogger("cirlab")
 
 
 def crossmodal_recalls(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor,
@@ -72,8 +75,14 @@ class ContrastivePretraining(L.LightningModule):
         images, texts = batch
         loss = symmetric_infonce(self.backbone.encode_image(images), self.backbone.encode_texts(list(texts)),
                                  self.logit_scale.exp().clamp(max=100))
-        self.log("pretrain/loss", loss, prog_bar=True)
+        self.log("pretrain/loss", loss, prog_bar=True, on_epoch=True)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        """A log line per epoch: the progress bar only shows in a terminal, not in a log file."""
+        loss = self.trainer.callback_metrics.get("pretrain/loss_epoch")
+        log.info("pretraining %s: epoch %d/%d, loss %.3f", self.backbone.name, self.current_epoch + 1,
+                 self.trainer.max_epochs, float(loss) if loss is not None else float("nan"))
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
