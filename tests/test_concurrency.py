@@ -1,0 +1,69 @@
+"""Two runs started at once on one fresh cache (parallel sweep launchers do this): the shared cache
+entries (synthetic benchmark, features) are built once under a file lock and never read half-written;
+both runs finish with the numbers of a lone run."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cirlab.data.synthetic import SyntheticSpec
+from conftest import CACHE, ROOT, cli_env, results
+
+RACE = """
+import random, sys, time
+import cirlab.data.synthetic as synthetic
+random.seed(0)                      # as seed_everything does before the dataset source is built
+renders, render = [], synthetic.Generator.render
+def counted(self, *args):           # the slow run is on a busier core: still writing images when the other is done
+    renders.append(time.sleep(0.003 if sys.argv[2] == "slow" else 0))
+    return render(self, *args)
+synthetic.Generator.render = counted
+root = synthetic.ensure(synthetic.SyntheticSpec(n_pretrain=300, n_train=300, n_val=40, n_test=40), sys.argv[1])
+print(len(renders), root)
+"""
+
+
+def test_two_runs_generate_the_synthetic_benchmark_once(tmp_path):
+    """Started together, one fast and one slow: the slow one used to write into the folder the fast one had
+    already renamed (the same temp name from the same seed) and die with FileNotFoundError."""
+    cache = tmp_path / "cache"
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(cache), speed], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for speed in ("fast", "slow")]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    renders, roots = zip(*(out.strip().splitlines()[-1].split(" ", 1) for out in outputs))
+    assert sorted(int(n) > 0 for n in renders) == [False, True]          # generated once: the other run waited
+    assert len(set(roots)) == 1
+    root = Path(roots[0])
+    assert (root / "spec.json").is_file() and len(list((root / "images").iterdir())) > 500
+    assert sorted(p.name for p in cache.iterdir()) == [root.name, root.name + ".lock"]   # no temp folder left
+
+
+@pytest.mark.slow
+def test_two_runs_at_once_on_a_fresh_cache(cli, tmp_path):
+    cache = tmp_path / "cache"
+    (cache / "backbones").mkdir(parents=True)
+    for f in (CACHE / "backbones").glob("tiny-*"):   # its key is the model and pretraining config, no path
+        shutil.copy(f, cache / "backbones" / f.name)
+    assert list((cache / "backbones").glob("tiny-*.pt")), "the pretrained tiny backbone is not cached yet"
+    env = cli_env(tmp_path) | {"CIRLAB_CACHE": str(cache)}
+    procs = [subprocess.Popen([sys.executable, "-m", "cirlab.cli", "+method=zeroshot", "logger=none",
+                               f"hydra.run.dir={tmp_path / f'run{i}'}"], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-3000:]
+    assert "pretraining" not in "".join(outputs)              # the copied backbone was used
+    assert sorted(p.name for p in cache.iterdir() if p.name.startswith("synthetic-")) == [
+        f"synthetic-{SyntheticSpec().digest()}", f"synthetic-{SyntheticSpec().digest()}.lock"]
+
+    code, out, err = cli("+method=zeroshot", run_dir=tmp_path / "lone")   # the ordinary cache
+    assert code == 0, err
+    lone = results(tmp_path / "lone")["metrics"]
+    assert results(tmp_path / "run0")["metrics"] == lone
+    assert results(tmp_path / "run1")["metrics"] == lone
