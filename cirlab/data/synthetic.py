@@ -303,7 +303,8 @@ def generate(spec: SyntheticSpec, root: Path) -> Path:
 
 def ensure(spec: SyntheticSpec, cache_dir: str | Path) -> Path:
     """Return the benchmark folder for `spec`, generating it on first use: once, under a lock, in a
-    unique temp folder renamed into place (never `random`, which runs with one seed share)."""
+    unique temp folder renamed into place (mkdtemp: names from the seeded `random` were the same in
+    every run with one seed, so two runs wrote into one folder)."""
     root = Path(cache_dir) / f"synthetic-{spec.digest()}"
     if (root / "spec.json").is_file():
         return root
