@@ -158,8 +158,9 @@ def test_fewer_than_one_batch(case, cli, tmp_path):
     assert expected in err and "Traceback" not in err
 
 
-def test_resume_with_another_method_is_a_clear_error(cli, tmp_path):
-    """A finished clip4cir_combiner stage resumed as MLCL's combiner: the checkpoint's stamp says so."""
+def test_resume_with_another_method_or_backbone_is_a_clear_error(cli, tmp_path):
+    """A finished clip4cir_combiner stage resumed as MLCL's combiner, or over another backbone: the
+    checkpoint's stamp says so."""
     root = materialize("fashioniq", tmp_path / "fiq")
     run = tmp_path / "run"
     code, out, err = cli(*FIQ_COMBINER, f"dataset.root={root}", run_dir=run)
@@ -171,3 +172,10 @@ def test_resume_with_another_method_is_a_clear_error(cli, tmp_path):
     assert "was written by method CLIP4CirCombiner" in err and "but this run is MLCLCombiner" in err
     assert "Traceback" not in err
     assert (run / "results.json").read_bytes() == before    # nothing of the first run lost
+
+    # the same method over another backbone's stage checkpoint (a run folder reused with backbone=...)
+    best = run / "stages" / "combiner" / "checkpoints" / "best.ckpt"
+    ckpt = torch.load(best, weights_only=True)
+    torch.save(ckpt | {"cirlab": ckpt["cirlab"] | {"backbone": "clip_vit_b32"}}, best)
+    code, out, err = cli(*FIQ_COMBINER, f"dataset.root={root}", "resume=true", run_dir=run)
+    assert code == 2 and "with backbone 'clip_vit_b32', but this run is CLIP4CirCombiner with backbone 'tiny'" in err
