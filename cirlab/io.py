@@ -1,12 +1,14 @@
 """Atomic writes: every artefact appears whole or not at all (temp file in the same folder + rename).
 
 Unique temp names make two concurrent writers of the same path safe: the last rename wins and
-each rename publishes a complete file.
+each rename publishes a complete file. `build_lock` makes concurrent runs build a shared cache entry
+once: the others wait, then use it.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -15,6 +17,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from cirlab.errors import CirlabError
+
+log = logging.getLogger("cirlab")
 
 
 @contextlib.contextmanager
@@ -36,6 +40,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def build_lock(entry: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on `<entry>.lock` while building the shared cache entry `entry`.
+    Callers check for the entry again once they hold it: another run may have built it meanwhile.
+    The kernel drops the lock when its holder dies, so a killed run never blocks the next one."""
+    entry = Path(entry)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): concurrent runs may build the entry twice, atomically
+        yield
+        return
+    with open(entry.with_name(entry.name + ".lock"), "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another run to finish building %s", entry)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def write_atomic(path: str | os.PathLike, writer: Callable[[Path], Any]) -> Path:

@@ -38,13 +38,28 @@ log = logging.getLogger("cirlab")
 
 class SafeCheckpointIO(TorchCheckpointIO):
     """Checkpoints load with weights_only=True: a checkpoint file can never run code.
-    (Saving is already atomic in Lightning: fsspec transaction = temp file + rename.)"""
+    (Saving is already atomic in Lightning: fsspec transaction = temp file + rename.)
+    An unreadable one (truncated by a full disk, copied half-way) stops with what to delete: the
+    run folder's other stages are kept."""
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
         try:
             return super().load_checkpoint(path, map_location=map_location or "cpu", weights_only=True)
         except Exception as err:
-            raise CirlabError(f"cannot load checkpoint {path}: {err}") from err
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise CirlabError(f"cannot load checkpoint {path}: {first}{restart_hint(Path(path))}") from err
+
+
+def restart_hint(ckpt: Path) -> str:
+    """How to go on past an unreadable checkpoint of stage folder `stages/<stage>/checkpoints/`."""
+    if ckpt.parent.name != "checkpoints":
+        return ""
+    stage = ckpt.parent.parent
+    if ckpt.name == "last.ckpt":
+        return (f"\nThe file is damaged: delete {ckpt} and resume again to restart stage {stage.name} "
+                "from its first epoch (finished stages are kept).")
+    return (f"\nThe file is damaged: delete {stage / 'done.json'} and {ckpt.parent} and resume again to "
+            f"train stage {stage.name} anew (the other stages are kept).")
 
 
 class BatchSeed(Callback):

@@ -52,9 +52,9 @@ def cli(tmp_path, monkeypatch, capsys):
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
 
-    def call(*args: str, run_dir: Path | None = None) -> tuple[int, str, str]:
+    def call(*args: str, run_dir: Path | None = None, logger: str = "none") -> tuple[int, str, str]:
         run_dir = run_dir or tmp_path / "run"
-        monkeypatch.setattr(sys, "argv", ["cirlab", *args, "logger=none", f"hydra.run.dir={run_dir}"])
+        monkeypatch.setattr(sys, "argv", ["cirlab", *args, f"logger={logger}", f"hydra.run.dir={run_dir}"])
         GlobalHydra.instance().clear()
         code = 0
         try:

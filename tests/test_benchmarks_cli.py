@@ -1,5 +1,6 @@
-"""`+method=zeroshot` through the CLI on each official benchmark layout (cut-down real annotations,
-placeholder images), every metric key, predictions, test-server files, and the data check."""
+"""`+method=zeroshot` through the CLI on the official benchmark layouts (cut-down real annotations,
+placeholder images): test-server files and the data check. Every metric key and value on each layout:
+tests/test_protocol_oracles.py."""
 import json
 
 import pytest
@@ -16,20 +17,6 @@ KEYS = {
     "circo": ["val/map_at_5", "val/map_at_10", "val/map_at_25", "val/map_at_50", "val/recall_at_10"],
     "shoes": ["test/recall_at_1", "test/recall_at_10", "test/recall_at_50", "test/mean_recall"],
 }
-
-
-@pytest.mark.parametrize("dataset", list(KEYS))
-def test_zeroshot_on_official_layout(dataset, cli, tmp_path):
-    root = materialize(dataset, tmp_path / dataset)
-    run = tmp_path / "run"
-    code, out, err = cli("+method=zeroshot", f"dataset={dataset}", f"dataset.root={root}", run_dir=run)
-    assert code == 0, err
-    metrics = results(run)["metrics"]
-    for key in KEYS[dataset]:
-        assert key in metrics and 0 <= metrics[key] <= 100, key
-    split = results(run)["config"]["dataset"]["test_split"]
-    preds = json.loads((run / "stages" / "eval" / f"predictions.{split}.json").read_text())
-    assert preds and all(isinstance(v, list) and v for v in preds.values())
 
 
 def test_cirr_test1_writes_both_submission_files_and_no_metrics(cli, tmp_path):

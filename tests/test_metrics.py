@@ -1,4 +1,6 @@
 """Hand-computed values for the retrieval metrics and the search."""
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -6,7 +8,7 @@ from torchmetrics.functional.retrieval import retrieval_recall
 
 from cirlab.data.records import CIRQuery, EvalSet, Protocol
 from cirlab.errors import CirlabError
-from cirlab.retrieval.metrics import map_at_k, recall_at_k, score_eval_set, split_metrics
+from cirlab.retrieval.metrics import SetResult, derived_metrics, map_at_k, recall_at_k, score_eval_set, split_metrics
 from cirlab.retrieval.search import exact_search, faiss_search
 
 
@@ -141,3 +143,40 @@ def test_excluded_item_never_fills_a_slot_in_small_galleries():
     g = torch.eye(4)
     _, idx = exact_search(torch.ones(2, 4), g, 50, exclude=torch.tensor([0, 3]))
     assert idx.shape == (2, 3) and 0 not in idx[0] and 3 not in idx[1]
+
+
+def test_recall_is_exact_from_counts():
+    """141 of 400 is 35.25 exactly (float32 gave 35.2499991): runs compare in queries, not float noise."""
+    topk = torch.zeros(400, 10, dtype=torch.long)
+    target = torch.ones(400, dtype=torch.long)
+    topk[:141, 3] = 1
+    r = recall_at_k(topk, target, (1, 10))
+    assert r == {"recall_at_1": 0.0, "recall_at_10": 35.25}
+    assert type(r["recall_at_10"]) is float
+    third = recall_at_k(torch.tensor([[1], [0], [0]]), torch.ones(3, dtype=torch.long), (1,))["recall_at_1"]
+    assert third == 100 / 3   # the float64 nearest to 33.333..., not float32's 33.33333206
+
+
+def test_map_is_exact_from_counts():
+    # q0: GT {7} at rank 2 -> AP@5 = 1/2; q1: GTs {0, 1, 9} at ranks 1, 3 -> (1 + 2/3) / 3 = 5/9
+    topk = torch.tensor([[4, 7, 1, 2, 3], [0, 5, 1, 6, 7]])
+    m = map_at_k(topk, [[7], [0, 1, 9]], (1, 2, 5))
+    assert m["map_at_5"] == float(Fraction(100, 2) * (Fraction(1, 2) + Fraction(5, 9)))   # 52.777...
+    assert m["map_at_1"] == 50.0        # q1: 1 / min(1, 3)
+    assert m["map_at_2"] == 50.0        # q0: (1/2) / min(2, 1) = 1/2; q1: 1 / min(2, 3) = 1/2
+    # 400 queries, 141 with their single GT first: 35.25 exactly, as for recall
+    topk = torch.zeros(400, 5, dtype=torch.long)
+    topk[:141, 0] = 1
+    assert map_at_k(topk, [[1]] * 400, (5,))["map_at_5"] == 35.25
+
+
+def test_averages_are_exact():
+    """FashionIQ's averages and mean_recall: the exact mean of the per-category values, rounded once."""
+    proto = Protocol(recall_ks=(10, 50), group_average=True)
+    sets = {c: SetResult({"recall_at_10": v, "recall_at_50": 2 * v}, {}, {}) for c, v in
+            (("dress", 0.1), ("shirt", 0.2), ("toptee", 0.3))}
+    for res in sets.values():
+        res.metrics.update(derived_metrics(res.metrics, proto))
+    m = split_metrics("val", sets, proto)
+    assert m["val/average/recall_at_10"] == 0.2          # (0.1 + 0.2 + 0.3) / 3 in floats is 0.20000000000000004
+    assert m["val/average/recall_at_50"] == 0.4 and m["val/average_recall"] == 0.3

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from cirlab.backbones.base import Backbone
 from cirlab.data.images import load_image
 from cirlab.data.sources.synthetic import synthetic_source
-from cirlab.io import load_torch, save_torch, write_json
+from cirlab.io import build_lock, load_torch, save_torch, write_json
 from cirlab.methods.crossmodal import ContrastivePretraining, evaluate_captions, make_loader
 
 log = logging.getLogger(__name__)
@@ -42,14 +42,24 @@ def cache_path(cache_dir: str, name: str, model_cfg: dict, pretrain: dict) -> Pa
 def load_or_pretrain(backbone: Backbone, cache_dir: str, model_cfg: dict, pretrain: dict, name: str) -> Backbone:
     """Load the cached pretrained weights of (model_cfg, pretrain), or pretrain and cache them."""
     path = cache_path(cache_dir, name, model_cfg, pretrain)
-    if path.is_file():
-        try:
-            backbone.load_state_dict(load_torch(path)["state_dict"])
-            return backbone
-        except Exception as err:  # corrupt cache: retrain rather than fail
-            log.warning("cached %s backbone %s unreadable (%s): pretraining again", name, path, err)
-    pretrain_on_captions(backbone, cache_dir, pretrain, path)
+    if _load_cached(backbone, path, name, warn=False):
+        return backbone
+    with build_lock(path):  # concurrent runs pretrain once; the others wait, then load its file
+        if not _load_cached(backbone, path, name, warn=True):
+            pretrain_on_captions(backbone, cache_dir, pretrain, path)
     return backbone
+
+
+def _load_cached(backbone: Backbone, path: Path, name: str, warn: bool) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        backbone.load_state_dict(load_torch(path)["state_dict"])
+        return True
+    except Exception as err:  # corrupt cache: retrain rather than fail
+        if warn:
+            log.warning("cached %s backbone %s unreadable (%s): pretraining again", name, path, err)
+        return False
 
 
 def _load_split(source, backbone, split, edits=False):

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from cirlab.backbones.base import Backbone
 from cirlab.data.images import load_image
 from cirlab.errors import CirlabError
-from cirlab.io import load_torch, save_torch
+from cirlab.io import build_lock, load_torch, save_torch
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +72,30 @@ class FeatureCache:
         """name -> embedding for every image, from the cache or freshly encoded."""
         key = self.key(backbone, names, paths)
         path = self.dir / f"{key}.pt"
-        if path.is_file():
-            try:
-                blob = load_torch(path)
-                ok = (isinstance(blob, dict) and blob.get("names") == names
-                      and blob.get("checksum") == _checksum(blob["features"]))
-            except (CirlabError, KeyError, TypeError):
-                ok = False
-            if ok:
-                self.last_hit = True
-                return dict(zip(names, blob["features"]))
-            log.warning("feature cache %s is corrupt or foreign: rebuilding it", path)
-        self.last_hit = False
-        feats = encode_images(backbone, paths, self.batch_size, self.num_workers,
-                              desc=f"caching features ({len(paths)} images)")
-        save_torch(path, {"names": names, "features": feats, "checksum": _checksum(feats)})
+        self.last_hit = True
+        feats = self._read(path, names, warn=False)
+        if feats is None:
+            with build_lock(path):  # concurrent runs encode once; the others wait, then read its file
+                feats = self._read(path, names, warn=True)
+                if feats is None:
+                    self.last_hit = False
+                    feats = encode_images(backbone, paths, self.batch_size, self.num_workers,
+                                          desc=f"caching features ({len(paths)} images)")
+                    save_torch(path, {"names": names, "features": feats, "checksum": _checksum(feats)})
         return dict(zip(names, feats))
+
+    @staticmethod
+    def _read(path: Path, names: list[str], warn: bool) -> torch.Tensor | None:
+        """The cached features, or None if absent, corrupt or for other images."""
+        if not path.is_file():
+            return None
+        try:
+            blob = load_torch(path)
+            if (isinstance(blob, dict) and blob.get("names") == names
+                    and blob.get("checksum") == _checksum(blob["features"])):
+                return blob["features"]
+        except (CirlabError, KeyError, TypeError):
+            pass
+        if warn:
+            log.warning("feature cache %s is corrupt or foreign: rebuilding it", path)
+        return None

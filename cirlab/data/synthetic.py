@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from cirlab.errors import CirlabError
-from cirlab.io import write_json, write_text
+from cirlab.io import build_lock, write_json, write_text
 
 COLORS = {
     "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
@@ -300,16 +302,20 @@ def generate(spec: SyntheticSpec, root: Path) -> Path:
 
 
 def ensure(spec: SyntheticSpec, cache_dir: str | Path) -> Path:
-    """Return the benchmark folder for `spec`, generating it on first use."""
+    """Return the benchmark folder for `spec`, generating it on first use: once, under a lock, in a
+    unique temp folder renamed into place (mkdtemp: names from the seeded `random` were the same in
+    every run with one seed, so two runs wrote into one folder)."""
     root = Path(cache_dir) / f"synthetic-{spec.digest()}"
     if (root / "spec.json").is_file():
         return root
-    tmp = root.with_name(root.name + f".tmp{random.randrange(1 << 30)}")
-    generate(spec, tmp)
-    try:
-        tmp.rename(root)
-    except OSError:  # another process finished first: use its copy
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
+    with build_lock(root):
+        if (root / "spec.json").is_file():  # another run generated it while this one waited
+            return root
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+        try:
+            generate(spec, tmp)
+            shutil.rmtree(root, ignore_errors=True)  # an incomplete folder (no spec.json) of an older version
+            tmp.rename(root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return root

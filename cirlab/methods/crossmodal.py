@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Dataset
 from cirlab.backbones.base import Backbone
 from cirlab.errors import CirlabError
 from cirlab.methods.losses import cosine_margin, symmetric_infonce
-from cirlab.methods.retrieval_module import RetrievalModule
+from cirlab.methods.retrieval_module import RetrievalModule, float64
+from cirlab.retrieval.metrics import Fraction, hit_percent
 from cirlab.retrieval.search import exact_search
 
 log = logging.getLogger("cirlab")
@@ -34,13 +35,12 @@ def crossmodal_recalls(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_
     """image_emb [N, D], text_emb [T, D] (normalised); text_to_image [T] = index of each caption's image."""
     kmax = max(ks)
     _, t2i = exact_search(text_emb, image_emb, kmax)
-    out = {f"t2i_recall_at_{k}": (t2i[:, :k] == text_to_image[:, None]).any(1).float().mean().item() * 100
-           for k in ks}
+    out = {f"t2i_recall_at_{k}": v for k, v in hit_percent(t2i == text_to_image[:, None], ks).items()}
     _, i2t = exact_search(image_emb, text_emb, kmax)
     owner = text_to_image[i2t]  # [N, kmax]: which image each retrieved caption belongs to
     hit = owner == torch.arange(len(image_emb))[:, None]
-    out.update({f"i2t_recall_at_{k}": hit[:, :k].any(1).float().mean().item() * 100 for k in ks})
-    out["rsum"] = sum(out.values())
+    out.update({f"i2t_recall_at_{k}": v for k, v in hit_percent(hit, ks).items()})
+    out["rsum"] = float(sum(map(Fraction, out.values())))  # exact sum, one rounding
     return out
 
 
@@ -271,7 +271,7 @@ class CrossModalRetrieval(RetrievalModule):
         metrics = {f"{split}/{k}": v for k, v in
                    crossmodal_recalls(images, texts, self.eval_data.text_to_image(split)).items()}
         self.metrics.update(metrics)
-        self.log_dict(metrics, sync_dist=False)
+        self.log_dict(float64(metrics, self.device), sync_dist=False)
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:

@@ -21,6 +21,11 @@ from cirlab.retrieval.metrics import SetResult, score_eval_set, split_metrics
 from cirlab.weights import Layout, cirlab_stage
 
 
+def float64(metrics: dict[str, float], device) -> dict[str, torch.Tensor]:
+    """Logged as float64 tensors: Lightning stores a Python float as float32 (100/3 -> 33.33333206)."""
+    return {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in metrics.items()}
+
+
 class RetrievalModule(L.LightningModule):
     def __init__(self, backbone: Backbone, search: str = "exact", search_options: dict | None = None):
         super().__init__()
@@ -153,7 +158,7 @@ class RetrievalModule(L.LightningModule):
         self.metrics.update(metrics)
         if metrics:
             # every rank scored the same gathered data: syncing averages identical values (no change)
-            self.log_dict(metrics, sync_dist=self.trainer.world_size > 1)
+            self.log_dict(float64(metrics, self.device), sync_dist=self.trainer.world_size > 1)
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:

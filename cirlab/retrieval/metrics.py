@@ -4,6 +4,8 @@
   CIRCO's Recall@K is w.r.t. `target_img_id`, its first ground truth.
 - Recall_subset@K (CIRR): the reference-removed ranking restricted to the query's img_set members.
 - mAP@K (CIRCO): AP@K = sum_{i<=K} P@i * rel_i / min(K, |GT|), from the top-50 list.
+Percentages come from integer counts, exactly (Fractions, one rounding to float64 at the end):
+141 hits of 400 is 35.25, not float32's 35.2499991, so runs compare in queries, not float noise.
 Written by hand because torchmetrics' RetrievalMAP divides by the relevant items retrieved, not
 min(K, |GT|), and has no reference exclusion or subset ranking; the unit tests cross-check the
 cases where the definitions coincide.
@@ -11,6 +13,7 @@ cases where the definitions coincide.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 
@@ -21,22 +24,41 @@ from cirlab.retrieval.search import search
 TOP_PREDICTIONS = 50
 
 
+def percent(hits: int | Fraction, n: int) -> float:
+    """100 * hits / n rounded once to the nearest float64."""
+    return float(Fraction(hits) * 100 / n)
+
+
+def mean(values) -> float:
+    """The exact mean of floats, rounded once (averages of averages stay order-independent)."""
+    values = list(values)
+    return float(sum(map(Fraction, values)) / len(values))
+
+
+def hit_percent(hits: torch.Tensor, ks) -> dict[int, float]:
+    """hits [Q, >=K] bool: percentage of rows with a hit in the first k columns, for each k."""
+    return {k: percent(int(hits[:, :k].any(1).sum()), len(hits)) for k in ks}
+
+
 def recall_at_k(topk: torch.Tensor, target: torch.Tensor, ks) -> dict[str, float]:
     """topk [Q, >=K] gallery indices, target [Q] index. Returns percentages."""
-    hits = topk == target[:, None]
-    return {f"recall_at_{k}": hits[:, :k].any(1).float().mean().item() * 100 for k in ks}
+    return {f"recall_at_{k}": v for k, v in hit_percent(topk == target[:, None], ks).items()}
 
 
 def map_at_k(topk: torch.Tensor, targets: list[list[int]], ks) -> dict[str, float]:
-    rel = torch.zeros(topk.shape, dtype=torch.float)
-    for q, gt in enumerate(targets):
-        rel[q] = torch.isin(topk[q], torch.tensor(gt, dtype=torch.long)).float()
-    precision = rel.cumsum(1) / torch.arange(1, topk.shape[1] + 1)
-    n_gt = torch.tensor([len(set(g)) for g in targets], dtype=torch.float)
+    """AP@K = sum_{i<=K, rel_i} (hits in the first i) / i / min(K, |GT|), summed exactly."""
     out = {}
     for k in ks:
-        ap = (precision[:, :k] * rel[:, :k]).sum(1) / torch.clamp(n_gt, max=k)
-        out[f"map_at_{k}"] = ap.mean().item() * 100
+        total = Fraction(0)
+        for row, gt in zip(topk[:, :k].tolist(), targets):
+            gt = set(gt)
+            hits, ap = 0, Fraction(0)
+            for i, item in enumerate(row, 1):
+                if item in gt:
+                    hits += 1
+                    ap += Fraction(hits, i)
+            total += ap / min(k, len(gt))
+        out[f"map_at_{k}"] = percent(total, len(targets))
     return out
 
 
@@ -100,9 +122,8 @@ def score_eval_set(protocol: Protocol, eval_set: EvalSet, query_emb: torch.Tenso
             metrics.update(map_at_k(topk, [[index[t] for t in q.targets if t in index] for q in queries],
                                     protocol.map_ks))
         if ranked_subset is not None:
-            hits = ranked_subset == target[:, None]
-            metrics.update({f"recall_subset_at_{k}": hits[:, :k].any(1).float().mean().item() * 100
-                            for k in protocol.subset_ks})
+            hits = hit_percent(ranked_subset == target[:, None], protocol.subset_ks)
+            metrics.update({f"recall_subset_at_{k}": v for k, v in hits.items()})
         metrics.update(derived_metrics(metrics, protocol))
     return SetResult(metrics, predictions, subset_predictions)
 
@@ -111,9 +132,9 @@ def derived_metrics(metrics: dict[str, float], protocol: Protocol) -> dict[str, 
     out = {}
     recalls = [metrics[f"recall_at_{k}"] for k in protocol.recall_ks if f"recall_at_{k}" in metrics]
     if recalls:
-        out["mean_recall"] = sum(recalls) / len(recalls)
+        out["mean_recall"] = mean(recalls)
     if "recall_at_5" in metrics and "recall_subset_at_1" in metrics:
-        out["avg_recall_at_5_subset_at_1"] = (metrics["recall_at_5"] + metrics["recall_subset_at_1"]) / 2
+        out["avg_recall_at_5_subset_at_1"] = mean([metrics["recall_at_5"], metrics["recall_subset_at_1"]])
     return out
 
 
@@ -127,7 +148,7 @@ def split_metrics(split: str, results: dict[str, SetResult], protocol: Protocol)
         out.update({f"{split}/{group}/{k}": v for k, v in res.metrics.items()})
     if protocol.group_average and results and all(r.metrics for r in results.values()):
         keys = next(iter(results.values())).metrics.keys()
-        avg = {k: sum(r.metrics[k] for r in results.values()) / len(results) for k in keys}
+        avg = {k: mean(r.metrics[k] for r in results.values()) for k in keys}
         out.update({f"{split}/average/{k}": v for k, v in avg.items()})
         if "mean_recall" in avg:
             out[f"{split}/average_recall"] = avg["mean_recall"]
