@@ -35,7 +35,10 @@ CSS = """
 #results figure.hit { border-color: #0a0; }
 #results figure.hit figcaption { color: #0a0; font-weight: bold; }
 #results ol.captions li.hit { color: #0a0; font-weight: bold; }
-#results .summary { margin: 4px 0 8px 0; }
+#results .summary { margin: 4px 0 8px 0; display: flex; align-items: center; gap: 12px; }
+#results figure.tgt { border: 3px dashed #0a0; } #results figure.tgt img { width: 48px; height: 48px; }
+#reference img, #grid img { image-rendering: pixelated; }
+#reference img { width: 100%; height: 100%; object-fit: contain; }
 #results .ok { color: #0a0; } #results .miss { color: #c00; }
 """
 
@@ -60,6 +63,7 @@ class Gallery:
     queries: list[DatasetQuery] = field(default_factory=list)
     examples: list[str] = field(default_factory=list)   # modification texts (or captions) of the dataset
     captions: list[tuple[str, str]] = field(default_factory=list)  # (caption, image name): captions runs
+    exclude_reference: bool = True   # the dataset's protocol; always for a folder
 
 
 @dataclass
@@ -76,7 +80,7 @@ class Hit:
 class Answer:
     hits: list[Hit]
     targets: tuple[str, ...]   # the true answers when the query is one of the dataset's
-    note: str = ""
+    target_tiles: tuple[tuple[str, Path], ...] = ()   # (name, file) of the targets in the gallery
 
 
 # ---- the gallery ---------------------------------------------------------------------------------
@@ -118,7 +122,8 @@ def run_gallery(cfg) -> Gallery:
     step = max(1, len(queries) // EXAMPLES)
     return Gallery(names_, [source.image_path(n) for n in names_],
                    f"the {split} split of {cfg.dataset.name} ({len(names_):,} images, {len(queries):,} queries)",
-                   queries=queries, examples=[q.text for q in queries[::step]][:EXAMPLES])
+                   queries=queries, examples=[q.text for q in queries[::step]][:EXAMPLES],
+                   exclude_reference=bool(source.protocol.exclude_reference))
 
 
 def folder_gallery(folder: Path, cfg=None) -> Gallery:
@@ -159,9 +164,9 @@ def folder_gallery(folder: Path, cfg=None) -> Gallery:
 class DemoBackend:
     """A loaded run + an embedded gallery: what the page asks, answered without any UI."""
 
-    def __init__(self, retriever, gallery: Gallery, exclude_reference: bool = True):
+    def __init__(self, retriever, gallery: Gallery):
         self.retriever, self.gallery = retriever, gallery
-        self.exclude_reference = exclude_reference
+        self.exclude_reference = gallery.exclude_reference
         self.captions_mode = retriever.cfg is not None and retriever.cfg.dataset.get("kind", "cir") == "captions"
         self.index_of = {n: i for i, n in enumerate(gallery.names)}
         self.name_of = {str(p): n for n, p in zip(gallery.names, gallery.paths)}
@@ -243,7 +248,7 @@ class DemoBackend:
         for rank, (p, score) in enumerate(found, 1):
             hit_name = self.name_of.get(str(p), str(p))
             hits.append(Hit(rank, hit_name, score, hit_name in targets, path=p))
-        return Answer(hits, targets)
+        return Answer(hits, targets, tuple((t, self.gallery.paths[self.index_of[t]]) for t in targets if t in self.index_of))
 
     def text_to_image(self, text: str, k: int = 10) -> Answer:
         import torch
@@ -294,6 +299,9 @@ def render_answer(answer: Answer, seconds: float | None = None) -> str:
     if answer.targets:
         status = (f'<span class="ok">target at rank {hit_rank}</span>' if hit_rank else
                   f'<span class="miss">target {html.escape(", ".join(answer.targets))} not in the top {len(answer.hits)}</span>')
+        if not hit_rank:  # show what should have been found
+            status += "".join(f'<figure class="tgt" title="{html.escape(t)}"><img src="{_data_uri(p)}" alt="target"></figure>'
+                              for t, p in answer.target_tiles)
     else:
         status = "not a dataset query: no known target"
     timing = f" · {seconds * 1000:.0f} ms" if seconds is not None else ""
@@ -346,7 +354,7 @@ def _picker(gr, backend: DemoBackend, label: str):
     grid_names = gr.State(backend.matching(""))
     find = gr.Textbox(label="Find a reference in the gallery (part of its name)", elem_id="find")
     grid = gr.Gallery(value=[(str(backend.gallery.paths[backend.index_of[n]]), n) for n in grid_names.value],
-                      label=f"Gallery (first {GRID_MAX} matches; click one)", columns=8, height=260,
+                      label=f"Gallery (first {GRID_MAX} matches; click one)", columns=8, height=260, fit_columns=False,
                       allow_preview=False, object_fit="contain", elem_id="grid")
 
     def filter_grid(pattern):
@@ -356,6 +364,8 @@ def _picker(gr, backend: DemoBackend, label: str):
     def pick(names, evt: gr.SelectData):
         name = names[evt.index]
         return name, str(backend.gallery.paths[backend.index_of[name]])
+
+    pick.__annotations__["evt"] = gr.SelectData  # the class itself: Gradio does not resolve postponed names
 
     find.change(filter_grid, find, [grid_names, grid])
     grid.select(pick, grid_names, [ref_name, ref_image])
@@ -465,17 +475,12 @@ def load_backend(run: str | Path, gallery: str | Path | None = None, device: str
     t0 = time.perf_counter()
     retriever = cirlab.load(run, device=device)
     log(f"cirlab-demo: loaded {type(retriever.module).__name__} (stage {retriever.stage}) in {time.perf_counter() - t0:.1f} s")
-    if gallery is None:
-        g = run_gallery(retriever.cfg)
-        exclude = bool(build_source(retriever.cfg).protocol.exclude_reference) if g.queries else True
-    else:
-        g = folder_gallery(Path(gallery), retriever.cfg)
-        exclude = True
+    g = run_gallery(retriever.cfg) if gallery is None else folder_gallery(Path(gallery), retriever.cfg)
     for p, why in g.unreadable:
         log(f"cirlab-demo: unreadable image left out: {p} ({why})")
     t1 = time.perf_counter()
     log(f"cirlab-demo: embedding the gallery: {g.description}")
-    backend = DemoBackend(retriever, g, exclude_reference=exclude).index()
+    backend = DemoBackend(retriever, g).index()
     log(f"cirlab-demo: gallery embedded in {time.perf_counter() - t1:.1f} s")
     return backend
 
