@@ -280,6 +280,25 @@ def test_demo_in_headless_chromium_matches_the_python_api(zeroshot_run, tmp_path
 
 
 @pytest.mark.slow
+def test_demo_answers_equal_the_runs_predictions(zeroshot_run):
+    """The demo searches with evaluation's query embedding: its top-k for dataset queries is the run's
+    predictions.test.json row."""
+    import json
+
+    from cirlab.demo import load_backend
+
+    backend = load_backend(zeroshot_run, log=lambda *_: None)
+    predictions = json.loads((zeroshot_run / "stages" / "eval" / "predictions.test.json").read_text())
+    queries = backend.gallery.queries[:40]
+    same = 0
+    for q in queries:
+        shown = [h.name for h in backend.search(q.reference, q.text, k=10).hits]
+        assert shown[0] == predictions[q.qid][0], q.qid
+        same += shown == predictions[q.qid][:10]
+    assert same == len(queries)
+
+
+@pytest.mark.slow
 def test_demo_on_a_gallery_folder_with_unreadable_images(zeroshot_run, tmp_path):
     """--gallery: every image under the folder; an unreadable one is listed (console and page), the rest served."""
     pytest.importorskip("gradio", reason="the demo needs gradio: pip install 'cirlab[demo]'")
@@ -302,3 +321,40 @@ def test_demo_on_a_gallery_folder_with_unreadable_images(zeroshot_run, tmp_path)
     answer = backend.search(ref, backend.gallery.examples[0], k=5)
     assert len(answer.hits) == 5 and ref not in [h.name for h in answer.hits]
     assert "broken.png" in header_markdown(backend, zeroshot_run)
+
+
+@pytest.mark.slow
+def test_captions_run_searches_text_to_image_and_image_to_caption(tmp_path):
+    """A captions run (+method=crossmodal): the demo's embeddings are evaluation's (same recalls as the
+    run's results.json), text -> image outlines the captioned image, image -> caption the image's captions."""
+    pytest.importorskip("gradio", reason="the demo needs gradio: pip install 'cirlab[demo]'")
+    import torch
+
+    from cirlab.demo import cir_search, load_backend
+    from cirlab.methods.crossmodal import crossmodal_recalls
+    from conftest import results
+
+    run_dir = tmp_path / "run"
+    run_cli(tmp_path, "+method=crossmodal", "dataset=synthetic_captions", "method.stages=[zeroshot]", run_dir=run_dir)
+    backend = load_backend(run_dir, log=lambda *_: None)
+    g = backend.gallery
+    assert backend.captions_mode and len(g.names) == 1824 and len(g.captions) > len(g.names)
+    owner = torch.tensor([backend.index_of[n] for _, n in g.captions])
+    recalls = crossmodal_recalls(backend.image_emb, backend.caption_emb, owner)
+    metrics = results(run_dir)["metrics"]
+    for key in ("t2i_recall_at_1", "i2t_recall_at_1", "t2i_recall_at_10"):
+        assert recalls[key] == pytest.approx(metrics[f"test/{key}"], abs=1e-6), key
+
+    caption, image = g.captions[0]
+    answer = backend.text_to_image(caption, k=10)
+    assert [h.rank for h in answer.hits] == list(range(1, 11)) and image in answer.targets
+    assert all(a.score >= b.score for a, b in zip(answer.hits, answer.hits[1:]))
+    assert [h.target for h in answer.hits] == [h.name in answer.targets for h in answer.hits]
+    by_image = backend.image_to_caption(image, k=5)
+    assert len(by_image.hits) == 5 and all(h.target == (h.image == image) for h in by_image.hits)
+    # the uploaded copy of a gallery image finds the same captions
+    upload = tmp_path / "upload.png"
+    upload.write_bytes(g.paths[0].read_bytes())
+    assert [h.name for h in backend.image_to_caption(upload, k=5).hits] == [h.name for h in by_image.hits]
+    status, _ = cir_search(backend, image, None, "x", 5)  # the CIR button does not exist here: a message
+    assert "text -> image" in status
