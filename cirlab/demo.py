@@ -180,6 +180,12 @@ class DemoBackend:
     def method(self) -> str:
         return type(self.retriever.module).__name__
 
+    @property
+    def method_name(self) -> str:
+        cfg = self.retriever.cfg
+        name = cfg.method.get("name") if cfg is not None and "method" in cfg else None
+        return f"{name} ({self.method})" if name else self.method
+
     # ---- start-up
     def index(self) -> "DemoBackend":
         if self.captions_mode:
@@ -322,7 +328,7 @@ def render_answer(answer: Answer, seconds: float | None = None) -> str:
 def header_markdown(backend: DemoBackend, run: Path) -> str:
     g = backend.gallery
     lines = [f"### cirlab demo — `{run.name}`",
-             f"Method **{backend.method}** (stage `{backend.retriever.stage}`), gallery: {g.description}."]
+             f"Method **{backend.method_name}** (stage `{backend.retriever.stage}`), gallery: {g.description}."]
     if not backend.captions_mode:
         lines.append("The reference is left out of its own ranking." if backend.exclude_reference
                      else "The reference stays in the ranking (the dataset's protocol).")
