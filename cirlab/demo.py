@@ -268,7 +268,7 @@ class DemoBackend:
         targets = tuple(sorted(self.caption_images.get(text.strip(), ())))
         hits = [Hit(r, self.gallery.names[i], s, self.gallery.names[i] in targets, path=self.gallery.paths[i])
                 for r, (s, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1)]
-        return Answer(hits, targets)
+        return Answer(hits, targets, tuple((t, self.gallery.paths[self.index_of[t]]) for t in targets))
 
     def image_to_caption(self, reference: str | Path, k: int = 10) -> Answer:
         import torch
