@@ -123,9 +123,10 @@ def main() -> None:
           f"{os.getloadavg()[0]:.1f}): 1st start {first:.1f} s (CPU {first_cpu:.1f} s; embeds the gallery unless an earlier start cached it), warm {warm:.1f} s "
           f"(CPU {warm_cpu:.1f} s); target < 15 s warm")
 
-    from cirlab.demo import cir_search, load_backend
+    from cirlab.demo import cir_search, load_backend, set_query_threads
 
     backend = load_backend(run, log=lambda *_: None)
+    set_query_threads(1)  # as cirlab-demo does after start-up (--query-threads)
     queries = backend.gallery.queries[:20]
     cir_search(backend, queries[0].reference, None, queries[0].text, 10)  # first call: text encoder warm-up
     times = []
