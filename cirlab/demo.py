@@ -501,7 +501,7 @@ def set_query_threads(n: int) -> None:
 
 
 def allowed_dirs(paths: Sequence[Path]) -> list[str]:
-    """The folders Gradio may serve files from: the gallery's common folder."""
+    """The folders Gradio may serve files from: the common folder of the gallery and the queries' references."""
     return [os.path.commonpath([str(Path(p).resolve().parent) for p in paths])] if paths else []
 
 
@@ -545,7 +545,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"cirlab-demo: serving http://{args.host}:{args.port} (start-up {time.perf_counter() - start:.1f} s; "
           "Ctrl-C stops)", flush=True)
     app.launch(server_name=args.host, server_port=args.port, share=False, quiet=True, show_error=True,
-               ssr_mode=False, allowed_paths=allowed_dirs(backend.gallery.paths), css=CSS, theme=theme)
+               ssr_mode=False, css=CSS, theme=theme,
+               allowed_paths=allowed_dirs([*backend.gallery.paths, *(q.reference_path for q in backend.gallery.queries)]))
 
 
 if __name__ == "__main__":
