@@ -204,7 +204,9 @@ def zeroshot_run(tmp_path_factory) -> Path:
     return run_dir
 
 
-def browser_or_skip():
+@pytest.fixture(scope="module")
+def chromium_exe() -> str:
+    """Skips (before any run is made) where gradio, playwright or a Chromium browser is missing."""
     pytest.importorskip("gradio", reason="the demo needs gradio: pip install 'cirlab[demo]'")
     pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright: pip install 'cirlab[demo]'")
     exe = chromium()
@@ -214,8 +216,8 @@ def browser_or_skip():
 
 
 @pytest.mark.slow
-def test_demo_in_headless_chromium_matches_the_python_api(zeroshot_run, tmp_path):
-    exe = browser_or_skip()
+def test_demo_in_headless_chromium_matches_the_python_api(chromium_exe, zeroshot_run, tmp_path):
+    exe = chromium_exe
     from playwright.sync_api import sync_playwright
 
     import cirlab
@@ -315,7 +317,6 @@ def test_demo_answers_equal_the_runs_predictions(zeroshot_run):
 @pytest.mark.slow
 def test_demo_on_a_gallery_folder_with_unreadable_images(zeroshot_run, tmp_path):
     """--gallery: every image under the folder; an unreadable one is listed (console and page), the rest served."""
-    pytest.importorskip("gradio", reason="the demo needs gradio: pip install 'cirlab[demo]'")
     from cirlab.demo import load_backend, run_gallery
 
     import cirlab
@@ -341,7 +342,6 @@ def test_demo_on_a_gallery_folder_with_unreadable_images(zeroshot_run, tmp_path)
 def test_captions_run_searches_text_to_image_and_image_to_caption(tmp_path):
     """A captions run (+method=crossmodal): the demo's embeddings are evaluation's (same recalls as the
     run's results.json), text -> image outlines the captioned image, image -> caption the image's captions."""
-    pytest.importorskip("gradio", reason="the demo needs gradio: pip install 'cirlab[demo]'")
     import torch
 
     from cirlab.demo import cir_search, load_backend
