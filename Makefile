@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 run: install
 	$(VENV)/bin/cirlab +method=clip4cir
 
-## the test suite (slow integration tests included; under 15 minutes on 2 cores)
+## the test suite (slow integration tests included; ≈27 min on 2 cores from a fresh clone, cold caches: 2026-12-01)
 test: install
 	$(PY) -m pytest -q --durations=15
 
