@@ -71,16 +71,19 @@ class Retriever:
         return self.backbone.device
 
     @torch.no_grad()
-    def _raw_features(self, paths: Sequence[Path]) -> torch.Tensor:
+    def raw_features(self, paths: Sequence[Path], encoder=None) -> torch.Tensor:
+        """Raw image features of `paths` by `encoder` (default: the backbone), through the run's feature
+        cache when it has one."""
         from cirlab.data.features import FeatureCache, encode_images
 
+        encoder = encoder or self.backbone
         paths = [Path(p).resolve() for p in paths]
         cache_dir = self.cfg.paths.get("cache_dir") if self.cfg is not None else None
         if cache_dir:
             feats = FeatureCache(cache_dir, batch_size=self.cfg.eval.batch_size).get(
-                self.backbone, [str(p) for p in paths], paths)
+                encoder, [str(p) for p in paths], paths)
             return torch.stack([feats[str(p)] for p in paths])
-        return encode_images(self.backbone, paths)
+        return encode_images(encoder, paths)
 
     @torch.no_grad()
     def index(self, gallery_paths: Sequence[str | Path]) -> "Retriever":
@@ -91,7 +94,7 @@ class Retriever:
         missing = [p for p in paths if not p.is_file()]
         if missing:
             raise CirlabError(f"{len(missing)} gallery images do not exist, e.g. {missing[0]}")
-        raw = self._raw_features(paths)
+        raw = self.raw_features(paths)
         self.gallery = F.normalize(self.module.gallery_embedding(raw.to(self.device)).float(), dim=-1).cpu()
         self.paths = paths
         return self

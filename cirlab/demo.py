@@ -206,21 +206,12 @@ class DemoBackend:
     def _index_captions(self) -> None:
         import torch
 
-        from cirlab.data.features import FeatureCache, encode_images
-
         module = self.retriever.module
         if not hasattr(module, "text_embedding") or not hasattr(module, "image_embedding"):
             raise CirlabError(f"the run's dataset has captions but its method ({self.method}) has no text<->image embeddings")
         self._encoder = module.feature_encoder() if hasattr(module, "feature_encoder") else module.backbone
-        cfg = self.retriever.cfg
-        paths = [p.resolve() for p in self.gallery.paths]
+        raw = self.retriever.raw_features(self.gallery.paths, self._encoder)
         with torch.no_grad():
-            if cfg.paths.get("cache_dir"):
-                feats = FeatureCache(cfg.paths.cache_dir, batch_size=cfg.eval.batch_size).get(
-                    self._encoder, [str(p) for p in paths], paths)
-                raw = torch.stack([feats[str(p)] for p in paths])
-            else:
-                raw = encode_images(self._encoder, paths)
             self.image_emb = module.image_embedding(raw.to(module.device)).float().cpu()
             texts = [c for c, _ in self.gallery.captions]
             if texts:

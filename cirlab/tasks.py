@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -43,8 +44,6 @@ def export(cfg: DictConfig) -> None:
     """A finished run's trained weights in their authors' layouts (tuned_clip.pt, combiner.pt, phi.pt, ...),
     so they can be handed to the reference code or loaded back with backbone.checkpoint /
     method.<stage>.checkpoint: `cirlab +task=export +run=RUN_DIR [+out=DIR]` (default RUN_DIR/reference)."""
-    from pathlib import Path
-
     from hydra.utils import get_class
 
     from cirlab.io import load_torch, read_json, save_torch
@@ -52,9 +51,9 @@ def export(cfg: DictConfig) -> None:
     if not cfg.get("run"):
         raise CirlabError("name the run folder: cirlab +task=export +run=outputs/runs/<run> [+out=DIR]")
     run = Path(cfg.run)
-    config = read_json(run / "results.json")["config"] if (run / "results.json").is_file() else None
-    if config is None:
+    if not (run / "results.json").is_file():
         raise CirlabError(f"{run} is not a finished cirlab run (no results.json)")
+    config = read_json(run / "results.json")["config"]
     out = Path(cfg.get("out") or run / "reference")
     written = 0
     for stage in config["method"]["stages"]:
@@ -79,8 +78,6 @@ def convert_blip(cfg: DictConfig) -> None:
     """BLIP's own checkpoint (e.g. model_base.pth, where BLIP4CIR+Bi starts) -> a save_pretrained folder:
     `cirlab +task=convert_blip +src=model_base.pth +out=DIR [+tokenizer=bert-base-uncased|DIR]`, then
     `backbone=blip_base backbone.hf_id=DIR`. Into the chosen backbone's BLIP architecture, else blip_base's."""
-    from pathlib import Path
-
     from omegaconf import OmegaConf
 
     from cirlab.backbones.blip_convert import convert_blip_checkpoint

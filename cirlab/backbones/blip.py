@@ -249,6 +249,8 @@ def pretrained_blip_tiny(cache_dir: str, model_cfg: dict, pretrain: dict, prepro
                          checkpoint: str | None = None, name: str = "blip_tiny", max_length: int = 32) -> BlipBackbone:
     if checkpoint and Path(checkpoint).is_dir():
         return BlipBackbone(checkpoint=checkpoint, preprocess=preprocess, name=name, max_length=max_length)
+    if checkpoint and not Path(checkpoint).is_file():  # before pretraining, not after minutes of it
+        raise CirlabError(f"backbone.checkpoint={checkpoint}: no such file or folder")
     model_cfg, pretrain = plain(model_cfg), plain(pretrain)
     vocab = caption_vocab(cache_dir, pretrain.get("dataset"))
     vocab_path = Path(cache_dir) / "backbones" / f"{name}-vocab-{len(vocab)}.txt"
@@ -263,8 +265,6 @@ def pretrained_blip_tiny(cache_dir: str, model_cfg: dict, pretrain: dict, prepro
                             max_length=max_length)
     backbone = load_or_pretrain(backbone, cache_dir, {"blip": config, "vocab": vocab}, pretrain, name)
     if checkpoint:
-        if not Path(checkpoint).is_file():
-            raise CirlabError(f"backbone.checkpoint={checkpoint}: no such file or folder")
         backbone.load_weights_file(checkpoint)
     return backbone
 
