@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # idle OpenMP threads sleep instead of spinning (3.5-4.7x faster on 2 shared cores; see cirlab/cli.py)
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install run test test-all bench clean
+.PHONY: install run lint test test-all bench clean
 
 install: $(STAMP)
 
@@ -21,7 +21,12 @@ run: install
 	$(VENV)/bin/cirlab +method=clip4cir
 
 ## the test suite (slow integration tests included; ≈27 min on 2 cores from a fresh clone, cold caches: 2026-12-01)
-test: install
+## lint + format check (ruff, configured in pyproject.toml); `make test` runs it first
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: install lint
 	$(PY) -m pytest -q --durations=15
 
 bench: install

@@ -8,6 +8,7 @@ Prints, measured in one run:
 - per query: the Search button's work in-process (query embedding + ranking + results HTML) over 20
   dataset queries, and, where Playwright and Chromium exist, click -> results shown in the browser.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,9 +42,21 @@ def env() -> dict:
 
 def make_run(folder: Path) -> Path:
     run = folder / "run"
-    subprocess.run([sys.executable, "-m", "cirlab.cli", "+method=zeroshot", "eval.visualize=false", "logger=none",
-                    f"hydra.run.dir={run}"], cwd=ROOT, env={**env(), "CIRLAB_OUTPUTS": str(folder)}, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cirlab.cli",
+            "+method=zeroshot",
+            "eval.visualize=false",
+            "logger=none",
+            f"hydra.run.dir={run}",
+        ],
+        cwd=ROOT,
+        env={**env(), "CIRLAB_OUTPUTS": str(folder)},
+        check=True,
+        capture_output=True,
+    )
     return run
 
 
@@ -51,8 +64,14 @@ def start(run: Path) -> tuple[subprocess.Popen, str, float]:
     """(process, url, seconds from process start to the page answering)."""
     port = free_port()
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "cirlab.demo", str(run), "--port", str(port)], cwd=ROOT,
-                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cirlab.demo", str(run), "--port", str(port)],
+        cwd=ROOT,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     while True:
         try:
@@ -60,7 +79,9 @@ def start(run: Path) -> tuple[subprocess.Popen, str, float]:
             return proc, url, time.perf_counter() - t0
         except OSError:
             if proc.poll() is not None:
-                raise SystemExit(f"the demo exited ({proc.returncode}):\n{proc.stderr.read()[-3000:]}")
+                raise SystemExit(
+                    f"the demo exited ({proc.returncode}):\n{proc.stderr.read()[-3000:]}"
+                ) from None
             time.sleep(0.1)
 
 
@@ -94,8 +115,10 @@ def browser_latency(url: str, queries, n: int = 5) -> list[float] | None:
             page.evaluate("document.querySelector('#results').setAttribute('data-old', '1')")
             t0 = time.perf_counter()
             page.locator("#search").click()
-            page.wait_for_function(f"(document.querySelector('#status')?.innerText || '').includes({q.reference!r})"
-                                   " && document.querySelectorAll('#results figure[data-rank]').length > 0")
+            page.wait_for_function(
+                f"(document.querySelector('#status')?.innerText || '').includes({q.reference!r})"
+                " && document.querySelectorAll('#results figure[data-rank]').length > 0"
+            )
             times.append(time.perf_counter() - t0)
         browser.close()
     return times
@@ -119,9 +142,11 @@ def main() -> None:
     proc, _, warm = start(run)
     warm_cpu = stop(proc)
     proc, url, _ = start(run)
-    print(f"start-up to a served page (synthetic test gallery, {os.cpu_count()} cores, load average "
-          f"{os.getloadavg()[0]:.1f}): 1st start {first:.1f} s (CPU {first_cpu:.1f} s; embeds the gallery unless an earlier start cached it), warm {warm:.1f} s "
-          f"(CPU {warm_cpu:.1f} s); target < 15 s warm")
+    print(
+        f"start-up to a served page (synthetic test gallery, {os.cpu_count()} cores, load average "
+        f"{os.getloadavg()[0]:.1f}): 1st start {first:.1f} s (CPU {first_cpu:.1f} s; embeds the gallery unless an earlier start cached it), warm {warm:.1f} s "
+        f"(CPU {warm_cpu:.1f} s); target < 15 s warm"
+    )
 
     from cirlab.demo import cir_search, load_backend, set_query_threads
 
@@ -135,14 +160,18 @@ def main() -> None:
         status, _ = cir_search(backend, q.reference, None, q.text, 10)
         times.append(time.perf_counter() - t0)
         assert status.startswith("Top 10"), status
-    print(f"per query, in-process (embed + rank {len(backend.gallery.names)} + HTML, k=10, {len(times)} queries): "
-          f"median {statistics.median(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms (target < 1 s)")
+    print(
+        f"per query, in-process (embed + rank {len(backend.gallery.names)} + HTML, k=10, {len(times)} queries): "
+        f"median {statistics.median(times) * 1000:.0f} ms, max {max(times) * 1000:.0f} ms (target < 1 s)"
+    )
     clicks = browser_latency(url, backend.gallery.queries)
     if clicks is None:
         print("per query in the browser: skipped (no playwright or chromium)")
     else:
-        print(f"per query, click -> results shown in headless Chromium ({len(clicks)} queries): "
-              f"median {statistics.median(clicks) * 1000:.0f} ms, max {max(clicks) * 1000:.0f} ms")
+        print(
+            f"per query, click -> results shown in headless Chromium ({len(clicks)} queries): "
+            f"median {statistics.median(clicks) * 1000:.0f} ms, max {max(clicks) * 1000:.0f} ms"
+        )
     stop(proc)
     if tmp:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -2,6 +2,7 @@
 under OpenMP's default waiting and under OMP_WAIT_POLICY=PASSIVE (threads sleep at barriers
 instead of spinning; the runtime reads it only at load, so each policy runs in a fresh process).
 Also checks that both policies give bit-identical features."""
+
 from __future__ import annotations
 
 import hashlib
@@ -39,23 +40,26 @@ def measure() -> None:
 
 def main() -> None:
     out, r = {}, {}
-    for _ in range(2):             # interleaved, best of 2 per policy (the CPU is shared)
+    for _ in range(2):  # interleaved, best of 2 per policy (the CPU is shared)
         for policy in ("default", "PASSIVE"):
             env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
             if policy != "default":
                 env["OMP_WAIT_POLICY"] = policy
-            run = subprocess.run([sys.executable, __file__, "--child"], env=env, capture_output=True, text=True,
-                                 check=True)
+            run = subprocess.run(
+                [sys.executable, __file__, "--child"], env=env, capture_output=True, text=True, check=True
+            )
             out[policy] = json.loads(run.stdout.strip().splitlines()[-1])
             for w in (0, 2):
                 r[policy, w] = max(r.get((policy, w), 0.0), out[policy]["rates"][str(w)])
     d, p = out["default"], out["PASSIVE"]
-    print(f"encoding {d['images']} images (tiny backbone, 32 px, batch 256, 2 threads): "
-          f"default OpenMP waiting: 0 workers {r['default', 0]:,.0f} img/s, 2 workers {r['default', 2]:,.0f} img/s "
-          f"({r['default', 2] / r['default', 0]:.2f}x); OMP_WAIT_POLICY=PASSIVE: 0 workers {r['PASSIVE', 0]:,.0f} img/s, "
-          f"2 workers {r['PASSIVE', 2]:,.0f} img/s ({r['PASSIVE', 2] / r['PASSIVE', 0]:.2f}x); "
-          f"PASSIVE/default at 0 workers {r['PASSIVE', 0] / r['default', 0]:.2f}x; "
-          f"features bit-identical: {d['sha1'] == p['sha1']}")
+    print(
+        f"encoding {d['images']} images (tiny backbone, 32 px, batch 256, 2 threads): "
+        f"default OpenMP waiting: 0 workers {r['default', 0]:,.0f} img/s, 2 workers {r['default', 2]:,.0f} img/s "
+        f"({r['default', 2] / r['default', 0]:.2f}x); OMP_WAIT_POLICY=PASSIVE: 0 workers {r['PASSIVE', 0]:,.0f} img/s, "
+        f"2 workers {r['PASSIVE', 2]:,.0f} img/s ({r['PASSIVE', 2] / r['PASSIVE', 0]:.2f}x); "
+        f"PASSIVE/default at 0 workers {r['PASSIVE', 0] / r['default', 0]:.2f}x; "
+        f"features bit-identical: {d['sha1'] == p['sha1']}"
+    )
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 as the reference code does every batch. Prints both times and the ratio, measured in one run.
 The tiny backbone encodes 32 px images cheaply, so the ratio is far smaller here than with a real
 CLIP at 224-288 px, where image encoding dominates an epoch."""
+
 from __future__ import annotations
 
 import time
@@ -27,9 +28,16 @@ class EpochTimer(L.Callback):
 def epoch_seconds(module, dm) -> float:
     """Seconds of the second epoch: the first also fills the frozen text encoder's memo."""
     timer = EpochTimer()
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[timer])
+    trainer = L.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        callbacks=[timer],
+    )
     trainer.fit(module, train_dataloaders=dm.train_dataloader())
     return timer.seconds
 
@@ -55,9 +63,11 @@ def main() -> None:
     cached = epoch_seconds(module(), dm)
     dm.use(transform=backbone.preprocess)
     encoded = epoch_seconds(module(), dm)
-    print(f"stage-II epoch on {len(dm.train_dataset())} triplets (tiny backbone): "
-          f"cached features {cached:.2f} s, re-encoding images {encoded:.2f} s, "
-          f"speed-up {encoded / cached:.1f}x (cache {'hit' if cache.last_hit else 'built'} in {t_cache:.1f} s)")
+    print(
+        f"stage-II epoch on {len(dm.train_dataset())} triplets (tiny backbone): "
+        f"cached features {cached:.2f} s, re-encoding images {encoded:.2f} s, "
+        f"speed-up {encoded / cached:.1f}x (cache {'hit' if cache.last_hit else 'built'} in {t_cache:.1f} s)"
+    )
 
 
 if __name__ == "__main__":

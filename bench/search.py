@@ -1,6 +1,7 @@
 """Search benchmarks, ratios measured in one run:
 1. exact chunked search vs faiss flat, 100k x 512 gallery: queries/s ratio (interleaved, best of 3);
 2. peak memory of exact search over an on-disk gallery of 10k vs 1M rows (should stay ~flat)."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,11 @@ def speed(n: int = 100_000, q: int = 1000, k: int = 50, repeats: int = 3) -> Non
     index = faiss.IndexFlatIP(DIM)
     index.add(g.numpy())
     xq = queries.numpy()
-    runs = {"exact": lambda: exact_search(queries, g, k), "flat": lambda: index.search(xq, k),
-            "backend": lambda: faiss_search(queries, g, k)}
+    runs = {
+        "exact": lambda: exact_search(queries, g, k),
+        "flat": lambda: index.search(xq, k),
+        "backend": lambda: faiss_search(queries, g, k),
+    }
     best, out = {name: float("inf") for name in runs}, {}
     for _ in range(repeats):
         for name, run in runs.items():
@@ -41,11 +45,13 @@ def speed(n: int = 100_000, q: int = 1000, k: int = 50, repeats: int = 3) -> Non
             best[name] = min(best[name], time.perf_counter() - t0)
     same = (out["exact"][1] == out["backend"][1]).float().mean().item() * 100
     qps = {name: q / t for name, t in best.items()}
-    print(f"search speed, {n}x{DIM} gallery, {q} queries, top-{k}, {torch.get_num_threads()} threads, "
-          f"best of {repeats}: exact {qps['exact']:,.0f} q/s, faiss IndexFlatIP.search {qps['flat']:,.0f} q/s, "
-          f"cirlab faiss backend {qps['backend']:,.0f} q/s; exact/faiss flat = {qps['exact'] / qps['flat']:.2f}x, "
-          f"exact/faiss backend = {qps['exact'] / qps['backend']:.2f}x; same index at {same:.2f}% of ranks "
-          f"(differences: float summation order between near-ties)")
+    print(
+        f"search speed, {n}x{DIM} gallery, {q} queries, top-{k}, {torch.get_num_threads()} threads, "
+        f"best of {repeats}: exact {qps['exact']:,.0f} q/s, faiss IndexFlatIP.search {qps['flat']:,.0f} q/s, "
+        f"cirlab faiss backend {qps['backend']:,.0f} q/s; exact/faiss flat = {qps['exact'] / qps['flat']:.2f}x, "
+        f"exact/faiss backend = {qps['exact'] / qps['backend']:.2f}x; same index at {same:.2f}% of ranks "
+        f"(differences: float summation order between near-ties)"
+    )
 
 
 def peak_memory_child(path: str) -> None:
@@ -73,17 +79,34 @@ def memory(sizes=(10_000, 1_000_000)) -> None:
         for n in sizes:
             path = Path(tmp) / f"g{n}.npy"
             rng = np.random.default_rng(0)
-            EmbeddingFile.write(path, (rng.standard_normal((min(100_000, n - s), DIM), dtype=np.float32)
-                                       for s in range(0, n, 100_000)), n, DIM)
+            EmbeddingFile.write(
+                path,
+                (
+                    rng.standard_normal((min(100_000, n - s), DIM), dtype=np.float32)
+                    for s in range(0, n, 100_000)
+                ),
+                n,
+                DIM,
+            )
             # warm the imports in the child before measuring, so only the search counts
-            out = subprocess.run([sys.executable, __file__, "--child", str(path)], capture_output=True, text=True,
-                                 check=True).stdout.strip().splitlines()[-1]
+            out = (
+                subprocess.run(
+                    [sys.executable, __file__, "--child", str(path)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                .stdout.strip()
+                .splitlines()[-1]
+            )
             peaks[n] = json.loads(out)["extra_peak_bytes"]
             path.unlink()
     a, b = sizes
-    print(f"peak memory of exact search (100 queries, chunk 4096 rows): {a:,} rows {peaks[a] / 2**20:.1f} MiB, "
-          f"{b:,} rows {peaks[b] / 2**20:.1f} MiB; ratio {peaks[b] / max(peaks[a], 1):.2f}x "
-          f"(gallery size ratio {b // a}x)")
+    print(
+        f"peak memory of exact search (100 queries, chunk 4096 rows): {a:,} rows {peaks[a] / 2**20:.1f} MiB, "
+        f"{b:,} rows {peaks[b] / 2**20:.1f} MiB; ratio {peaks[b] / max(peaks[a], 1):.2f}x "
+        f"(gallery size ratio {b // a}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ reference images (cached features). Both include encoding the query prompt once.
 
     PYTHONPATH=. python bench/searle_inference.py [--images 64] [--steps 350]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,13 +30,16 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = OmegaConf.load(ROOT / "conf/backbone/tiny.yaml").model
-    backbone = pretrained_tiny(args.cache, OmegaConf.to_container(cfg.model_cfg),
-                               OmegaConf.to_container(cfg.pretrain)).eval()
+    backbone = pretrained_tiny(
+        args.cache, OmegaConf.to_container(cfg.model_cfg), OmegaConf.to_container(cfg.pretrain)
+    ).eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
     ds = OmegaConf.load(ROOT / "conf/dataset/synthetic.yaml").source
-    source = synthetic_source(args.cache, **{k: v for k, v in OmegaConf.to_container(ds).items()
-                                            if k not in ("_target_", "cache_dir")})
+    source = synthetic_source(
+        args.cache,
+        **{k: v for k, v in OmegaConf.to_container(ds).items() if k not in ("_target_", "cache_dir")},
+    )
     queries = source.eval_sets("test")[0].queries[: args.images]
     feats = encode_images(backbone, [source.image_path(q.reference) for q in queries])
     texts = [f"a photo of $ that {q.captions[0]}" for q in queries]
@@ -53,9 +57,13 @@ def main() -> None:
     with torch.no_grad():
         backbone.encode_text_with_pseudo_tokens(tokens, ema)
     t_oti = (time.perf_counter() - t0) / len(queries)
-    print(f"{len(queries)} query images, tiny backbone, {torch.get_num_threads()} CPU threads, "
-          f"OTI {args.steps} steps (batched over all images)")
-    print(f"phi: {t_phi * 1e3:.3f} ms/image   OTI: {t_oti * 1e3:.1f} ms/image   OTI/phi = {t_oti / t_phi:.0f}x")
+    print(
+        f"{len(queries)} query images, tiny backbone, {torch.get_num_threads()} CPU threads, "
+        f"OTI {args.steps} steps (batched over all images)"
+    )
+    print(
+        f"phi: {t_phi * 1e3:.3f} ms/image   OTI: {t_oti * 1e3:.1f} ms/image   OTI/phi = {t_oti / t_phi:.0f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 `cirlab.load(run_dir_or_ckpt)` returns a Retriever over a finished run (see cirlab/api.py); it is
 imported lazily so that `import cirlab` stays cheap (no torch / open_clip at import time).
 """
+
 from __future__ import annotations
 
 from typing import Any

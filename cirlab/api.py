@@ -11,12 +11,13 @@ backbone from the latest stage that trained, the module from the final stage). G
 are cached on disk with the feature cache (keyed by backbone weights, preprocessing and file list).
 Console: `cirlab-query --run RUN --gallery DIR --image IMG --text "..." -k 10`.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +32,9 @@ def _run_and_stage(path: Path) -> tuple[Path, str | None, Path | None]:
     if path.is_file() and path.suffix == ".ckpt":
         # <run>/stages/<stage>/checkpoints/<name>.ckpt
         if path.parent.name != "checkpoints" or path.parents[2].name != "stages":
-            raise CirlabError(f"{path} is not inside <run>/stages/<stage>/checkpoints/: give the run folder instead")
+            raise CirlabError(
+                f"{path} is not inside <run>/stages/<stage>/checkpoints/: give the run folder instead"
+            )
         return path.parents[3], path.parents[1].name, path
     if path.is_dir():
         return path, None, None
@@ -64,7 +67,7 @@ class Retriever:
         self.module.eval()
         self.backbone = module.backbone
         self.paths: list[Path] = []
-        self.gallery: torch.Tensor | None = None   # [N, D] normalised gallery embeddings
+        self.gallery: torch.Tensor | None = None  # [N, D] normalised gallery embeddings
 
     @property
     def device(self) -> torch.device:
@@ -81,12 +84,13 @@ class Retriever:
         cache_dir = self.cfg.paths.get("cache_dir") if self.cfg is not None else None
         if cache_dir:
             feats = FeatureCache(cache_dir, batch_size=self.cfg.eval.batch_size).get(
-                encoder, [str(p) for p in paths], paths)
+                encoder, [str(p) for p in paths], paths
+            )
             return torch.stack([feats[str(p)] for p in paths])
         return encode_images(encoder, paths)
 
     @torch.no_grad()
-    def index(self, gallery_paths: Sequence[str | Path]) -> "Retriever":
+    def index(self, gallery_paths: Sequence[str | Path]) -> Retriever:
         """Embed the gallery images (cached on disk by backbone weights + file list)."""
         paths = [Path(p) for p in gallery_paths]
         if not paths:
@@ -100,8 +104,9 @@ class Retriever:
         return self
 
     @torch.no_grad()
-    def search(self, reference_image: str | Path, text: str, k: int = 10,
-               exclude_reference: bool = True) -> list[tuple[Path, float]]:
+    def search(
+        self, reference_image: str | Path, text: str, k: int = 10, exclude_reference: bool = True
+    ) -> list[tuple[Path, float]]:
         """Top-k (gallery path, cosine score) for reference image + modification text. The reference
         itself is left out of the ranking if it is in the gallery (as the benchmarks do), unless
         exclude_reference=False."""
@@ -114,7 +119,9 @@ class Retriever:
             raise CirlabError(f"reference image {ref_path} does not exist")
         ref = encode_images(self.backbone, [ref_path]).to(self.device)
         view = self.module.text_views.get("text")  # e.g. BLIP4CIR+Bi's forward marker, as at evaluation
-        query = F.normalize(self.module.query_embedding(ref, [view(text) if view else text]).float(), dim=-1).cpu()[0]
+        query = F.normalize(
+            self.module.query_embedding(ref, [view(text) if view else text]).float(), dim=-1
+        ).cpu()[0]
         scores = self.gallery @ query
         if exclude_reference:
             ref_resolved = ref_path.resolve()
@@ -145,7 +152,9 @@ def _pin_paths(cfg, run_dir: Path) -> None:
     hydra_yaml = run_dir / ".hydra" / "hydra.yaml"
     cwd = None
     if hydra_yaml.is_file():
-        cwd = ((yaml.safe_load(hydra_yaml.read_text()) or {}).get("hydra", {}).get("runtime", {}) or {}).get("cwd")
+        cwd = ((yaml.safe_load(hydra_yaml.read_text()) or {}).get("hydra", {}).get("runtime", {}) or {}).get(
+            "cwd"
+        )
     for key, value in paths.items():
         if isinstance(value, str) and cwd and not Path(value).is_absolute():
             value = str(Path(cwd) / value)
@@ -181,22 +190,32 @@ def load(run_dir_or_ckpt: str | Path, overrides: Sequence[str] = (), device: str
         best = _checkpoint_of(run_dir, name)
         if best is not None:
             state = SafeCheckpointIO().load_checkpoint(best)["state_dict"]
-            backbone.load_state_dict({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})
-    module = instantiate(cfg.method[stage].module, backbone=backbone, search=cfg.retrieval.search,
-                         search_options=OmegaConf.to_container(cfg.retrieval.options))
+            backbone.load_state_dict(
+                {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+            )
+    module = instantiate(
+        cfg.method[stage].module,
+        backbone=backbone,
+        search=cfg.retrieval.search,
+        search_options=OmegaConf.to_container(cfg.retrieval.options),
+    )
     best = ckpt or _checkpoint_of(run_dir, stage)
     if best is not None:
         load_module_weights(module, best)
     elif cfg.method[stage].max_epochs > 0:
-        raise CirlabError(f"stage {stage} of {run_dir} has no finished checkpoint (done.json); "
-                          "finish or resume the run first")
+        raise CirlabError(
+            f"stage {stage} of {run_dir} has no finished checkpoint (done.json); "
+            "finish or resume the run first"
+        )
     if device:
         module.to(device)
     return Retriever(module, cfg, run_dir, stage)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="cirlab-query", description="Composed image search with a trained run.")
+    parser = argparse.ArgumentParser(
+        prog="cirlab-query", description="Composed image search with a trained run."
+    )
     parser.add_argument("--run", required=True, help="run folder (or a stage checkpoint .ckpt)")
     parser.add_argument("--gallery", required=True, help="folder of gallery images (searched recursively)")
     parser.add_argument("--image", required=True, help="reference image")

@@ -1,5 +1,6 @@
 """`cirlab`: the Hydra entry point. Friendly errors (exit 2, no traceback unless HYDRA_FULL_ERROR=1),
 a usage message when no method is given, and a results table at the end."""
+
 from __future__ import annotations
 
 import os
@@ -59,7 +60,9 @@ def print_table(results: dict) -> None:
         print(f"  {key.ljust(width)}  {value:6.2f}")
     reported = results.get("reported_split")
     for stage, how in results.get("selection", {}).items():
-        note = " (the reported split: not held out)" if reported and how.startswith(f"best {reported}/") else ""
+        note = (
+            " (the reported split: not held out)" if reported and how.startswith(f"best {reported}/") else ""
+        )
         print(f"  stage {stage}: weights = {how}{note}")
 
 
@@ -99,7 +102,9 @@ def _dispatch(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    if any(a in ("--help", "-h") for a in sys.argv[1:]) and not any(a.startswith("--hydra-help") for a in sys.argv):
+    if any(a in ("--help", "-h") for a in sys.argv[1:]) and not any(
+        a.startswith("--hydra-help") for a in sys.argv
+    ):
         print(usage())
         return
     try:

@@ -12,6 +12,7 @@ Captions runs (`+method=crossmodal`) get text -> image and image -> caption sear
 
 Everything the page does lives in `DemoBackend` (no Gradio): the Gradio layer only wires widgets.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,15 +20,15 @@ import html
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from cirlab.errors import CirlabError
 
-GRID_MAX = 60          # thumbnails shown at once in the reference picker
+GRID_MAX = 60  # thumbnails shown at once in the reference picker
 K_MAX = 50
-EXAMPLES = 8           # modification texts from the dataset shown below the text box
+EXAMPLES = 8  # modification texts from the dataset shown below the text box
 CSS = """
 #results .row { display: flex; flex-wrap: wrap; gap: 8px; }
 #results figure { margin: 0; text-align: center; font-size: 12px; border: 4px solid transparent; padding: 2px; }
@@ -48,10 +49,10 @@ class DatasetQuery:
     """A query of the run's dataset: picking it fills the reference and the text; its targets are outlined."""
 
     qid: str
-    reference: str                  # image name (gallery name when the reference is in the gallery)
+    reference: str  # image name (gallery name when the reference is in the gallery)
     reference_path: Path
     text: str
-    targets: tuple[str, ...]        # empty where the split has no public answers
+    targets: tuple[str, ...]  # empty where the split has no public answers
 
 
 @dataclass
@@ -61,26 +62,26 @@ class Gallery:
     description: str
     unreadable: list[tuple[Path, str]] = field(default_factory=list)
     queries: list[DatasetQuery] = field(default_factory=list)
-    examples: list[str] = field(default_factory=list)   # modification texts (or captions) of the dataset
+    examples: list[str] = field(default_factory=list)  # modification texts (or captions) of the dataset
     captions: list[tuple[str, str]] = field(default_factory=list)  # (caption, image name): captions runs
-    exclude_reference: bool = True   # the dataset's protocol; always for a folder
+    exclude_reference: bool = True  # the dataset's protocol; always for a folder
 
 
 @dataclass
 class Hit:
     rank: int
-    name: str          # gallery image name, or the caption (image -> caption search)
+    name: str  # gallery image name, or the caption (image -> caption search)
     score: float
     target: bool
     path: Path | None = None
-    image: str = ""    # for a caption hit: the image it describes
+    image: str = ""  # for a caption hit: the image it describes
 
 
 @dataclass
 class Answer:
     hits: list[Hit]
-    targets: tuple[str, ...]   # the true answers when the query is one of the dataset's
-    target_tiles: tuple[tuple[str, Path], ...] = ()   # (name, file) of the targets in the gallery
+    targets: tuple[str, ...]  # the true answers when the query is one of the dataset's
+    target_tiles: tuple[tuple[str, Path], ...] = ()  # (name, file) of the targets in the gallery
 
 
 # ---- the gallery ---------------------------------------------------------------------------------
@@ -105,32 +106,46 @@ def run_gallery(cfg) -> Gallery:
         pairs = source.image_captions(split)
         names = [n for n, _ in pairs]
         captions = [(c, n) for n, caps in pairs for c in caps]
-        return Gallery(names, [source.image_path(n) for n in names],
-                       f"the {split} split of {cfg.dataset.name} ({len(names):,} images, {len(captions):,} captions)",
-                       examples=[c for c, _ in captions[:: max(1, len(captions) // EXAMPLES)]][:EXAMPLES],
-                       captions=captions)
+        return Gallery(
+            names,
+            [source.image_path(n) for n in names],
+            f"the {split} split of {cfg.dataset.name} ({len(names):,} images, {len(captions):,} captions)",
+            examples=[c for c, _ in captions[:: max(1, len(captions) // EXAMPLES)]][:EXAMPLES],
+            captions=captions,
+        )
     answers = source.has_answers(split)
     names: dict[str, None] = {}
     queries = []
     for es in source.eval_sets(split):
         names.update(dict.fromkeys(es.gallery))
         for q in es.queries:
-            queries.append(DatasetQuery(f"{es.group}/{q.qid}" if es.group else q.qid, q.reference,
-                                        source.image_path(q.reference), source.eval_text(q),
-                                        tuple(q.targets) if answers else ()))
+            queries.append(
+                DatasetQuery(
+                    f"{es.group}/{q.qid}" if es.group else q.qid,
+                    q.reference,
+                    source.image_path(q.reference),
+                    source.eval_text(q),
+                    tuple(q.targets) if answers else (),
+                )
+            )
     names_ = list(names)
     step = max(1, len(queries) // EXAMPLES)
-    return Gallery(names_, [source.image_path(n) for n in names_],
-                   f"the {split} split of {cfg.dataset.name} ({len(names_):,} images, {len(queries):,} queries)",
-                   queries=queries, examples=[q.text for q in queries[::step]][:EXAMPLES],
-                   exclude_reference=bool(source.protocol.exclude_reference))
+    return Gallery(
+        names_,
+        [source.image_path(n) for n in names_],
+        f"the {split} split of {cfg.dataset.name} ({len(names_):,} images, {len(queries):,} queries)",
+        queries=queries,
+        examples=[q.text for q in queries[::step]][:EXAMPLES],
+        exclude_reference=bool(source.protocol.exclude_reference),
+    )
 
 
 def folder_gallery(folder: Path, cfg=None) -> Gallery:
     """Every image under `folder` (recursively); unreadable files are listed and left out. Example texts
     come from the run's dataset when its data is on this machine."""
-    from cirlab.api import IMAGE_EXTS
     from PIL import Image, UnidentifiedImageError
+
+    from cirlab.api import IMAGE_EXTS
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -146,10 +161,18 @@ def folder_gallery(folder: Path, cfg=None) -> Gallery:
             continue
         paths.append(p)
     if not paths:
-        what = f"{len(unreadable)} files, none readable" if unreadable else f"no images ({', '.join(IMAGE_EXTS)})"
+        what = (
+            f"{len(unreadable)} files, none readable"
+            if unreadable
+            else f"no images ({', '.join(IMAGE_EXTS)})"
+        )
         raise CirlabError(f"--gallery {folder}: {what}")
-    gallery = Gallery([p.relative_to(folder).as_posix() for p in paths], paths,
-                      f"{folder} ({len(paths):,} images)", unreadable=unreadable)
+    gallery = Gallery(
+        [p.relative_to(folder).as_posix() for p in paths],
+        paths,
+        f"{folder} ({len(paths):,} images)",
+        unreadable=unreadable,
+    )
     if cfg is not None:
         try:
             dataset = run_gallery(cfg)
@@ -167,7 +190,9 @@ class DemoBackend:
     def __init__(self, retriever, gallery: Gallery):
         self.retriever, self.gallery = retriever, gallery
         self.exclude_reference = gallery.exclude_reference
-        self.captions_mode = retriever.cfg is not None and retriever.cfg.dataset.get("kind", "cir") == "captions"
+        self.captions_mode = (
+            retriever.cfg is not None and retriever.cfg.dataset.get("kind", "cir") == "captions"
+        )
         self.index_of = {n: i for i, n in enumerate(gallery.names)}
         self.name_of = {str(p): n for n, p in zip(gallery.names, gallery.paths)}
         self.answers = {(q.reference, q.text.strip()): q.targets for q in gallery.queries}
@@ -187,7 +212,7 @@ class DemoBackend:
         return f"{name} ({self.method})" if name else self.method
 
     # ---- start-up
-    def index(self) -> "DemoBackend":
+    def index(self) -> DemoBackend:
         if self.captions_mode:
             self._index_captions()
         else:
@@ -201,22 +226,30 @@ class DemoBackend:
         try:
             self.retriever.search(self.gallery.paths[0], "a photo", k=1)
         except CirlabError as err:
-            raise CirlabError(f"this run's method ({self.method}) cannot search new queries in the demo: {err}") from None
+            raise CirlabError(
+                f"this run's method ({self.method}) cannot search new queries in the demo: {err}"
+            ) from None
 
     def _index_captions(self) -> None:
         import torch
 
         module = self.retriever.module
         if not hasattr(module, "text_embedding") or not hasattr(module, "image_embedding"):
-            raise CirlabError(f"the run's dataset has captions but its method ({self.method}) has no text<->image embeddings")
+            raise CirlabError(
+                f"the run's dataset has captions but its method ({self.method}) has no text<->image embeddings"
+            )
         self._encoder = module.feature_encoder() if hasattr(module, "feature_encoder") else module.backbone
         raw = self.retriever.raw_features(self.gallery.paths, self._encoder)
         with torch.no_grad():
             self.image_emb = module.image_embedding(raw.to(module.device)).float().cpu()
             texts = [c for c, _ in self.gallery.captions]
             if texts:
-                self.caption_emb = torch.cat([module.text_embedding(texts[i:i + 512]).float().cpu()
-                                              for i in range(0, len(texts), 512)])
+                self.caption_emb = torch.cat(
+                    [
+                        module.text_embedding(texts[i : i + 512]).float().cpu()
+                        for i in range(0, len(texts), 512)
+                    ]
+                )
 
     # ---- queries
     def reference_path(self, reference: str | Path) -> tuple[str | None, Path]:
@@ -245,7 +278,11 @@ class DemoBackend:
         for rank, (p, score) in enumerate(found, 1):
             hit_name = self.name_of.get(str(p), str(p))
             hits.append(Hit(rank, hit_name, score, hit_name in targets, path=p))
-        return Answer(hits, targets, tuple((t, self.gallery.paths[self.index_of[t]]) for t in targets if t in self.index_of))
+        return Answer(
+            hits,
+            targets,
+            tuple((t, self.gallery.paths[self.index_of[t]]) for t in targets if t in self.index_of),
+        )
 
     def text_to_image(self, text: str, k: int = 10) -> Answer:
         import torch
@@ -257,8 +294,10 @@ class DemoBackend:
         scores = self.image_emb @ q
         top = torch.topk(scores, min(int(k), len(scores)))
         targets = tuple(sorted(self.caption_images.get(text.strip(), ())))
-        hits = [Hit(r, self.gallery.names[i], s, self.gallery.names[i] in targets, path=self.gallery.paths[i])
-                for r, (s, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1)]
+        hits = [
+            Hit(r, self.gallery.names[i], s, self.gallery.names[i] in targets, path=self.gallery.paths[i])
+            for r, (s, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1)
+        ]
         return Answer(hits, targets, tuple((t, self.gallery.paths[self.index_of[t]]) for t in targets))
 
     def image_to_caption(self, reference: str | Path, k: int = 10) -> Answer:
@@ -277,9 +316,16 @@ class DemoBackend:
                 v = self.retriever.module.image_embedding(raw).float().cpu()[0]
         scores = self.caption_emb @ v
         top = torch.topk(scores, min(int(k), len(scores)))
-        hits = [Hit(r, self.gallery.captions[i][0], s, self.gallery.captions[i][1] == name,
-                    image=self.gallery.captions[i][1])
-                for r, (s, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1)]
+        hits = [
+            Hit(
+                r,
+                self.gallery.captions[i][0],
+                s,
+                self.gallery.captions[i][1] == name,
+                image=self.gallery.captions[i][1],
+            )
+            for r, (s, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1)
+        ]
         return Answer(hits, (name,) if name is not None else ())
 
     def matching(self, pattern: str, limit: int = GRID_MAX) -> list[str]:
@@ -294,35 +340,50 @@ def render_answer(answer: Answer, seconds: float | None = None) -> str:
 
     cells, hit_rank = [], next((h.rank for h in answer.hits if h.target), None)
     if answer.targets:
-        status = (f'<span class="ok">target at rank {hit_rank}</span>' if hit_rank else
-                  f'<span class="miss">target {html.escape(", ".join(answer.targets))} not in the top {len(answer.hits)}</span>')
+        status = (
+            f'<span class="ok">target at rank {hit_rank}</span>'
+            if hit_rank
+            else f'<span class="miss">target {html.escape(", ".join(answer.targets))} not in the top {len(answer.hits)}</span>'
+        )
         if not hit_rank:  # show what should have been found
-            status += "".join(f'<figure class="tgt" title="{html.escape(t)}"><img src="{_data_uri(p)}" alt="target"></figure>'
-                              for t, p in answer.target_tiles)
+            status += "".join(
+                f'<figure class="tgt" title="{html.escape(t)}"><img src="{_data_uri(p)}" alt="target"></figure>'
+                for t, p in answer.target_tiles
+            )
     else:
         status = "not a dataset query: no known target"
     timing = f" · {seconds * 1000:.0f} ms" if seconds is not None else ""
     if answer.hits and answer.hits[0].path is None:  # captions
-        items = "".join(f'<li class="{"hit" if h.target else "res"}" data-rank="{h.rank}" data-score="{h.score:.6f}"'
-                        f' data-name="{html.escape(h.name)}">{html.escape(h.name)} <small>({h.score:.4f} · '
-                        f'{html.escape(h.image)})</small></li>' for h in answer.hits)
+        items = "".join(
+            f'<li class="{"hit" if h.target else "res"}" data-rank="{h.rank}" data-score="{h.score:.6f}"'
+            f' data-name="{html.escape(h.name)}">{html.escape(h.name)} <small>({h.score:.4f} · '
+            f"{html.escape(h.image)})</small></li>"
+            for h in answer.hits
+        )
         return f'<div class="summary">{status}{timing}</div><ol class="captions">{items}</ol>'
     for h in answer.hits:
         mark = " ✓ target" if h.target else ""
-        cells.append(f'<figure class="{"hit" if h.target else "res"}" data-rank="{h.rank}" data-score="{h.score:.6f}" '
-                     f'data-name="{html.escape(h.name)}" title="{html.escape(h.name)}">'
-                     f'<img src="{_data_uri(h.path)}" alt="{html.escape(h.name)}">'
-                     f'<figcaption>#{h.rank} · {h.score:.4f}{mark}</figcaption></figure>')
+        cells.append(
+            f'<figure class="{"hit" if h.target else "res"}" data-rank="{h.rank}" data-score="{h.score:.6f}" '
+            f'data-name="{html.escape(h.name)}" title="{html.escape(h.name)}">'
+            f'<img src="{_data_uri(h.path)}" alt="{html.escape(h.name)}">'
+            f"<figcaption>#{h.rank} · {h.score:.4f}{mark}</figcaption></figure>"
+        )
     return f'<div class="summary">{status}{timing}</div><div class="row">{"".join(cells)}</div>'
 
 
 def header_markdown(backend: DemoBackend, run: Path) -> str:
     g = backend.gallery
-    lines = [f"### cirlab demo — `{run.name}`",
-             f"Method **{backend.method_name}** (stage `{backend.retriever.stage}`), gallery: {g.description}."]
+    lines = [
+        f"### cirlab demo — `{run.name}`",
+        f"Method **{backend.method_name}** (stage `{backend.retriever.stage}`), gallery: {g.description}.",
+    ]
     if not backend.captions_mode:
-        lines.append("The reference is left out of its own ranking." if backend.exclude_reference
-                     else "The reference stays in the ranking (the dataset's protocol).")
+        lines.append(
+            "The reference is left out of its own ranking."
+            if backend.exclude_reference
+            else "The reference stays in the ranking (the dataset's protocol)."
+        )
     if g.unreadable:
         shown = "\n".join(f"- `{p}`: {why}" for p, why in g.unreadable[:20])
         more = f"\n- ... and {len(g.unreadable) - 20} more" if len(g.unreadable) > 20 else ""
@@ -350,9 +411,16 @@ def _picker(gr, backend: DemoBackend, label: str):
     ref_image = gr.Image(label=label, type="filepath", sources=["upload"], height=220, elem_id="reference")
     grid_names = gr.State(backend.matching(""))
     find = gr.Textbox(label="Find a reference in the gallery (part of its name)", elem_id="find")
-    grid = gr.Gallery(value=[(str(backend.gallery.paths[backend.index_of[n]]), n) for n in grid_names.value],
-                      label=f"Gallery (first {GRID_MAX} matches; click one)", columns=8, height=260, fit_columns=False,
-                      allow_preview=False, object_fit="contain", elem_id="grid")
+    grid = gr.Gallery(
+        value=[(str(backend.gallery.paths[backend.index_of[n]]), n) for n in grid_names.value],
+        label=f"Gallery (first {GRID_MAX} matches; click one)",
+        columns=8,
+        height=260,
+        fit_columns=False,
+        allow_preview=False,
+        object_fit="contain",
+        elem_id="grid",
+    )
 
     def filter_grid(pattern):
         names = backend.matching(pattern)
@@ -389,7 +457,9 @@ def cir_search(backend: DemoBackend, name: str | None, image: str | None, text: 
         return f"⚠️ **{html.escape(str(err))}**", ""
     seconds = time.perf_counter() - start
     what = f"`{name}`" if name else "the uploaded image"
-    return f"Top {len(answer.hits)} for {what} + “{html.escape(text.strip())}”", render_answer(answer, seconds)
+    return f"Top {len(answer.hits)} for {what} + “{html.escape(text.strip())}”", render_answer(
+        answer, seconds
+    )
 
 
 def _cir_page(gr, backend: DemoBackend, k: int) -> None:
@@ -397,26 +467,36 @@ def _cir_page(gr, backend: DemoBackend, k: int) -> None:
         with gr.Column(scale=2):
             queries = backend.gallery.queries
             if queries:
-                query = gr.Dropdown(choices=[(f"{q.qid}: {q.text}", i) for i, q in enumerate(queries)], value=None,
-                                    label=f"A query of the dataset ({len(queries):,}; type to filter)",
-                                    filterable=True, elem_id="query")
+                query = gr.Dropdown(
+                    choices=[(f"{q.qid}: {q.text}", i) for i, q in enumerate(queries)],
+                    value=None,
+                    label=f"A query of the dataset ({len(queries):,}; type to filter)",
+                    filterable=True,
+                    elem_id="query",
+                )
             ref_image, ref_name = _picker(gr, backend, "Reference image (pick one below, or upload)")
         with gr.Column(scale=3):
-            text = gr.Textbox(label="Modification text", placeholder="e.g. has a red circle on the left",
-                              elem_id="text")
+            text = gr.Textbox(
+                label="Modification text", placeholder="e.g. has a red circle on the left", elem_id="text"
+            )
             if backend.gallery.examples:
-                gr.Examples([[t] for t in backend.gallery.examples], inputs=[text],
-                            label="Modification texts from the dataset")
+                gr.Examples(
+                    [[t] for t in backend.gallery.examples],
+                    inputs=[text],
+                    label="Modification texts from the dataset",
+                )
             top_k = gr.Slider(1, max(K_MAX, k), value=k, step=1, label="k (results shown)", elem_id="k")
             button = gr.Button("Search", variant="primary", elem_id="search")
             status = gr.Markdown("", elem_id="status")
             results = gr.HTML("", elem_id="results")
     if queries:
+
         def pick_query(i):
             if i is None:
                 return gr.update(), gr.update(), gr.update()
             q = queries[int(i)]
             return q.reference, str(q.reference_path), q.text
+
         query.change(pick_query, query, [ref_name, ref_image, text])
 
     run_search = lambda *a: cir_search(backend, *a)  # noqa: E731
@@ -429,9 +509,13 @@ def _captions_page(gr, backend: DemoBackend, k: int) -> None:
     status = gr.Markdown("", elem_id="status")
     with gr.Tabs():
         with gr.Tab("Text → image"):
-            text = gr.Textbox(label="Caption", placeholder="e.g. a photo of a red circle on the left", elem_id="text")
+            text = gr.Textbox(
+                label="Caption", placeholder="e.g. a photo of a red circle on the left", elem_id="text"
+            )
             if backend.gallery.examples:
-                gr.Examples([[t] for t in backend.gallery.examples], inputs=[text], label="Captions from the dataset")
+                gr.Examples(
+                    [[t] for t in backend.gallery.examples], inputs=[text], label="Captions from the dataset"
+                )
             t2i = gr.Button("Search images", variant="primary", elem_id="search")
         with gr.Tab("Image → caption"):
             ref_image, ref_name = _picker(gr, backend, "Image (pick one below, or upload)")
@@ -444,7 +528,8 @@ def _captions_page(gr, backend: DemoBackend, k: int) -> None:
         start = time.perf_counter()
         answer = backend.text_to_image(text_, int(k_))
         return f"Top {len(answer.hits)} images for “{html.escape(text_.strip())}”", render_answer(
-            answer, time.perf_counter() - start)
+            answer, time.perf_counter() - start
+        )
 
     def by_image(name, image, k_):
         reference = _reference(name, image)
@@ -455,8 +540,10 @@ def _captions_page(gr, backend: DemoBackend, k: int) -> None:
             answer = backend.image_to_caption(reference, int(k_))
         except CirlabError as err:
             return f"⚠️ **{html.escape(str(err))}**", ""
-        return (f"Top {len(answer.hits)} captions for {f'`{name}`' if name else 'the uploaded image'}",
-                render_answer(answer, time.perf_counter() - start))
+        return (
+            f"Top {len(answer.hits)} captions for {f'`{name}`' if name else 'the uploaded image'}",
+            render_answer(answer, time.perf_counter() - start),
+        )
 
     t2i.click(by_text, [text, top_k], [status, results])
     text.submit(by_text, [text, top_k], [status, results])
@@ -464,14 +551,17 @@ def _captions_page(gr, backend: DemoBackend, k: int) -> None:
 
 
 # ---- start-up ----------------------------------------------------------------------------------------
-def load_backend(run: str | Path, gallery: str | Path | None = None, device: str | None = None,
-                 log=print) -> DemoBackend:
+def load_backend(
+    run: str | Path, gallery: str | Path | None = None, device: str | None = None, log=print
+) -> DemoBackend:
     """cirlab.load + gallery listing + embedding (feature cache; tqdm shows progress when it encodes)."""
     import cirlab
 
     t0 = time.perf_counter()
     retriever = cirlab.load(run, device=device)
-    log(f"cirlab-demo: loaded {type(retriever.module).__name__} (stage {retriever.stage}) in {time.perf_counter() - t0:.1f} s")
+    log(
+        f"cirlab-demo: loaded {type(retriever.module).__name__} (stage {retriever.stage}) in {time.perf_counter() - t0:.1f} s"
+    )
     g = run_gallery(retriever.cfg) if gallery is None else folder_gallery(Path(gallery), retriever.cfg)
     for p, why in g.unreadable:
         log(f"cirlab-demo: unreadable image left out: {p} ({why})")
@@ -497,17 +587,26 @@ def allowed_dirs(paths: Sequence[Path]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="cirlab-demo", description="Interactive retrieval page over a finished cirlab run.")
+    parser = argparse.ArgumentParser(
+        prog="cirlab-demo", description="Interactive retrieval page over a finished cirlab run."
+    )
     parser.add_argument("run", help="run folder (or a stage checkpoint .ckpt)")
-    parser.add_argument("--gallery", default=None, help="folder of gallery images (searched recursively); "
-                                                        "default: the run's own test gallery")
+    parser.add_argument(
+        "--gallery",
+        default=None,
+        help="folder of gallery images (searched recursively); default: the run's own test gallery",
+    )
     parser.add_argument("--port", type=int, default=7860, help="default 7860")
     parser.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
     parser.add_argument("-k", type=int, default=10, help="results shown at first (default 10)")
     parser.add_argument("--device", default=None, help="e.g. cuda; default cpu")
-    parser.add_argument("--query-threads", type=int, default=1,
-                        help="CPU threads per query after start-up (default 1: one small query gains nothing "
-                             "from more, and on a busy machine they wait on each other; 0 keeps torch's default)")
+    parser.add_argument(
+        "--query-threads",
+        type=int,
+        default=1,
+        help="CPU threads per query after start-up (default 1: one small query gains nothing "
+        "from more, and on a busy machine they wait on each other; 0 keeps torch's default)",
+    )
     args = parser.parse_args(argv)
     start = time.perf_counter()
     from hydra.errors import InstantiationException
@@ -519,7 +618,9 @@ def main(argv: list[str] | None = None) -> None:
         if not run.exists():
             raise CirlabError(f"{run} does not exist: give a run folder (outputs/runs/<run>)")
         if run.is_dir() and not (run / ".hydra" / "config.yaml").is_file():
-            raise CirlabError(f"{run} is not a cirlab run folder (no .hydra/config.yaml): give outputs/runs/<run>")
+            raise CirlabError(
+                f"{run} is not a cirlab run folder (no .hydra/config.yaml): give outputs/runs/<run>"
+            )
         try:
             import gradio  # noqa: F401
         except ImportError:
@@ -533,11 +634,24 @@ def main(argv: list[str] | None = None) -> None:
         print(f"cirlab-demo error: {cause}", file=sys.stderr)
         sys.exit(2)
     app, theme = build_app(backend, run, args.k)
-    print(f"cirlab-demo: serving http://{args.host}:{args.port} (start-up {time.perf_counter() - start:.1f} s; "
-          "Ctrl-C stops)", flush=True)
-    app.launch(server_name=args.host, server_port=args.port, share=False, quiet=True, show_error=True,
-               ssr_mode=False, css=CSS, theme=theme,
-               allowed_paths=allowed_dirs([*backend.gallery.paths, *(q.reference_path for q in backend.gallery.queries)]))
+    print(
+        f"cirlab-demo: serving http://{args.host}:{args.port} (start-up {time.perf_counter() - start:.1f} s; "
+        "Ctrl-C stops)",
+        flush=True,
+    )
+    app.launch(
+        server_name=args.host,
+        server_port=args.port,
+        share=False,
+        quiet=True,
+        show_error=True,
+        ssr_mode=False,
+        css=CSS,
+        theme=theme,
+        allowed_paths=allowed_dirs(
+            [*backend.gallery.paths, *(q.reference_path for q in backend.gallery.queries)]
+        ),
+    )
 
 
 if __name__ == "__main__":

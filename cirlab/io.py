@@ -4,6 +4,7 @@ Unique temp names make two concurrent writers of the same path safe: the last re
 each rename publishes a complete file. `build_lock` makes concurrent runs build a shared cache entry
 once: the others wait, then use it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -11,8 +12,9 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -36,7 +38,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp_path, path)
     except OSError as err:
         tmp_path.unlink(missing_ok=True)
-        raise CirlabError(f"could not write {path}: {err.strerror or err}. Check free disk space and permissions.") from err
+        raise CirlabError(
+            f"could not write {path}: {err.strerror or err}. Check free disk space and permissions."
+        ) from err
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -98,8 +102,10 @@ def load_torch(path: str | os.PathLike, map_location: str = "cpu") -> Any:
     except FileNotFoundError as err:
         raise CirlabError(f"file not found: {path}") from err
     except Exception as err:  # torch raises several types for corrupt archives
-        raise CirlabError(f"{path} is not a readable cirlab/torch checkpoint ({type(err).__name__}: {err}). "
-                          "Delete it or point to another file.") from err
+        raise CirlabError(
+            f"{path} is not a readable cirlab/torch checkpoint ({type(err).__name__}: {err}). "
+            "Delete it or point to another file."
+        ) from err
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -111,4 +117,6 @@ def read_json(path: str | os.PathLike) -> Any:
         with open(path) as fh:
             return json.load(fh)
     except json.JSONDecodeError as err:
-        raise CirlabError(f"malformed JSON in {path} at line {err.lineno}, column {err.colno}: {err.msg}") from err
+        raise CirlabError(
+            f"malformed JSON in {path} at line {err.lineno}, column {err.colno}: {err.msg}"
+        ) from err

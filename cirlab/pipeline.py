@@ -6,6 +6,7 @@ checkpoint, validate and test, write predictions/submission files. A finished st
 `stages/<name>/done.json`; a resumed run (`ckpt_path=last`) skips finished stages (reloading
 their best weights) and continues the interrupted one from its last checkpoint.
 """
+
 from __future__ import annotations
 
 import logging
@@ -56,10 +57,14 @@ def restart_hint(ckpt: Path) -> str:
         return ""
     stage = ckpt.parent.parent
     if ckpt.name == "last.ckpt":
-        return (f"\nThe file is damaged: delete {ckpt} and resume again to restart stage {stage.name} "
-                "from its first epoch (finished stages are kept).")
-    return (f"\nThe file is damaged: delete {stage / 'done.json'} and {ckpt.parent} and resume again to "
-            f"train stage {stage.name} anew (the other stages are kept).")
+        return (
+            f"\nThe file is damaged: delete {ckpt} and resume again to restart stage {stage.name} "
+            "from its first epoch (finished stages are kept)."
+        )
+    return (
+        f"\nThe file is damaged: delete {stage / 'done.json'} and {ckpt.parent} and resume again to "
+        f"train stage {stage.name} anew (the other stages are kept)."
+    )
 
 
 class BatchSeed(Callback):
@@ -79,8 +84,13 @@ class BatchSeed(Callback):
 
 def git_commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -109,18 +119,28 @@ def check_stage_config(name: str, scfg: DictConfig) -> None:
         raise CirlabError(f"method.{name}.checkpoint={file}: no such file")
 
 
-def run_stage(cfg: DictConfig, name: str, backbone, dm: CIRDataModule, run_dir: Path,
-              resume: bool) -> dict[str, Any]:
+def run_stage(
+    cfg: DictConfig, name: str, backbone, dm: CIRDataModule, run_dir: Path, resume: bool
+) -> dict[str, Any]:
     scfg = cfg.method[name]
     stage_dir = run_dir / "stages" / name
-    module: RetrievalModule = instantiate(scfg.module, backbone=backbone, search=cfg.retrieval.search,
-                                          search_options=OmegaConf.to_container(cfg.retrieval.options))
+    module: RetrievalModule = instantiate(
+        scfg.module,
+        backbone=backbone,
+        search=cfg.retrieval.search,
+        search_options=OmegaConf.to_container(cfg.retrieval.options),
+    )
     data_kind = getattr(module, "data_kind", "cir")
     if data_kind != getattr(dm, "kind", "cir"):
-        raise CirlabError(f"method {cfg.method.name!r} needs a {data_kind} dataset, but dataset={cfg.dataset.name} "
-                          f"is {getattr(dm, 'kind', 'cir')}. " + (
-                              "Pick a captions dataset: synthetic_captions, coco, flickr30k, captions_jsonl."
-                              if data_kind == "captions" else "Pick a CIR dataset, e.g. dataset=synthetic."))
+        raise CirlabError(
+            f"method {cfg.method.name!r} needs a {data_kind} dataset, but dataset={cfg.dataset.name} "
+            f"is {getattr(dm, 'kind', 'cir')}. "
+            + (
+                "Pick a captions dataset: synthetic_captions, coco, flickr30k, captions_jsonl."
+                if data_kind == "captions"
+                else "Pick a CIR dataset, e.g. dataset=synthetic."
+            )
+        )
     module.eval_data = dm
     if cfg.eval.gallery_on_disk:
         module.gallery_on_disk = stage_dir / "gallery"
@@ -139,28 +159,45 @@ def run_stage(cfg: DictConfig, name: str, backbone, dm: CIRDataModule, run_dir: 
         names = dm.all_images(splits)
         cache = FeatureCache(cfg.paths.cache_dir, batch_size=cfg.eval.batch_size, num_workers=cfg.num_workers)
         encoder = module.feature_encoder() if hasattr(module, "feature_encoder") else backbone
-        dm.use(features=cache.get(encoder, names, [dm.source.image_path(n) for n in names]),
-               text_views=module.text_views)
-        log.info("stage %s: %s image features %s", name, len(names), "from cache" if cache.last_hit else "encoded")
+        dm.use(
+            features=cache.get(encoder, names, [dm.source.image_path(n) for n in names]),
+            text_views=module.text_views,
+        )
+        log.info(
+            "stage %s: %s image features %s", name, len(names), "from cache" if cache.last_hit else "encoded"
+        )
     else:
         dm.use(transform=backbone.preprocess, text_views=module.text_views)
     dm.batch_size = scfg.batch_size
 
     record: dict[str, Any] = {"stage": name, "best_checkpoint": None}
     if scfg.get("checkpoint"):
-        layout = load_weights(module.stage_weights(), scfg.checkpoint, module.checkpoint_layouts(),
-                              f"method.{name}.checkpoint")
+        layout = load_weights(
+            module.stage_weights(), scfg.checkpoint, module.checkpoint_layouts(), f"method.{name}.checkpoint"
+        )
         log.info("stage %s: weights from %s (%s)", name, scfg.checkpoint, layout)
         record["weights_from"] = {"file": str(scfg.checkpoint), "layout": layout}
     monitor = module.checkpoint_monitor()
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, mode="max",
-                                 save_last=True, save_top_k=1, enable_version_counter=False,
-                                 save_on_train_epoch_end=True)  # a whole-epoch state: resume starts the next epoch
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="best",
+        monitor=monitor,
+        mode="max",
+        save_last=True,
+        save_top_k=1,
+        enable_version_counter=False,
+        save_on_train_epoch_end=True,
+    )  # a whole-epoch state: resume starts the next epoch
     logger = build_logger(cfg, name, stage_dir)
-    trainer: L.Trainer = instantiate(cfg.trainer, max_epochs=max(scfg.max_epochs, 1),
-                                     callbacks=[checkpoint, BatchSeed(cfg.seed)], logger=logger,
-                                     default_root_dir=str(stage_dir), plugins=[SafeCheckpointIO()],
-                                     reload_dataloaders_every_n_epochs=1)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        max_epochs=max(scfg.max_epochs, 1),
+        callbacks=[checkpoint, BatchSeed(cfg.seed)],
+        logger=logger,
+        default_root_dir=str(stage_dir),
+        plugins=[SafeCheckpointIO()],
+        reload_dataloaders_every_n_epochs=1,
+    )
     if train:
         last = ckpt_dir / "last.ckpt"
         ckpt_path = str(last) if resume and last.is_file() else None
@@ -170,7 +207,9 @@ def run_stage(cfg: DictConfig, name: str, backbone, dm: CIRDataModule, run_dir: 
         if loader is None:
             trainer.fit(module, dm, ckpt_path=ckpt_path)
         else:
-            trainer.fit(module, train_dataloaders=loader, val_dataloaders=dm.val_dataloader(), ckpt_path=ckpt_path)
+            trainer.fit(
+                module, train_dataloaders=loader, val_dataloaders=dm.val_dataloader(), ckpt_path=ckpt_path
+            )
         best = (checkpoint.best_model_path if monitor else "") or str(last)
         load_module_weights(module, Path(best))
         record["best_checkpoint"] = best
@@ -196,15 +235,23 @@ def selection(monitor: str | None, trained: bool, weights_from: dict | None) -> 
     return "given checkpoint (no training)" if weights_from else "no training"
 
 
-def visualize(cfg: DictConfig, module: RetrievalModule, dm: CIRDataModule, split: str, stage_dir: Path,
-              logger) -> None:
+def visualize(
+    cfg: DictConfig, module: RetrievalModule, dm: CIRDataModule, split: str, stage_dir: Path, logger
+) -> None:
     """retrieval_<split>.png/.html in the stage folder when eval.visualize (cirlab/retrieval/visualize.py)."""
     if not cfg.eval.get("visualize", False):
         return
     from cirlab.retrieval.visualize import visualize_split
 
-    visualize_split(module, dm, split, stage_dir, n=cfg.eval.get("visualize_n", 8),
-                    k=cfg.eval.get("visualize_k", 5), logger=logger)
+    visualize_split(
+        module,
+        dm,
+        split,
+        stage_dir,
+        n=cfg.eval.get("visualize_n", 8),
+        k=cfg.eval.get("visualize_k", 5),
+        logger=logger,
+    )
 
 
 def load_module_weights(module: torch.nn.Module, path: Path) -> None:
@@ -212,27 +259,34 @@ def load_module_weights(module: torch.nn.Module, path: Path) -> None:
     stamp = ckpt.get("cirlab", {})
     mine = {"method": type(module).__name__, "backbone": module.backbone.name}
     if stamp and stamp != mine:
-        raise CirlabError(f"checkpoint {path} was written by method {stamp['method']} with backbone "
-                          f"{stamp['backbone']!r}, but this run is {mine['method']} with backbone {mine['backbone']!r}")
+        raise CirlabError(
+            f"checkpoint {path} was written by method {stamp['method']} with backbone "
+            f"{stamp['backbone']!r}, but this run is {mine['method']} with backbone {mine['backbone']!r}"
+        )
     try:
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError as err:
-        raise CirlabError(f"checkpoint {path} does not fit method {type(module).__name__}: "
-                          f"{str(err).splitlines()[0]}") from err
+        raise CirlabError(
+            f"checkpoint {path} does not fit method {type(module).__name__}: {str(err).splitlines()[0]}"
+        ) from err
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     start = time.time()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.ckpt_path not in (None, "last"):
-        raise CirlabError(f"ckpt_path={cfg.ckpt_path}: ckpt_path takes `last` (resume the run in hydra.run.dir). "
-                          "To start or evaluate a stage from a weights file: method.<stage>.checkpoint=FILE "
-                          "(or backbone.checkpoint=FILE for the backbone)")
+        raise CirlabError(
+            f"ckpt_path={cfg.ckpt_path}: ckpt_path takes `last` (resume the run in hydra.run.dir). "
+            "To start or evaluate a stage from a weights file: method.<stage>.checkpoint=FILE "
+            "(or backbone.checkpoint=FILE for the backbone)"
+        )
     resume = bool(cfg.resume) or cfg.ckpt_path == "last"
     for name in cfg.method.stages:  # config errors before any data or model work
         if name not in cfg.method:
-            raise CirlabError(f"method.stages names {name!r} but method has no such stage; "
-                              f"stages defined: {[k for k in cfg.method if k not in ('name', 'stages')]}")
+            raise CirlabError(
+                f"method.stages names {name!r} but method has no such stage; "
+                f"stages defined: {[k for k in cfg.method if k not in ('name', 'stages')]}"
+            )
         check_stage_config(name, cfg.method[name])
     source = instantiate(cfg.dataset.source)
     backbone = instantiate(cfg.backbone.model)
@@ -240,8 +294,14 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if kind not in ("cir", "captions"):
         raise CirlabError(f"unknown dataset.kind={kind!r}; choose cir or captions")
     dm_class = CaptionDataModule if kind == "captions" else CIRDataModule
-    dm = dm_class(source, eval_batch_size=cfg.eval.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
-                  val_split=cfg.dataset.val_split, test_split=cfg.dataset.test_split)
+    dm = dm_class(
+        source,
+        eval_batch_size=cfg.eval.batch_size,
+        num_workers=cfg.num_workers,
+        seed=cfg.seed,
+        val_split=cfg.dataset.val_split,
+        test_split=cfg.dataset.test_split,
+    )
     stages: dict[str, Any] = {}
     for name in cfg.method.stages:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -250,7 +310,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     results = {
         "metrics": final["metrics"],
         "stages": {k: v["metrics"] for k, v in stages.items()},
-        "method": cfg.method.name, "dataset": cfg.dataset.name, "backbone": cfg.backbone.name,
+        "method": cfg.method.name,
+        "dataset": cfg.dataset.name,
+        "backbone": cfg.backbone.name,
         "main_metric": f"{cfg.dataset.test_split}/{source.protocol.main_metric}",
         "reported_split": cfg.dataset.test_split,
         # how each stage's weights were chosen; "best <split>/..." on the reported split is not held out

@@ -5,6 +5,7 @@ overrides as columns (from `<run>/.hydra/overrides.yaml`, without `hydra.*`, `lo
 that are identical in every run) and the final metrics: each run's `main_metric` plus the recall@K
 keys of the same split, sorted by the main metric, best first.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,10 @@ def collect(paths: list[str | Path]) -> tuple[list[str], list[dict[str, Any]]]:
     """(columns, rows) of the leaderboard; each row maps column -> value, rows sorted best first."""
     files = find_results(paths)
     if not files:
-        raise CirlabError(f"no results.json under {', '.join(map(str, paths))}: "
-                          "give run folders (outputs/runs/...) or multirun folders (outputs/multirun/...)")
+        raise CirlabError(
+            f"no results.json under {', '.join(map(str, paths))}: "
+            "give run folders (outputs/runs/...) or multirun folders (outputs/multirun/...)"
+        )
     roots = [Path(p).resolve() for p in paths]
     runs = []
     for f in files:
@@ -77,16 +80,24 @@ def collect(paths: list[str | Path]) -> tuple[list[str], list[dict[str, Any]]]:
 
     main_cols = list(dict.fromkeys(r.get("main_metric") for _, r, _ in runs if r.get("main_metric")))
     splits = {m.split("/")[0] for m in main_cols}
-    recall_cols = sorted({k for _, r, _ in runs for k in r.get("metrics", {})
-                          if (m := RECALL.match(k)) and m["split"] in splits},
-                         key=lambda k: (k.split("/")[0], int(RECALL.match(k)["k"])))
+    recall_cols = sorted(
+        {
+            k
+            for _, r, _ in runs
+            for k in r.get("metrics", {})
+            if (m := RECALL.match(k)) and m["split"] in splits
+        },
+        key=lambda k: (k.split("/")[0], int(RECALL.match(k)["k"])),
+    )
     metric_cols = main_cols + [c for c in recall_cols if c not in main_cols]
 
     rows = []
     for name, res, ov in runs:
         metrics = res.get("metrics", {})
         row: dict[str, Any] = {"run": name, "method_name": res.get("method", "")}
-        row.update({k: ov.get(k, "") for k in keys})  # override keys never clash: "run"/"method_name" are not config keys
+        row.update(
+            {k: ov.get(k, "") for k in keys}
+        )  # override keys never clash: "run"/"method_name" are not config keys
         row.update({c: metrics.get(c) for c in metric_cols})
         row["_score"] = metrics.get(res.get("main_metric"))
         rows.append(row)
@@ -117,8 +128,9 @@ def to_csv(columns: list[str], rows: list[dict[str, Any]]) -> str:
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(columns)
     for r in rows:
-        writer.writerow(["" if r[c] is None else round(r[c], 4) if isinstance(r[c], float) else r[c]
-                         for c in columns])
+        writer.writerow(
+            ["" if r[c] is None else round(r[c], 4) if isinstance(r[c], float) else r[c] for c in columns]
+        )
     return buf.getvalue()
 
 

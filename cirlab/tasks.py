@@ -1,4 +1,5 @@
 """Non-training tasks of the `cirlab` CLI (`+task=NAME`)."""
+
 from __future__ import annotations
 
 import sys
@@ -37,7 +38,9 @@ def report(cfg: DictConfig) -> None:
     from cirlab.report import report as leaderboard
 
     runs = cfg.get("runs") or [cfg.paths.output_dir]
-    print(leaderboard([runs] if isinstance(runs, str) else list(runs), "csv" if cfg.get("csv") else "markdown"))
+    print(
+        leaderboard([runs] if isinstance(runs, str) else list(runs), "csv" if cfg.get("csv") else "markdown")
+    )
 
 
 def export(cfg: DictConfig) -> None:
@@ -62,8 +65,9 @@ def export(cfg: DictConfig) -> None:
             print(f"stage {stage}: not trained in this run, nothing to export")
             continue
         ckpt = load_torch(record["best_checkpoint"])
-        files = get_class(config["method"][stage]["module"]["_target_"]).reference_files(ckpt["state_dict"],
-                                                                                        int(ckpt["epoch"]))
+        files = get_class(config["method"][stage]["module"]["_target_"]).reference_files(
+            ckpt["state_dict"], int(ckpt["epoch"])
+        )
         if not files:
             print(f"stage {stage}: its method has no reference layout to export")
         for name, obj in files.items():
@@ -83,12 +87,19 @@ def convert_blip(cfg: DictConfig) -> None:
     from cirlab.backbones.blip_convert import convert_blip_checkpoint
 
     if not cfg.get("src") or not cfg.get("out"):
-        raise CirlabError("name the checkpoint and the folder to write: "
-                          "cirlab +task=convert_blip +src=model_base.pth +out=DIR")
-    architecture = cfg.backbone.get("architecture") or OmegaConf.load(
-        Path(__file__).resolve().parents[1] / "conf" / "backbone" / "blip_base.yaml").architecture
-    dropped = convert_blip_checkpoint(cfg.src, cfg.out, architecture,
-                                      tokenizer=cfg.get("tokenizer") or "bert-base-uncased")
+        raise CirlabError(
+            "name the checkpoint and the folder to write: "
+            "cirlab +task=convert_blip +src=model_base.pth +out=DIR"
+        )
+    architecture = (
+        cfg.backbone.get("architecture")
+        or OmegaConf.load(
+            Path(__file__).resolve().parents[1] / "conf" / "backbone" / "blip_base.yaml"
+        ).architecture
+    )
+    dropped = convert_blip_checkpoint(
+        cfg.src, cfg.out, architecture, tokenizer=cfg.get("tokenizer") or "bert-base-uncased"
+    )
     for why, keys in dropped.items():
         print(f"not used ({why}): {len(keys)} tensors, e.g. {keys[0]}")
     print(f"wrote {cfg.out}: use it with backbone=blip_base backbone.hf_id={cfg.out}")

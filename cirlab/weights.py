@@ -7,11 +7,13 @@ file's layout is recognised from its keys, converted to cirlab's parameter names
 every tensor of the file is used and every parameter filled, so a wrong model size is an error, never
 a silent partial load. Files are read with `weights_only=True` (no pickled code runs).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,24 +34,38 @@ class Layout:
 
 def wrapped(key: str, name: str, rename: Callable[[dict], dict] = lambda sd: sd) -> Layout:
     """The reference code's `torch.save({key: model.state_dict(), ...})` files."""
-    return Layout(name, lambda obj: isinstance(obj, dict) and isinstance(obj.get(key), dict),
-                  lambda obj: rename(dict(obj[key])))
+    return Layout(
+        name,
+        lambda obj: isinstance(obj, dict) and isinstance(obj.get(key), dict),
+        lambda obj: rename(dict(obj[key])),
+    )
 
 
 def cirlab_stage(prefix: str, what: str, without: str | None = None) -> Layout:
     """A cirlab stage checkpoint (`stages/<stage>/checkpoints/best.ckpt`): the tensors under `prefix`,
     less those under `without` (e.g. the frozen backbone beside a stage's own weights)."""
-    def own(obj):
-        return {k: v for k, v in strip_prefix(obj["state_dict"], prefix).items()
-                if not (without and k.startswith(without))}
 
-    return Layout(f"cirlab stage checkpoint (stages/<stage>/checkpoints/*.ckpt; {what})",
-                  lambda obj: isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) and "epoch" in obj
-                  and any(k.startswith(prefix) for k in obj["state_dict"]), own)
+    def own(obj):
+        return {
+            k: v
+            for k, v in strip_prefix(obj["state_dict"], prefix).items()
+            if not (without and k.startswith(without))
+        }
+
+    return Layout(
+        f"cirlab stage checkpoint (stages/<stage>/checkpoints/*.ckpt; {what})",
+        lambda obj: (
+            isinstance(obj, dict)
+            and isinstance(obj.get("state_dict"), dict)
+            and "epoch" in obj
+            and any(k.startswith(prefix) for k in obj["state_dict"])
+        ),
+        own,
+    )
 
 
 def strip_prefix(state: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def add_prefix(state: dict, prefix: str) -> dict:
@@ -67,7 +83,11 @@ def _describe(obj: Any) -> str:
     if not isinstance(obj, dict):
         return f"a {type(obj).__name__}"
     keys = list(obj)
-    return "top-level keys " + ", ".join(map(repr, keys[:6])) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+    return (
+        "top-level keys "
+        + ", ".join(map(repr, keys[:6]))
+        + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+    )
 
 
 def recognise(obj: Any, layouts: list[Layout], what: str) -> Layout:
@@ -75,7 +95,9 @@ def recognise(obj: Any, layouts: list[Layout], what: str) -> Layout:
         if layout.match(obj):
             return layout
     accepted = "\n".join(f"  - {layout.name}" for layout in layouts)
-    raise CirlabError(f"{what} is in none of the layouts it accepts ({_describe(obj)}). Accepted:\n{accepted}")
+    raise CirlabError(
+        f"{what} is in none of the layouts it accepts ({_describe(obj)}). Accepted:\n{accepted}"
+    )
 
 
 def load_weights(module: nn.Module, path: str | Path, layouts: list[Layout], what: str) -> str:
@@ -91,13 +113,21 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], what: str) ->
     own = module.state_dict()
     missing = [k for k in own if k not in state]
     unused = [k for k in state if k not in own]
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
     problems = []
-    for label, items in (("missing in the file", missing), ("not used by the model", unused),
-                         ("of another shape (another model size?)", shapes)):
+    for label, items in (
+        ("missing in the file", missing),
+        ("not used by the model", unused),
+        ("of another shape (another model size?)", shapes),
+    ):
         if items:
-            problems.append(f"{len(items)} {label}: {', '.join(items[:4])}{', ...' if len(items) > 4 else ''}")
+            problems.append(
+                f"{len(items)} {label}: {', '.join(items[:4])}{', ...' if len(items) > 4 else ''}"
+            )
     if problems:
         raise CirlabError(f"{what} does not fit {type(module).__name__}:\n  " + "\n  ".join(problems))
     module.load_state_dict(state, strict=True)

@@ -3,6 +3,7 @@
 The synthetic benchmark and the pretrained tiny backbone are cached in <repo>/.cache/cirlab, so
 they are built once per machine (about 2 minutes) and reused by every integration test.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,19 +22,29 @@ CACHE = ROOT / ".cache" / "cirlab"
 
 def cli_env(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"CIRLAB_CACHE": str(CACHE), "CIRLAB_OUTPUTS": str(tmp_path / "outputs"),
-                "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {
+            "CIRLAB_CACHE": str(CACHE),
+            "CIRLAB_OUTPUTS": str(tmp_path / "outputs"),
+            "WANDB_MODE": "offline",
+            "WANDB_SILENT": "true",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.pop("HYDRA_FULL_ERROR", None)
     return env
 
 
-def run_cli(tmp_path: Path, *args: str, run_dir: Path | None = None, check: bool = True,
-            logger: str = "none") -> subprocess.CompletedProcess:
+def run_cli(
+    tmp_path: Path, *args: str, run_dir: Path | None = None, check: bool = True, logger: str = "none"
+) -> subprocess.CompletedProcess:
     run_dir = run_dir or tmp_path / "run"
     cmd = [sys.executable, "-m", "cirlab.cli", *args, f"logger={logger}", f"hydra.run.dir={run_dir}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(tmp_path), capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
-        raise AssertionError(f"cirlab {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        raise AssertionError(
+            f"cirlab {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 
@@ -76,15 +87,49 @@ def synthetic_root() -> Path:
 
 
 # ---- a small random BLIP ------------------------------------------------------------------------
-BLIP_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[", "]", "forward", "backward",
-              "is", "red", "and", "longer", "has", "sand", "als", "a", "##l", "##s"]
-SMALL_BLIP = {"image_text_hidden_size": 16,
-              "vision_config": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-                                "num_attention_heads": 2, "image_size": 16, "patch_size": 8,
-                                "initializer_range": 0.02},  # HF default 1e-10 makes a random ViT image-blind
-              "text_config": {"vocab_size": len(BLIP_VOCAB), "hidden_size": 16, "intermediate_size": 32,
-                              "num_hidden_layers": 1, "num_attention_heads": 2, "encoder_hidden_size": 16,
-                              "max_position_embeddings": 32, "pad_token_id": 0}}
+BLIP_VOCAB = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    "[",
+    "]",
+    "forward",
+    "backward",
+    "is",
+    "red",
+    "and",
+    "longer",
+    "has",
+    "sand",
+    "als",
+    "a",
+    "##l",
+    "##s",
+]
+SMALL_BLIP = {
+    "image_text_hidden_size": 16,
+    "vision_config": {
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "image_size": 16,
+        "patch_size": 8,
+        "initializer_range": 0.02,
+    },  # HF default 1e-10 makes a random ViT image-blind
+    "text_config": {
+        "vocab_size": len(BLIP_VOCAB),
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "encoder_hidden_size": 16,
+        "max_position_embeddings": 32,
+        "pad_token_id": 0,
+    },
+}
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
 """Backbone configs build the right architectures; local checkpoints round-trip exactly."""
+
 import open_clip
 import pytest
 import torch
@@ -10,8 +11,12 @@ from cirlab.backbones.openclip import OpenCLIPBackbone, backbone_checkpoint, loa
 from cirlab.cli import CONF
 from cirlab.errors import CirlabError
 
-NAMED = {"clip_vit_b32": ("ViT-B-32", 512, 224), "clip_vit_b16": ("ViT-B-16", 512, 224),
-         "clip_vit_l14": ("ViT-L-14", 768, 224), "clip_rn50x4": ("RN50x4", 640, 288)}
+NAMED = {
+    "clip_vit_b32": ("ViT-B-32", 512, 224),
+    "clip_vit_b16": ("ViT-B-16", 512, 224),
+    "clip_vit_l14": ("ViT-L-14", 768, 224),
+    "clip_rn50x4": ("RN50x4", 640, 288),
+}
 
 
 def backbone_cfg(name: str, *overrides: str):
@@ -33,6 +38,7 @@ def test_vit_b32_builds_with_random_weights():
     bb = instantiate(cfg.model)
     assert bb.embed_dim == 512 and bb.image_size == 224
     from PIL import Image
+
     assert bb.preprocess(Image.new("RGB", (300, 100))).shape == (3, 224, 224)
     assert bb.encode_texts(["a red dress"]).shape == (1, 512)
 

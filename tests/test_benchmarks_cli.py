@@ -1,19 +1,32 @@
 """`+method=zeroshot` through the CLI on the official benchmark layouts (cut-down real annotations,
 placeholder images): test-server files and the data check. Every metric key and value on each layout:
 tests/test_protocol_oracles.py."""
+
 import json
 
 import pytest
-
 from conftest import results
 from fixtures.make_images import materialize
 
 KEYS = {
-    "fashioniq": ["val/dress/recall_at_10", "val/shirt/recall_at_50", "val/toptee/recall_at_10",
-                  "val/average/recall_at_10", "val/average/recall_at_50", "val/average_recall"],
-    "cirr": ["val/recall_at_1", "val/recall_at_5", "val/recall_at_10", "val/recall_at_50",
-             "val/recall_subset_at_1", "val/recall_subset_at_2", "val/recall_subset_at_3",
-             "val/avg_recall_at_5_subset_at_1"],
+    "fashioniq": [
+        "val/dress/recall_at_10",
+        "val/shirt/recall_at_50",
+        "val/toptee/recall_at_10",
+        "val/average/recall_at_10",
+        "val/average/recall_at_50",
+        "val/average_recall",
+    ],
+    "cirr": [
+        "val/recall_at_1",
+        "val/recall_at_5",
+        "val/recall_at_10",
+        "val/recall_at_50",
+        "val/recall_subset_at_1",
+        "val/recall_subset_at_2",
+        "val/recall_subset_at_3",
+        "val/avg_recall_at_5_subset_at_1",
+    ],
     "circo": ["val/map_at_5", "val/map_at_10", "val/map_at_25", "val/map_at_50", "val/recall_at_10"],
     "shoes": ["test/recall_at_1", "test/recall_at_10", "test/recall_at_50", "test/mean_recall"],
 }
@@ -22,10 +35,11 @@ KEYS = {
 def test_cirr_test1_writes_both_submission_files_and_no_metrics(cli, tmp_path):
     root = materialize("cirr", tmp_path / "cirr")
     run = tmp_path / "run"
-    code, out, err = cli("+method=zeroshot", "dataset=cirr", f"dataset.root={root}", "dataset.test_split=test1",
-                         run_dir=run)
+    code, out, err = cli(
+        "+method=zeroshot", "dataset=cirr", f"dataset.root={root}", "dataset.test_split=test1", run_dir=run
+    )
     assert code == 0, err
-    assert not [k for k in results(run)["metrics"] if k.startswith("test1/")]   # never a fake test score
+    assert not [k for k in results(run)["metrics"] if k.startswith("test1/")]  # never a fake test score
     stage = run / "stages" / "eval"
     recall = json.loads((stage / "recall_submission_test1.json").read_text())
     subset = json.loads((stage / "recall_subset_submission_test1.json").read_text())
@@ -44,8 +58,9 @@ def test_cirr_test1_writes_both_submission_files_and_no_metrics(cli, tmp_path):
 def test_circo_test_submission_format(cli, tmp_path):
     root = materialize("circo", tmp_path / "circo")
     run = tmp_path / "run"
-    code, out, err = cli("+method=zeroshot", "dataset=circo", f"dataset.root={root}", "dataset.test_split=test",
-                         run_dir=run)
+    code, out, err = cli(
+        "+method=zeroshot", "dataset=circo", f"dataset.root={root}", "dataset.test_split=test", run_dir=run
+    )
     assert code == 0, err
     sub = json.loads((run / "stages" / "eval" / "circo_submission_test.json").read_text())
     queries = json.loads((root / "annotations" / "test.json").read_text())
@@ -63,8 +78,15 @@ def test_check_data_lists_missing_and_corrupt_images(cli, tmp_path):
     code, out, err = cli("+task=check_data", "dataset=cirr", f"dataset.root={root}", "+splits=[val]")
     assert code == 2
     assert "1 missing, 1 unreadable" in out and names[0] in out and "zero bytes" in out
-    assert cli("+task=check_data", "dataset=cirr", f"dataset.root={materialize('cirr', tmp_path / 'ok')}",
-               "+splits=[val]")[0] == 0
+    assert (
+        cli(
+            "+task=check_data",
+            "dataset=cirr",
+            f"dataset.root={materialize('cirr', tmp_path / 'ok')}",
+            "+splits=[val]",
+        )[0]
+        == 0
+    )
 
 
 @pytest.mark.slow
@@ -73,10 +95,17 @@ def test_blip4cir_bi_trains_on_official_layout(dataset, cli, tmp_path):
     """BLIP4CIR+Bi's direction markers reach FashionIQ/CIRR through the ordinary sources."""
     root = materialize(dataset, tmp_path / dataset)
     run = tmp_path / "run"
-    code, out, err = cli("+method=blip4cir_bi", f"dataset={dataset}", f"dataset.root={root}",
-                         "method.finetune.max_epochs=1", "method.finetune.batch_size=4",
-                         "method.combiner.max_epochs=1", "method.combiner.batch_size=4", "eval.visualize=false",
-                         run_dir=run)
+    code, out, err = cli(
+        "+method=blip4cir_bi",
+        f"dataset={dataset}",
+        f"dataset.root={root}",
+        "method.finetune.max_epochs=1",
+        "method.finetune.batch_size=4",
+        "method.combiner.max_epochs=1",
+        "method.combiner.batch_size=4",
+        "eval.visualize=false",
+        run_dir=run,
+    )
     assert code == 0, err
     stages = results(run)["stages"]
     for key in KEYS[dataset]:
@@ -90,9 +119,17 @@ def test_searle_oti_runs_on_official_layout(dataset, cli, tmp_path):
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("dress\nshirt\nred dress\ndog\n")
     run = tmp_path / "run"
-    code, out, err = cli("+method=searle_oti", f"dataset={dataset}", f"dataset.root={root}",
-                         f"method.concepts.vocabulary={vocab}", "method.phrases.per_concept=4", "method.oti.steps=3",
-                         f"method.token_dir={tmp_path / 'tokens'}", "eval.visualize=false", run_dir=run)
+    code, out, err = cli(
+        "+method=searle_oti",
+        f"dataset={dataset}",
+        f"dataset.root={root}",
+        f"method.concepts.vocabulary={vocab}",
+        "method.phrases.per_concept=4",
+        "method.oti.steps=3",
+        f"method.token_dir={tmp_path / 'tokens'}",
+        "eval.visualize=false",
+        run_dir=run,
+    )
     assert code == 0, err
     metrics = results(run)["metrics"]
     for key in KEYS[dataset]:

@@ -1,4 +1,5 @@
 """BLIP backbone and BLIP4CIR+Bi: marker rule, reversed queries, loss weights, cached stage II, CLI."""
+
 from __future__ import annotations
 
 import math
@@ -12,9 +13,15 @@ from cirlab.data.datamodule import with_view
 from cirlab.data.records import CIRQuery
 from cirlab.data.sources.fashioniq import FashionIQSource
 from cirlab.errors import CirlabError
-from cirlab.methods.blip4cir import (Blip4CirCombiner, Blip4CirFinetune, mark_learned, mark_text,
-                                     stage1_reverse_logits)
+from cirlab.methods.blip4cir import (
+    Blip4CirCombiner,
+    Blip4CirFinetune,
+    mark_learned,
+    mark_text,
+    stage1_reverse_logits,
+)
 from tests.conftest import results, run_cli
+
 
 def tokens(backbone, text):
     return backbone.tokenizer.convert_ids_to_tokens(backbone.tokenize([text])["input_ids"][0])
@@ -24,11 +31,34 @@ def tokens(backbone, text):
 def test_text_marker_follows_the_reference_rule(small_blip):
     assert mark_text("is red and longer", "forward") == " [FORWARD] is red and [FORWARD]  longer"
     assert tokens(small_blip, mark_text("is red and longer", "forward")) == [
-        "[CLS]", "[", "forward", "]", "is", "red", "and", "[", "forward", "]", "longer", "[SEP]"]
+        "[CLS]",
+        "[",
+        "forward",
+        "]",
+        "is",
+        "red",
+        "and",
+        "[",
+        "forward",
+        "]",
+        "longer",
+        "[SEP]",
+    ]
     # str.split("and") also splits inside words, as the reference does
     assert mark_text("has sandals", "backward") == " [BACKWARD] has sand [BACKWARD] als"
     assert tokens(small_blip, mark_text("has sandals", "backward")) == [
-        "[CLS]", "[", "backward", "]", "has", "sand", "[", "backward", "]", "als", "[SEP]"]
+        "[CLS]",
+        "[",
+        "backward",
+        "]",
+        "has",
+        "sand",
+        "[",
+        "backward",
+        "]",
+        "als",
+        "[SEP]",
+    ]
 
 
 def test_learned_marker_is_one_new_trainable_token(small_blip):
@@ -42,8 +72,10 @@ def test_learned_marker_is_one_new_trainable_token(small_blip):
 def test_fashioniq_markers_go_on_each_caption_before_the_caption_rule():
     q = CIRQuery(qid="q", reference="r", captions=["is red and long", "has sandals."], targets=["t"])
     marked = with_view(q, lambda c: mark_text(c, "forward"))
-    assert FashionIQSource.eval_text(None, marked) == \
-        "[forward] is red and [forward]  long and [FORWARD] has sand [FORWARD] als"
+    assert (
+        FashionIQSource.eval_text(None, marked)
+        == "[forward] is red and [forward]  long and [FORWARD] has sand [FORWARD] als"
+    )
 
 
 def test_unknown_direction_and_non_blip_backbone_are_clear_errors(small_blip):
@@ -52,6 +84,7 @@ def test_unknown_direction_and_non_blip_backbone_are_clear_errors(small_blip):
 
     class NotBlip(torch.nn.Module):
         name = "tiny"
+
     with pytest.raises(CirlabError, match="blip_tiny"):
         Blip4CirCombiner.__new__(Blip4CirCombiner)._setup_directions(NotBlip(), "text", True, 0.1)
 
@@ -59,8 +92,8 @@ def test_unknown_direction_and_non_blip_backbone_are_clear_errors(small_blip):
 # ---- reversed queries and loss weights -----------------------------------------------------------
 def test_stage1_reverse_logits_hand_computed():
     reference = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    target = torch.tensor([[0.0, 2.0], [3.0, 0.0]])           # normalised inside: [0,1], [1,0]
-    text = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])           # t_i = r_i - normalize(T_i)
+    target = torch.tensor([[0.0, 2.0], [3.0, 0.0]])  # normalised inside: [0,1], [1,0]
+    text = torch.tensor([[1.0, -1.0], [-1.0, 1.0]])  # t_i = r_i - normalize(T_i)
     logits = stage1_reverse_logits(reference, text, target, 100.0)
     # [0,0]: normalize([0,1]+[1,-1]) = [1,0] . r_0 = 1;  [0,1]: normalize([1,0]+[1,-1]) = [2,-1]/sqrt5 . [1,0]
     expected = torch.tensor([[100.0, 200 / math.sqrt(5)], [200 / math.sqrt(5), 100.0]])
@@ -69,8 +102,12 @@ def test_stage1_reverse_logits_hand_computed():
 
 def _batch(n=4, d=16, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return {"reference": torch.randn(n, d, generator=g), "target": torch.randn(n, d, generator=g),
-            "text": ["is red"] * n, "text_reverse": ["has sandals"] * n}
+    return {
+        "reference": torch.randn(n, d, generator=g),
+        "target": torch.randn(n, d, generator=g),
+        "text": ["is red"] * n,
+        "text_reverse": ["has sandals"] * n,
+    }
 
 
 def test_stage2_reverse_query_swaps_reference_and_target(small_blip):
@@ -87,8 +124,12 @@ def test_stage2_reverse_query_swaps_reference_and_target(small_blip):
 def test_reverse_weight_scales_the_reverse_loss(small_blip, cls):
     batch = _batch()
     losses = {}
-    for name, kwargs in {"fwd": {"bidirectional": False}, "w0": {"reverse_weight": 0.0},
-                         "w04": {"reverse_weight": 0.4}, "w1": {"reverse_weight": 1.0}}.items():
+    for name, kwargs in {
+        "fwd": {"bidirectional": False},
+        "w0": {"reverse_weight": 0.0},
+        "w04": {"reverse_weight": 0.4},
+        "w1": {"reverse_weight": 1.0},
+    }.items():
         torch.manual_seed(0)
         module = cls(small_blip, **kwargs).eval()  # eval: dropout off, the same numbers every call
         losses[name] = module.training_step(batch, 0).item()
@@ -132,8 +173,16 @@ def test_blip_base_config_is_the_reference_architecture():
 
     cfg = blip_config(OmegaConf.load("conf/backbone/blip_base.yaml").architecture)
     assert cfg.image_text_hidden_size == 256
-    assert (cfg.vision_config.image_size, cfg.vision_config.patch_size, cfg.vision_config.num_hidden_layers) == (384, 16, 12)
-    assert (cfg.text_config.hidden_size, cfg.text_config.num_hidden_layers, cfg.text_config.vocab_size) == (768, 12, 30524)
+    assert (
+        cfg.vision_config.image_size,
+        cfg.vision_config.patch_size,
+        cfg.vision_config.num_hidden_layers,
+    ) == (384, 16, 12)
+    assert (cfg.text_config.hidden_size, cfg.text_config.num_hidden_layers, cfg.text_config.vocab_size) == (
+        768,
+        12,
+        30524,
+    )
 
 
 def test_saved_blip_folder_loads_with_the_same_features(small_blip, tmp_path):
@@ -151,13 +200,25 @@ def test_saved_blip_folder_loads_with_the_same_features(small_blip, tmp_path):
 @pytest.mark.slow
 def test_blip4cir_bi_beats_zeroshot_on_held_out_test(tmp_path):
     zs_dir = tmp_path / "zs"
-    run_cli(tmp_path, "+method=zeroshot", "backbone=blip_tiny", "method.fusion=sum", "eval.visualize=false",
-            run_dir=zs_dir)
+    run_cli(
+        tmp_path,
+        "+method=zeroshot",
+        "backbone=blip_tiny",
+        "method.fusion=sum",
+        "eval.visualize=false",
+        run_dir=zs_dir,
+    )
     zero_shot = results(zs_dir)["metrics"]["test/recall_at_10"]
     run_dir = tmp_path / "bi"
     # stage II shortened for CI time (its B x B reversed pairs dominate); README rows use the defaults
-    run_cli(tmp_path, "+method=blip4cir_bi", "method.combiner.max_epochs=2", "method.combiner.batch_size=32",
-            "eval.visualize=false", run_dir=run_dir)
+    run_cli(
+        tmp_path,
+        "+method=blip4cir_bi",
+        "method.combiner.max_epochs=2",
+        "method.combiner.batch_size=32",
+        "eval.visualize=false",
+        run_dir=run_dir,
+    )
     stages = results(run_dir)["stages"]
     stage1, stage2 = stages["finetune"]["test/recall_at_10"], stages["combiner"]["test/recall_at_10"]
     print(f"blip_tiny test R@10: zero-shot sum {zero_shot:.2f}, stage I {stage1:.2f}, stage II {stage2:.2f}")
@@ -171,5 +232,5 @@ def test_image_grounded_text_encoding_depends_on_the_image(small_blip):
         grounded = small_blip.encode_grounded_text(torch.randn(2, 3, 16, 16), tok)
         unimodal = small_blip.encode_text(tok)
     assert grounded.shape == unimodal.shape == (2, 16)
-    assert not torch.allclose(grounded[0], grounded[1])        # same text, other image
+    assert not torch.allclose(grounded[0], grounded[1])  # same text, other image
     assert torch.allclose(unimodal[0], unimodal[1], atol=1e-6)  # unimodal ignores images

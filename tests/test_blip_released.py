@@ -4,6 +4,7 @@ and out, the eval_released experiments, and bad inputs. Small random BLIPs only:
 
 The reference layouts are written here by hand from the authors' code (salesforce/BLIP vit.py, med.py,
 blip_pretrain.py; Cuberick-Orion/Bi-Blip4CIR utils.save_model, combiner.py), not from cirlab's converters."""
+
 from __future__ import annotations
 
 import json
@@ -24,7 +25,10 @@ BLIP_TOKENS = ["[DEC]", "[ENC]"]  # BLIP's init_tokenizer adds them after BERT's
 
 
 def small(tmp_path, seed=0, vocab=tuple(BLIP_VOCAB), text=None) -> BlipBackbone:
-    config = {**SMALL_BLIP, "text_config": {**SMALL_BLIP["text_config"], "vocab_size": len(vocab), **(text or {})}}
+    config = {
+        **SMALL_BLIP,
+        "text_config": {**SMALL_BLIP["text_config"], "vocab_size": len(vocab), **(text or {})},
+    }
     path = tmp_path / f"vocab-{len(vocab)}.txt"
     path.write_text("\n".join(vocab))
     torch.manual_seed(seed)
@@ -42,15 +46,23 @@ def features(backbone: BlipBackbone, texts=TEXTS) -> tuple[torch.Tensor, torch.T
 def blip_names(state: dict, layers: int) -> dict:
     """An HF BLIP state dict under salesforce/BLIP's names (vit.py VisionTransformer; text_encoder.* is
     med.py's BertModel, whose names HF kept, as it kept vision_proj, text_proj, itm_head)."""
-    table = {"vision_model.embeddings.class_embedding": "visual_encoder.cls_token",
-             "vision_model.embeddings.position_embedding": "visual_encoder.pos_embed",
-             "vision_model.embeddings.patch_embedding.weight": "visual_encoder.patch_embed.proj.weight",
-             "vision_model.embeddings.patch_embedding.bias": "visual_encoder.patch_embed.proj.bias",
-             "vision_model.post_layernorm.weight": "visual_encoder.norm.weight",
-             "vision_model.post_layernorm.bias": "visual_encoder.norm.bias"}
+    table = {
+        "vision_model.embeddings.class_embedding": "visual_encoder.cls_token",
+        "vision_model.embeddings.position_embedding": "visual_encoder.pos_embed",
+        "vision_model.embeddings.patch_embedding.weight": "visual_encoder.patch_embed.proj.weight",
+        "vision_model.embeddings.patch_embedding.bias": "visual_encoder.patch_embed.proj.bias",
+        "vision_model.post_layernorm.weight": "visual_encoder.norm.weight",
+        "vision_model.post_layernorm.bias": "visual_encoder.norm.bias",
+    }
     for i in range(layers):
-        for hf, blip in [("layer_norm1", "norm1"), ("layer_norm2", "norm2"), ("self_attn.qkv", "attn.qkv"),
-                         ("self_attn.projection", "attn.proj"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")]:
+        for hf, blip in [
+            ("layer_norm1", "norm1"),
+            ("layer_norm2", "norm2"),
+            ("self_attn.qkv", "attn.qkv"),
+            ("self_attn.projection", "attn.proj"),
+            ("mlp.fc1", "mlp.fc1"),
+            ("mlp.fc2", "mlp.fc2"),
+        ]:
             for p in ("weight", "bias"):
                 table[f"vision_model.encoder.layers.{i}.{hf}.{p}"] = f"visual_encoder.blocks.{i}.{blip}.{p}"
     assert all(k in table for k in state if k.startswith("vision_model.")), "mapping incomplete"
@@ -63,18 +75,24 @@ def write_model_base(backbone: BlipBackbone, path) -> dict:
     model = blip_names(backbone.model.state_dict(), SMALL_BLIP["vision_config"]["num_hidden_layers"])
     positions = torch.arange(SMALL_BLIP["text_config"]["max_position_embeddings"]).unsqueeze(0)
     model["text_encoder.embeddings.position_ids"] = positions
-    extra = {"image_queue": torch.randn(16, 8), "text_queue": torch.randn(16, 8),
-             "queue_ptr": torch.zeros(1, dtype=torch.long), "temp": torch.tensor(0.07),
-             "text_decoder.cls.predictions.bias": torch.zeros(len(BLIP_VOCAB) + 2)}
+    extra = {
+        "image_queue": torch.randn(16, 8),
+        "text_queue": torch.randn(16, 8),
+        "queue_ptr": torch.zeros(1, dtype=torch.long),
+        "temp": torch.tensor(0.07),
+        "text_decoder.cls.predictions.bias": torch.zeros(len(BLIP_VOCAB) + 2),
+    }
     for key, value in model.items():
         if key.startswith(("visual_encoder.", "text_encoder.")):
             extra[key.replace("_encoder.", "_encoder_m.", 1)] = value + 1
         if key.startswith(("vision_proj.", "text_proj.")):
             extra[key.replace("_proj.", "_proj_m.", 1)] = value + 1
         if key.startswith("text_encoder."):
-            extra["text_decoder.bert." + key[len("text_encoder."):]] = value.clone()
+            extra["text_decoder.bert." + key[len("text_encoder.") :]] = value.clone()
     model.update(extra)
-    torch.save({"model": model, "config": {"image_size": 224, "vit": "base", "queue_size": 57600}, "epoch": 19}, path)
+    torch.save(
+        {"model": model, "config": {"image_size": 224, "vit": "base", "queue_size": 57600}, "epoch": 19}, path
+    )
     return model
 
 
@@ -83,15 +101,22 @@ def reference_text_state(backbone: BlipBackbone) -> dict:
     buffer) and text_proj."""
     state = {f"text_encoder.{k}": v for k, v in backbone.model.text_encoder.state_dict().items()}
     state["text_encoder.embeddings.position_ids"] = torch.arange(
-        backbone.model.config.text_config.max_position_embeddings).unsqueeze(0)
+        backbone.model.config.text_config.max_position_embeddings
+    ).unsqueeze(0)
     state.update({f"text_proj.{k}": v for k, v in backbone.model.text_proj.state_dict().items()})
     return state
 
 
 def write_tuned_blip(backbone: BlipBackbone, path, epoch: int = 3) -> None:
     """As Bi-BLIP4CIR's utils.save_model writes tuned_blip_*.pt."""
-    torch.save({"epoch": epoch, "BLIPTextEncoder": reference_text_state(backbone),
-                "optimizer_state_dict": {"state": {}, "param_groups": [{"lr": 5e-5, "params": [0, 1]}]}}, path)
+    torch.save(
+        {
+            "epoch": epoch,
+            "BLIPTextEncoder": reference_text_state(backbone),
+            "optimizer_state_dict": {"state": {}, "param_groups": [{"lr": 5e-5, "params": [0, 1]}]},
+        },
+        path,
+    )
 
 
 def converter_inputs(tmp_path):
@@ -103,13 +128,18 @@ def converter_inputs(tmp_path):
     file = tmp_path / "model_base.pth"
     written = write_model_base(source, file)
     tokenizer = tmp_path / "bert"
-    BertTokenizerFast(vocab={w: i for i, w in enumerate(BLIP_VOCAB)}, do_lower_case=True).save_pretrained(tokenizer)
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(BLIP_VOCAB)}, do_lower_case=True).save_pretrained(
+        tokenizer
+    )
     return source, file, written, str(tokenizer)
 
 
 def architecture(**vision) -> dict:
-    return {**SMALL_BLIP, "vision_config": {**SMALL_BLIP["vision_config"], **vision},
-            "text_config": {**SMALL_BLIP["text_config"], "vocab_size": len(BLIP_VOCAB) + 2}}
+    return {
+        **SMALL_BLIP,
+        "vision_config": {**SMALL_BLIP["vision_config"], **vision},
+        "text_config": {**SMALL_BLIP["text_config"], "vocab_size": len(BLIP_VOCAB) + 2},
+    }
 
 
 # ---- 1. blip_base fetches through HF's cache; offline, the error says what to do --------------------
@@ -118,7 +148,12 @@ def test_hub_model_offline_is_a_clear_error(monkeypatch):
     with pytest.raises(CirlabError) as err:
         BlipBackbone(hf_id="cirlab-tests/no-such-blip")
     message = str(err.value)
-    for advice in ("HF_HUB_OFFLINE=1", "hf download cirlab-tests/no-such-blip", "backbone.hf_id=", "convert_blip"):
+    for advice in (
+        "HF_HUB_OFFLINE=1",
+        "hf download cirlab-tests/no-such-blip",
+        "backbone.hf_id=",
+        "convert_blip",
+    ):
         assert advice in message, advice
     with pytest.raises(CirlabError, match="no such folder"):
         BlipBackbone(hf_id="/nonexistent/blip")
@@ -144,8 +179,14 @@ def test_model_base_converts_to_the_same_features(tmp_path):
     n_model = len(source.model.state_dict())
     assert sum(len(keys) for keys in dropped.values()) == len(written) - n_model
     dropped_keys = {k for keys in dropped.values() for k in keys}
-    assert {"temp", "queue_ptr", "image_queue", "text_encoder.embeddings.position_ids",
-            "visual_encoder_m.cls_token", "text_decoder.cls.predictions.bias"} <= dropped_keys
+    assert {
+        "temp",
+        "queue_ptr",
+        "image_queue",
+        "text_encoder.embeddings.position_ids",
+        "visual_encoder_m.cls_token",
+        "text_decoder.cls.predictions.bias",
+    } <= dropped_keys
     assert not any(k.startswith(("visual_encoder.", "vision_proj.", "itm_head.")) for k in dropped_keys)
 
 
@@ -157,16 +198,26 @@ def test_pretraining_position_embedding_is_resized_as_blip_does(tmp_path):
     converted = BlipBackbone(hf_id=str(tmp_path / "blip32"), max_length=32)
     pos = source.model.vision_model.embeddings.position_embedding.detach()  # [1, 1 + 2x2, 16]
     grid = pos[:, 1:].reshape(-1, 2, 2, 16).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).flatten(1, 2)
+    grid = (
+        F.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False)
+        .permute(0, 2, 3, 1)
+        .flatten(1, 2)
+    )
     expected = torch.cat([pos[:, :1], grid], dim=1)
     assert torch.equal(converted.model.vision_model.embeddings.position_embedding.detach(), expected)
 
 
-@pytest.mark.parametrize("change,match", [
-    (lambda m: m.pop("itm_head.weight"), "missing in the file"),
-    (lambda m: m.update({"text_encoder.pooler.dense.weight": torch.zeros(16, 16)}), "not used by the model"),
-    (lambda m: m.update({"vision_proj.weight": torch.zeros(8, 16)}), "another shape"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda m: m.pop("itm_head.weight"), "missing in the file"),
+        (
+            lambda m: m.update({"text_encoder.pooler.dense.weight": torch.zeros(16, 16)}),
+            "not used by the model",
+        ),
+        (lambda m: m.update({"vision_proj.weight": torch.zeros(8, 16)}), "another shape"),
+    ],
+)
 def test_converter_is_strict(tmp_path, change, match):
     _, file, written, tokenizer = converter_inputs(tmp_path)
     obj = torch.load(file, weights_only=True)
@@ -182,7 +233,10 @@ def test_converter_refuses_other_files_and_tokenizers(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(CirlabError, match="under 'model'"):
         convert_blip_checkpoint(tmp_path / "other.pt", tmp_path / "out", architecture(), tokenizer=tokenizer)
-    wrong = {**architecture(), "text_config": {**SMALL_BLIP["text_config"], "vocab_size": len(BLIP_VOCAB) + 2}}
+    wrong = {
+        **architecture(),
+        "text_config": {**SMALL_BLIP["text_config"], "vocab_size": len(BLIP_VOCAB) + 2},
+    }
     torch.save({"model": {}}, tmp_path / "empty.pth")
     with pytest.raises(CirlabError, match="missing in the file"):
         convert_blip_checkpoint(tmp_path / "empty.pth", tmp_path / "out", wrong, tokenizer=tokenizer)
@@ -195,9 +249,17 @@ def test_convert_task_errors_exit_2(cli, tmp_path):
     _, file, _, tokenizer = converter_inputs(tmp_path)
     code, _, err = cli("+task=convert_blip", f"+src={file}")
     assert code == 2 and "+out=DIR" in err
-    for backbone in ([], ["backbone=blip_base"]):  # blip_base's architecture either way: a small file does not fit
-        code, _, err = cli("+task=convert_blip", *backbone, f"+src={file}", f"+out={tmp_path / 'out'}",
-                           f"+tokenizer={tokenizer}")
+    for backbone in (
+        [],
+        ["backbone=blip_base"],
+    ):  # blip_base's architecture either way: a small file does not fit
+        code, _, err = cli(
+            "+task=convert_blip",
+            *backbone,
+            f"+src={file}",
+            f"+out={tmp_path / 'out'}",
+            f"+tokenizer={tokenizer}",
+        )
         assert code == 2 and "another shape" in err and "Traceback" not in err
         assert not (tmp_path / "out").exists()
 
@@ -210,8 +272,8 @@ def test_tuned_blip_file_fills_the_text_side_only(tmp_path):
     loaded = small(tmp_path, seed=0)
     assert loaded.load_weights_file(tmp_path / "tuned_blip_best.pt").startswith("BLIP4CIR+Bi text encoder")
     image, text = features(loaded)
-    assert torch.equal(text, features(tuned)[1])      # the file's text encoder + text_proj
-    assert torch.equal(image, base_image)              # the image side stays the base model's
+    assert torch.equal(text, features(tuned)[1])  # the file's text encoder + text_proj
+    assert torch.equal(image, base_image)  # the image side stays the base model's
 
 
 def test_cirlab_stage_checkpoint_loads_the_whole_backbone(tmp_path):
@@ -224,11 +286,14 @@ def test_cirlab_stage_checkpoint_loads_the_whole_backbone(tmp_path):
         assert torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("obj,shown", [
-    ({"Phi": {"layers.0.weight": torch.zeros(2, 2)}}, "'Phi'"),
-    ({"epoch": 1, "CLIP": {"visual.proj": torch.zeros(2, 2)}}, "'CLIP'"),
-    (torch.zeros(3), "a Tensor"),
-])
+@pytest.mark.parametrize(
+    "obj,shown",
+    [
+        ({"Phi": {"layers.0.weight": torch.zeros(2, 2)}}, "'Phi'"),
+        ({"epoch": 1, "CLIP": {"visual.proj": torch.zeros(2, 2)}}, "'CLIP'"),
+        (torch.zeros(3), "a Tensor"),
+    ],
+)
 def test_other_files_name_the_accepted_layouts(tmp_path, obj, shown):
     torch.save(obj, tmp_path / "x.pt")
     with pytest.raises(CirlabError) as err:
@@ -247,14 +312,26 @@ def test_size_mismatch_and_missing_file_are_clear_errors(tmp_path):
         BlipBackbone(hf_id="cirlab-tests/unused", checkpoint=str(tmp_path / "missing.pt"))
 
 
-@pytest.mark.parametrize("file,shown", [("phi.pt", "BLIPTextEncoder"), ("missing.pt", "no such file or folder"),
-                                        ("tuned_big.pt", "another shape")])
+@pytest.mark.parametrize(
+    "file,shown",
+    [
+        ("phi.pt", "BLIPTextEncoder"),
+        ("missing.pt", "no such file or folder"),
+        ("tuned_big.pt", "another shape"),
+    ],
+)
 def test_cli_bad_backbone_checkpoint_exits_2_without_results(cli, tmp_path, file, shown):
     small(tmp_path).save_pretrained(tmp_path / "blip")
     torch.save({"Phi": {"w": torch.zeros(2)}}, tmp_path / "phi.pt")
-    write_tuned_blip(small(tmp_path, text={"hidden_size": 32, "intermediate_size": 64}), tmp_path / "tuned_big.pt")
-    code, _, err = cli("+method=blip4cir_bi", "backbone=blip_base", f"backbone.hf_id={tmp_path / 'blip'}",
-                       f"backbone.checkpoint={tmp_path / file}")
+    write_tuned_blip(
+        small(tmp_path, text={"hidden_size": 32, "intermediate_size": 64}), tmp_path / "tuned_big.pt"
+    )
+    code, _, err = cli(
+        "+method=blip4cir_bi",
+        "backbone=blip_base",
+        f"backbone.hf_id={tmp_path / 'blip'}",
+        f"backbone.checkpoint={tmp_path / file}",
+    )
     assert code == 2 and "cirlab error" in err and shown in err and "Traceback" not in err
     assert not (tmp_path / "run" / "results.json").exists()
 
@@ -276,10 +353,12 @@ def test_export_with_learned_direction_tokens_round_trips(tmp_path):
     module = Blip4CirFinetune(trained, direction="learned")
     with torch.no_grad():
         trained.model.text_encoder.get_input_embeddings().weight[-2:] += 1.0  # "trained" direction rows
-    torch.save(Blip4CirFinetune.reference_files(module.state_dict(), 1)["tuned_blip.pt"], tmp_path / "tuned.pt")
+    torch.save(
+        Blip4CirFinetune.reference_files(module.state_dict(), 1)["tuned_blip.pt"], tmp_path / "tuned.pt"
+    )
     fresh = small(tmp_path, seed=0)
     fresh.load_weights_file(tmp_path / "tuned.pt")  # grows the embedding to the file's rows
-    Blip4CirFinetune(fresh, direction="learned")     # the method names the rows again, in the same order
+    Blip4CirFinetune(fresh, direction="learned")  # the method names the rows again, in the same order
     texts = ["[fwd] is red", "[bwd] has sandals"]
     assert torch.equal(features(fresh, texts)[1], features(trained, texts)[1])
 
@@ -288,8 +367,12 @@ def test_method_finetune_checkpoint_accepts_the_reference_file(tmp_path):
     tuned = small(tmp_path, seed=1)
     write_tuned_blip(tuned, tmp_path / "tuned_blip_best.pt")
     module = Blip4CirFinetune(small(tmp_path, seed=0))
-    layout = load_weights(module.stage_weights(), tmp_path / "tuned_blip_best.pt", module.checkpoint_layouts(),
-                          "method.finetune.checkpoint")
+    layout = load_weights(
+        module.stage_weights(),
+        tmp_path / "tuned_blip_best.pt",
+        module.checkpoint_layouts(),
+        "method.finetune.checkpoint",
+    )
     assert layout.startswith("BLIP4CIR+Bi text encoder")
     assert torch.equal(features(module.backbone)[1], features(tuned)[1])
 
@@ -297,23 +380,36 @@ def test_method_finetune_checkpoint_accepts_the_reference_file(tmp_path):
 def test_combiner_file_uses_the_reference_parameter_names(tmp_path):
     """Bi-BLIP4CIR's combiner.py: text/image_projection_layer, combiner_layer, output_layer, dynamic_scalar.{0,3}."""
     d, p, h = 16, 8, 12
-    shapes = {"text_projection_layer": (p, d), "image_projection_layer": (p, d), "combiner_layer": (h, 2 * p),
-              "output_layer": (d, h), "dynamic_scalar.0": (h, 2 * p), "dynamic_scalar.3": (1, h)}
+    shapes = {
+        "text_projection_layer": (p, d),
+        "image_projection_layer": (p, d),
+        "combiner_layer": (h, 2 * p),
+        "output_layer": (d, h),
+        "dynamic_scalar.0": (h, 2 * p),
+        "dynamic_scalar.3": (1, h),
+    }
     state = {}
     for name, (rows, cols) in shapes.items():
         state[f"{name}.weight"], state[f"{name}.bias"] = torch.randn(rows, cols), torch.randn(rows)
     torch.save({"epoch": 7, "Combiner": state, "optimizer_state_dict": {}}, tmp_path / "combiner.pt")
     module = Blip4CirCombiner(small(tmp_path), projection_dim=p, hidden_dim=h)
-    load_weights(module.stage_weights(), tmp_path / "combiner.pt", module.checkpoint_layouts(),
-                 "method.combiner.checkpoint")
+    load_weights(
+        module.stage_weights(),
+        tmp_path / "combiner.pt",
+        module.checkpoint_layouts(),
+        "method.combiner.checkpoint",
+    )
     assert all(torch.equal(module.combiner.state_dict()[k], v) for k, v in state.items())
 
 
 # ---- 5. the eval_released experiments -------------------------------------------------------------------
-@pytest.mark.parametrize("dataset,text_file,combiner_file", [
-    ("fashioniq", "tuned_blip_best.pt", "combiner.pt"), ("cirr", "tuned_blip_mean.pt", "combiner_mean.pt")])
-def test_eval_released_experiments_compose_and_build(dataset, text_file, combiner_file, small_blip, monkeypatch,
-                                                    tmp_path):
+@pytest.mark.parametrize(
+    "dataset,text_file,combiner_file",
+    [("fashioniq", "tuned_blip_best.pt", "combiner.pt"), ("cirr", "tuned_blip_mean.pt", "combiner_mean.pt")],
+)
+def test_eval_released_experiments_compose_and_build(
+    dataset, text_file, combiner_file, small_blip, monkeypatch, tmp_path
+):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
@@ -325,14 +421,20 @@ def test_eval_released_experiments_compose_and_build(dataset, text_file, combine
     released = tmp_path / "data" / "released"
     assert (r["dataset"]["name"], r["dataset"]["preprocess"]) == (dataset, "targetpad")
     assert r["trainer"]["precision"] == "32-true"  # as the reference's validate.py
-    assert r["backbone"]["name"] == "blip_base" and r["backbone"]["hf_id"] == str(released / "blip_model_base")
+    assert r["backbone"]["name"] == "blip_base" and r["backbone"]["hf_id"] == str(
+        released / "blip_model_base"
+    )
     assert r["backbone"]["checkpoint"] == str(released / "blip4cir_bi" / dataset / text_file)
     m = r["method"]
     assert (m["direction"], m["stages"], m["combiner"]["max_epochs"]) == ("text", ["combiner"], 0)
     assert m["combiner"]["checkpoint"] == str(released / "blip4cir_bi" / dataset / combiner_file)
     assert (m["combiner"]["module"]["projection_dim"], m["combiner"]["module"]["hidden_dim"]) == (2560, 5120)
-    module = instantiate(cfg.method.combiner.module, backbone=small_blip, search=cfg.retrieval.search,
-                         search_options=OmegaConf.to_container(cfg.retrieval.options))
+    module = instantiate(
+        cfg.method.combiner.module,
+        backbone=small_blip,
+        search=cfg.retrieval.search,
+        search_options=OmegaConf.to_container(cfg.retrieval.options),
+    )
     assert isinstance(module, Blip4CirCombiner)
     assert module.combiner.text_projection_layer.weight.shape == (2560, small_blip.embed_dim)
 
@@ -343,17 +445,32 @@ def test_export_and_reload_reproduce_the_test_metrics(cli, tmp_path):
     from cirlab.backbones.blip import caption_vocab
 
     small(tmp_path, vocab=tuple(caption_vocab(str(CACHE)))).save_pretrained(tmp_path / "blip")
-    base = ["+method=blip4cir_bi", "backbone=blip_base", f"backbone.hf_id={tmp_path / 'blip'}", "eval.visualize=false"]
-    code, _, err = cli(*base, "method.finetune.max_epochs=1", "method.combiner.max_epochs=1",
-                       "+trainer.limit_train_batches=3", run_dir=tmp_path / "r1")  # a few steps: any weights do
+    base = [
+        "+method=blip4cir_bi",
+        "backbone=blip_base",
+        f"backbone.hf_id={tmp_path / 'blip'}",
+        "eval.visualize=false",
+    ]
+    code, _, err = cli(
+        *base,
+        "method.finetune.max_epochs=1",
+        "method.combiner.max_epochs=1",
+        "+trainer.limit_train_batches=3",
+        run_dir=tmp_path / "r1",
+    )  # a few steps: any weights do
     assert code == 0, err
     code, out, err = cli("+task=export", f"+run={tmp_path / 'r1'}")
     assert code == 0, err
     exported = tmp_path / "r1" / "reference"
     assert {p.name for p in exported.iterdir()} == {"tuned_blip.pt", "combiner.pt"}
-    code, _, err = cli(*base, f"backbone.checkpoint={exported / 'tuned_blip.pt'}", "method.finetune.max_epochs=0",
-                       "method.combiner.max_epochs=0", f"method.combiner.checkpoint={exported / 'combiner.pt'}",
-                       run_dir=tmp_path / "r2")
+    code, _, err = cli(
+        *base,
+        f"backbone.checkpoint={exported / 'tuned_blip.pt'}",
+        "method.finetune.max_epochs=0",
+        "method.combiner.max_epochs=0",
+        f"method.combiner.checkpoint={exported / 'combiner.pt'}",
+        run_dir=tmp_path / "r2",
+    )
     assert code == 0, err
     first, second = (json.loads((tmp_path / r / "results.json").read_text()) for r in ("r1", "r2"))
     assert second["stages"] == first["stages"]
@@ -366,12 +483,15 @@ def test_blip_tiny_takes_a_tuned_blip_file_over_its_pretrained_weights(tmp_path,
 
     from cirlab.backbones import blip
 
-    monkeypatch.setattr(blip, "load_or_pretrain", lambda backbone, *args: backbone)  # no 4-min pretraining here
+    monkeypatch.setattr(
+        blip, "load_or_pretrain", lambda backbone, *args: backbone
+    )  # no 4-min pretraining here
     model = yaml.safe_load(open("conf/backbone/blip_tiny.yaml"))["model"]
 
     def build(seed, checkpoint=None):
-        return blip.pretrained_blip_tiny(str(CACHE), model["model_cfg"], {**model["pretrain"], "seed": seed},
-                                         checkpoint=checkpoint)
+        return blip.pretrained_blip_tiny(
+            str(CACHE), model["model_cfg"], {**model["pretrain"], "seed": seed}, checkpoint=checkpoint
+        )
 
     tuned = build(1)
     write_tuned_blip(tuned, tmp_path / "tuned_blip_best.pt")
@@ -393,12 +513,18 @@ def test_eval_released_runs_on_the_official_layout(dataset, cli, tmp_path):
     combiner = Blip4CirCombiner(small(tmp_path), projection_dim=8, hidden_dim=12).combiner
     torch.save({"epoch": 0, "Combiner": combiner.state_dict()}, tmp_path / "combiner.pt")
     run = tmp_path / "run"
-    code, out, err = cli(f"+experiment=eval_released_blip4cir_bi_{dataset}", f"dataset.root={root}", "trainer=cpu",
-                         f"backbone.hf_id={tmp_path / 'blip_model_base'}",
-                         f"backbone.checkpoint={tmp_path / 'tuned_blip.pt'}",
-                         f"method.combiner.checkpoint={tmp_path / 'combiner.pt'}",
-                         "method.combiner.module.projection_dim=8", "method.combiner.module.hidden_dim=12",
-                         "eval.visualize=false", run_dir=run)
+    code, out, err = cli(
+        f"+experiment=eval_released_blip4cir_bi_{dataset}",
+        f"dataset.root={root}",
+        "trainer=cpu",
+        f"backbone.hf_id={tmp_path / 'blip_model_base'}",
+        f"backbone.checkpoint={tmp_path / 'tuned_blip.pt'}",
+        f"method.combiner.checkpoint={tmp_path / 'combiner.pt'}",
+        "method.combiner.module.projection_dim=8",
+        "method.combiner.module.hidden_dim=12",
+        "eval.visualize=false",
+        run_dir=run,
+    )
     assert code == 0, err
     res = json.loads((run / "results.json").read_text())
     assert res["selection"] == {"combiner": "given checkpoint (no training)"}

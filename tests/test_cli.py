@@ -1,16 +1,24 @@
 """The real `cirlab` CLI: usage, friendly errors, and the methods beating their baselines."""
+
 import json
 
 import pytest
-
 from conftest import results, run_cli
 
 
 def test_bare_cirlab_lists_choices_and_exits_2(tmp_path):
     proc = run_cli(tmp_path, check=False)
     assert proc.returncode == 2
-    for word in ("methods:", "clip4cir", "zeroshot", "datasets:", "synthetic", "backbones:", "tiny",
-                 "cirlab +method=clip4cir"):
+    for word in (
+        "methods:",
+        "clip4cir",
+        "zeroshot",
+        "datasets:",
+        "synthetic",
+        "backbones:",
+        "tiny",
+        "cirlab +method=clip4cir",
+    ):
         assert word in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -20,8 +28,10 @@ def test_help_shows_usage(tmp_path):
     assert proc.returncode == 0 and "methods:" in proc.stdout
 
 
-@pytest.mark.parametrize("override,valid", [
-    ("+method=nope", "clip4cir"), ("dataset=nope", "synthetic"), ("backbone=nope", "clip_vit_b32")])
+@pytest.mark.parametrize(
+    "override,valid",
+    [("+method=nope", "clip4cir"), ("dataset=nope", "synthetic"), ("backbone=nope", "clip_vit_b32")],
+)
 def test_unknown_group_option_names_the_valid_ones(tmp_path, override, valid):
     args = [override] if override.startswith("+method") else ["+method=zeroshot", override]
     proc = run_cli(tmp_path, *args, check=False)
@@ -31,7 +41,9 @@ def test_unknown_group_option_names_the_valid_ones(tmp_path, override, valid):
 
 
 def test_missing_jsonl_folder_is_clear(tmp_path):
-    proc = run_cli(tmp_path, "+method=zeroshot", "dataset=jsonl", f"dataset.path={tmp_path}/absent", check=False)
+    proc = run_cli(
+        tmp_path, "+method=zeroshot", "dataset=jsonl", f"dataset.path={tmp_path}/absent", check=False
+    )
     assert proc.returncode == 2
     assert "dataset root folder not found" in proc.stderr and "triplets.train.jsonl" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -1,4 +1,5 @@
 """Combiner formula, the contrastive loss on a hand-computed case, and the CLIP4Cir pads."""
+
 import math
 
 import pytest
@@ -42,7 +43,7 @@ def test_batch_contrastive_3x3_hand_computed():
 def test_squarepad_pixels():
     img = Image.new("RGB", (10, 4), (255, 255, 255))
     out = SquarePad()(img)
-    assert out.size == (10, 10)                       # vp = int((10 - 4) / 2) = 3 on top and bottom
+    assert out.size == (10, 10)  # vp = int((10 - 4) / 2) = 3 on top and bottom
     assert out.getpixel((0, 0)) == (0, 0, 0) and out.getpixel((0, 3)) == (255, 255, 255)
     assert out.getpixel((0, 6)) == (255, 255, 255) and out.getpixel((0, 7)) == (0, 0, 0)
 
@@ -50,7 +51,7 @@ def test_squarepad_pixels():
 def test_targetpad_ratio_and_untouched_images():
     wide = Image.new("RGB", (400, 200), (255, 255, 255))
     out = TargetPad(1.25)(wide)
-    assert out.size == (400, 320)                     # docs/methods/clip4cir.md#preprocessing example: s = 320, vp = 60
+    assert out.size == (400, 320)  # docs/methods/clip4cir.md#preprocessing example: s = 320, vp = 60
     assert out.getpixel((0, 59)) == (0, 0, 0) and out.getpixel((0, 60)) == (255, 255, 255)
     near_square = Image.new("RGB", (110, 100))
     assert TargetPad(1.25)(near_square).size == (110, 100)

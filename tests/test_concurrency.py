@@ -1,6 +1,7 @@
 """Two runs started at once on one fresh cache (parallel sweep launchers do this): the shared cache
 entries (synthetic benchmark, features) are built once under a file lock and never read half-written;
 both runs finish with the numbers of a lone run."""
+
 from __future__ import annotations
 
 import shutil
@@ -9,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import CACHE, ROOT, cli_env, results
 
 RACE = """
@@ -30,21 +30,35 @@ def test_two_runs_generate_the_synthetic_benchmark_once(tmp_path):
     """Started together, one fast and one slow: the slow one used to write into the folder the fast one had
     already renamed (the same temp name from the same seed) and die with FileNotFoundError."""
     cache = tmp_path / "cache"
-    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(cache), speed], cwd=ROOT, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for speed in ("fast", "slow")]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACE, str(cache), speed],
+            cwd=ROOT,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for speed in ("fast", "slow")
+    ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
     renders, roots = zip(*(out.strip().splitlines()[-1].split(" ", 1) for out in outputs))
-    assert sorted(int(n) > 0 for n in renders) == [False, True]          # generated once: the other run waited
+    assert sorted(int(n) > 0 for n in renders) == [False, True]  # generated once: the other run waited
     assert len(set(roots)) == 1
     root = Path(roots[0])
     assert (root / "spec.json").is_file() and len(list((root / "images").iterdir())) > 500
-    assert sorted(p.name for p in cache.iterdir()) == [root.name, root.name + ".lock"]   # no temp folder left
+    assert sorted(p.name for p in cache.iterdir()) == [root.name, root.name + ".lock"]  # no temp folder left
 
 
-SMALL = ["+method=zeroshot", "+dataset.source.n_pretrain=300", "dataset.source.n_train=300", "dataset.source.n_val=60",
-         "dataset.source.n_test=60", "eval.visualize=false"]
+SMALL = [
+    "+method=zeroshot",
+    "+dataset.source.n_pretrain=300",
+    "dataset.source.n_train=300",
+    "dataset.source.n_val=60",
+    "dataset.source.n_test=60",
+    "eval.visualize=false",
+]
 
 
 def fresh_cache(cache: Path) -> Path:
@@ -62,13 +76,28 @@ def test_two_cli_runs_at_once_on_a_fresh_cache(cli, tmp_path, monkeypatch):
     the numbers of a lone run (a small synthetic spec; about 30 s, mostly two interpreter start-ups)."""
     cache = fresh_cache(tmp_path / "cache")
     env = cli_env(tmp_path) | {"CIRLAB_CACHE": str(cache)}
-    procs = [subprocess.Popen([sys.executable, "-m", "cirlab.cli", *SMALL, "logger=none",
-                               f"hydra.run.dir={tmp_path / f'run{i}'}"], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cirlab.cli",
+                *SMALL,
+                "logger=none",
+                f"hydra.run.dir={tmp_path / f'run{i}'}",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in (0, 1)
+    ]
     outputs = [p.communicate(timeout=900)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
-    assert "pretraining" not in "".join(outputs)              # the copied backbone was used
+    assert "pretraining" not in "".join(outputs)  # the copied backbone was used
     assert len([p for p in cache.iterdir() if p.name.startswith("synthetic-") and p.is_dir()]) == 1
 
     monkeypatch.setenv("CIRLAB_CACHE", str(fresh_cache(tmp_path / "lone-cache")))

@@ -1,14 +1,19 @@
 """An unreadable checkpoint in a run folder: a clear error naming the file and how to go on, exit 2, and
 nothing else in the folder touched; following the advice resumes the run."""
+
 from __future__ import annotations
 
 import pytest
-
 from conftest import results
 from fixtures.make_images import materialize
 
-ARGS = ["+method=clip4cir_combiner", "dataset=fashioniq", "method.combiner.max_epochs=1",
-        "method.combiner.batch_size=8", "eval.visualize=false"]
+ARGS = [
+    "+method=clip4cir_combiner",
+    "dataset=fashioniq",
+    "method.combiner.max_epochs=1",
+    "method.combiner.batch_size=8",
+    "eval.visualize=false",
+]
 
 
 def snapshot(run):
@@ -28,15 +33,17 @@ def test_corrupt_last_checkpoint_on_resume(damage, cli, tmp_path):
     (run / "results.json").unlink()
     last = run / "stages" / "combiner" / "checkpoints" / "last.ckpt"
     data = last.read_bytes()
-    last.write_bytes({"truncated": data[:len(data) // 2], "garbage": b"\x00not a checkpoint" * 64, "empty": b""}[damage])
+    last.write_bytes(
+        {"truncated": data[: len(data) // 2], "garbage": b"\x00not a checkpoint" * 64, "empty": b""}[damage]
+    )
     before = snapshot(run)
 
     code, out, err = cli(*ARGS, f"dataset.root={root}", "resume=true", run_dir=run)
     assert code == 2
     assert f"cannot load checkpoint {last}" in err and f"delete {last}" in err and "Traceback" not in err
-    assert snapshot(run) == before                      # nothing else lost, the damaged file left as it was
+    assert snapshot(run) == before  # nothing else lost, the damaged file left as it was
 
-    last.unlink()                                       # the advice: the stage restarts from its first epoch
+    last.unlink()  # the advice: the stage restarts from its first epoch
     code, out, err = cli(*ARGS, f"dataset.root={root}", "resume=true", run_dir=run)
     assert code == 0, err
     assert results(run)["metrics"] == expected
@@ -55,7 +62,9 @@ def test_corrupt_best_checkpoint_of_a_finished_stage(cli, tmp_path):
     before = snapshot(run)
     code, out, err = cli(*ARGS, f"dataset.root={root}", "resume=true", run_dir=run)
     assert code == 2 and "Traceback" not in err
-    assert f"cannot load checkpoint {best}" in err and f"delete {stage / 'done.json'} and {best.parent}" in err
+    assert (
+        f"cannot load checkpoint {best}" in err and f"delete {stage / 'done.json'} and {best.parent}" in err
+    )
     assert snapshot(run) == before
 
     (stage / "done.json").unlink()

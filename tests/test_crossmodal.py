@@ -1,6 +1,7 @@
 """Cross-modal (text<->image) retrieval: the margin loss, the i2t any-caption rule, caption
 sources (Karpathy JSON, reference splits), the cached-feature datamodule, the method's trainable
 parameters, and an end-to-end run of +method=crossmodal."""
+
 import json
 
 import pytest
@@ -8,10 +9,18 @@ import torch
 
 from cirlab.backbones.openclip import OpenCLIPBackbone
 from cirlab.data.caption_datamodule import CaptionDataModule
-from cirlab.data.sources.captions import (CaptionSource, coco_source, flickr30k_source, karpathy_source,
-                                          read_karpathy)
+from cirlab.data.sources.captions import (
+    coco_source,
+    flickr30k_source,
+    karpathy_source,
+    read_karpathy,
+)
 from cirlab.errors import CirlabError
-from cirlab.methods.crossmodal import CrossModalRetrieval, ImageAdapter, PreProjectionImages, crossmodal_recalls
+from cirlab.methods.crossmodal import (
+    CrossModalRetrieval,
+    ImageAdapter,
+    crossmodal_recalls,
+)
 from cirlab.methods.losses import cosine_margin
 from tests.conftest import ROOT, results, run_cli
 
@@ -38,7 +47,7 @@ def test_i2t_hit_is_any_caption_of_the_image():
     assert r["i2t_recall_at_1"] == 50.0
     assert r["i2t_recall_at_2"] == 100.0  # image 1: top-2 = captions 0, 2
     # text->image: caption 0 -> image 1 (0.8 > 0.6) miss, caption 1 -> image 0 hit, caption 2 -> image 0 miss
-    assert r["t2i_recall_at_1"] == 100 / 3   # exact from counts (float64 nearest), as rsum below
+    assert r["t2i_recall_at_1"] == 100 / 3  # exact from counts (float64 nearest), as rsum below
     assert r["rsum"] == 50 + 100 + 100 + 100 / 3
 
 
@@ -50,28 +59,48 @@ def test_karpathy_coco_json_parsing():
     assert name == "val2014/COCO_val2014_000000391895.jpg"  # filepath/filename
     assert len(caps) == 5 and caps[0] == "A man with a red helmet on a small moped on a dirt road."
     assert "A sixth caption that must be dropped." not in caps
-    assert [n for n, _ in splits["train"]] == ["val2014/COCO_val2014_000000522418.jpg",
-                                               "train2014/COCO_train2014_000000318556.jpg"]
+    assert [n for n, _ in splits["train"]] == [
+        "val2014/COCO_val2014_000000522418.jpg",
+        "train2014/COCO_train2014_000000318556.jpg",
+    ]
     src = coco_source(FIXTURE, split_scheme="karpathy")
     assert src.image_path(name) == FIXTURE / "val2014" / "COCO_val2014_000000391895.jpg"
 
 
 def test_karpathy_flickr_has_no_filepath(tmp_path):
-    data = {"dataset": "flickr30k", "images": [
-        {"filename": "1000092795.jpg", "imgid": 0, "split": "test", "sentids": [0],
-         "sentences": [{"raw": "Two young guys with shaggy hair look at their hands.", "tokens": [], "imgid": 0,
-                        "sentid": 0}]}]}
+    data = {
+        "dataset": "flickr30k",
+        "images": [
+            {
+                "filename": "1000092795.jpg",
+                "imgid": 0,
+                "split": "test",
+                "sentids": [0],
+                "sentences": [
+                    {
+                        "raw": "Two young guys with shaggy hair look at their hands.",
+                        "tokens": [],
+                        "imgid": 0,
+                        "sentid": 0,
+                    }
+                ],
+            }
+        ],
+    }
     (tmp_path / "dataset_flickr30k.json").write_text(json.dumps(data))
     src = flickr30k_source(tmp_path)
-    assert src.image_captions("test") == [("1000092795.jpg", ["Two young guys with shaggy hair look at their hands."])]
+    assert src.image_captions("test") == [
+        ("1000092795.jpg", ["Two young guys with shaggy hair look at their hands."])
+    ]
     assert src.image_path("1000092795.jpg") == tmp_path / "flickr30k-images" / "1000092795.jpg"
 
 
 def test_karpathy_errors_say_what_to_do(tmp_path):
     with pytest.raises(CirlabError, match="dataset_coco.json"):
         coco_source(tmp_path)
-    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": [{"filename": "a.jpg", "split": "dev",
-                                                                         "sentences": []}]}))
+    (tmp_path / "dataset_coco.json").write_text(
+        json.dumps({"images": [{"filename": "a.jpg", "split": "dev", "sentences": []}]})
+    )
     with pytest.raises(CirlabError, match="train/restval/val/test"):
         coco_source(tmp_path)
     with pytest.raises(CirlabError, match="karpathy or reference"):
@@ -95,11 +124,16 @@ def test_reference_coco_uses_val2017_as_test(tmp_path):
     ann.mkdir()
     for split, n in (("train", 40), ("val", 3)):
         images = [{"id": i, "file_name": f"{i:012d}.jpg"} for i in range(n)]
-        anns = [{"image_id": i, "caption": f"{split} image {i} caption {k}"} for i in range(n) for k in range(6)]
+        anns = [
+            {"image_id": i, "caption": f"{split} image {i} caption {k}"} for i in range(n) for k in range(6)
+        ]
         (ann / f"captions_{split}2017.json").write_text(json.dumps({"images": images, "annotations": anns}))
     src = coco_source(tmp_path, split_scheme="reference")
     assert {k: len(v) for k, v in src.splits.items()} == {"train": 38, "val": 2, "test": 3}
-    assert src.splits["test"][0] == ("val2017/000000000000.jpg", [f"val image 0 caption {k}" for k in range(5)])
+    assert src.splits["test"][0] == (
+        "val2017/000000000000.jpg",
+        [f"val image 0 caption {k}" for k in range(5)],
+    )
 
 
 # ---- datamodule: cached features, no image decoding ----------------------------------------------
@@ -124,17 +158,28 @@ def test_datamodule_serves_cached_features_without_decoding(monkeypatch):
 
 # ---- the method's trainable parameters ----------------------------------------------------------
 def _small_backbone(vit: bool) -> OpenCLIPBackbone:
-    vision = ({"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16} if vit
-              else {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16, "head_width": 16})
+    vision = (
+        {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16}
+        if vit
+        else {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16, "head_width": 16}
+    )
     torch.manual_seed(0)
-    return OpenCLIPBackbone(model_cfg={"embed_dim": 16, "vision_cfg": vision,
-                                       "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32,
-                                                    "heads": 2, "layers": 1}}, name="small")
+    return OpenCLIPBackbone(
+        model_cfg={
+            "embed_dim": 16,
+            "vision_cfg": vision,
+            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+        },
+        name="small",
+    )
 
 
 def test_adapter_structure_and_trainable_parameters():
     adapter = ImageAdapter(16, reduction=4, ratio=0.2)
-    assert [tuple(m.weight.shape) for m in adapter.net if isinstance(m, torch.nn.Linear)] == [(4, 16), (16, 4)]
+    assert [tuple(m.weight.shape) for m in adapter.net if isinstance(m, torch.nn.Linear)] == [
+        (4, 16),
+        (16, 4),
+    ]
     assert all(m.bias is None for m in adapter.net if isinstance(m, torch.nn.Linear))
     v = torch.randn(3, 16)
     for m in adapter.net:
@@ -153,7 +198,11 @@ def test_projections_train_on_cached_pre_projection_features():
     backbone = _small_backbone(vit=True)
     module = CrossModalRetrieval(backbone, train="projections", loss="infonce")
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-    assert trainable == {"backbone.model.visual.proj", "backbone.model.text_projection", "backbone.model.logit_scale"}
+    assert trainable == {
+        "backbone.model.visual.proj",
+        "backbone.model.text_projection",
+        "backbone.model.logit_scale",
+    }
     x = torch.randn(2, 3, 32, 32)
     backbone.eval()
     with torch.no_grad():
@@ -183,13 +232,23 @@ def test_crossmodal_cli_adapter_beats_zero_shot_on_a_new_image_domain(tmp_path):
     (dataset=synthetic_captions_shifted). On the plain renderings there is nothing to adapt to (the
     tiny backbone was pretrained on them). Trains on the val images (the cheap split) with InfoNCE
     at lr 1e-2 for 3 epochs: the reference's margin loss at lr 1e-4 needs far more steps."""
-    run_cli(tmp_path, "+method=crossmodal", "dataset=synthetic_captions_shifted", "dataset.source.train_split=val",
-            "method.loss=infonce", "method.finetune.module.lr=1e-2", "method.finetune.max_epochs=3")
+    run_cli(
+        tmp_path,
+        "+method=crossmodal",
+        "dataset=synthetic_captions_shifted",
+        "dataset.source.train_split=val",
+        "method.loss=infonce",
+        "method.finetune.module.lr=1e-2",
+        "method.finetune.max_epochs=3",
+    )
     res = results(tmp_path / "run")
     zs, ad = res["stages"]["zeroshot"], res["stages"]["finetune"]
     assert set(zs) == set(ad) and "test/i2t_recall_at_10" in ad and res["main_metric"] == "test/rsum"
-    print({k: round(v, 2) for k, v in zs.items() if k.startswith("test/")}, "adapter:",
-          {k: round(v, 2) for k, v in ad.items() if k.startswith("test/")})
+    print(
+        {k: round(v, 2) for k, v in zs.items() if k.startswith("test/")},
+        "adapter:",
+        {k: round(v, 2) for k, v in ad.items() if k.startswith("test/")},
+    )
     # the shift hurts zero-shot (78 R@1 on the plain images) without reaching chance (0.05% for 1,824 images)
     assert 1 < zs["test/t2i_recall_at_1"] < 40 and 1 < zs["test/i2t_recall_at_1"] < 40
     # zero-shot t2i / i2t R@1 12.3 / 3.5 on the test split (README); require +10 points each
@@ -199,5 +258,7 @@ def test_crossmodal_cli_adapter_beats_zero_shot_on_a_new_image_domain(tmp_path):
 
 
 def test_crossmodal_needs_a_captions_dataset(tmp_path):
-    proc = run_cli(tmp_path, "+method=crossmodal", "dataset=synthetic", "method.stages=[zeroshot]", check=False)
+    proc = run_cli(
+        tmp_path, "+method=crossmodal", "dataset=synthetic", "method.stages=[zeroshot]", check=False
+    )
     assert proc.returncode == 2 and "captions dataset" in proc.stderr

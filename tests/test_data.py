@@ -1,4 +1,5 @@
 """Synthetic generator determinism and the jsonl format (parsing and its errors)."""
+
 import hashlib
 import json
 
@@ -37,7 +38,11 @@ def test_synthetic_style_changes_pixels_only(tmp_path):
     """A rendering style is an image-domain shift of the same benchmark: same scenes, captions and
     triplets, other pixels. Fields added later keep the folder name at their old value (edit_captions=0
     is the benchmark before edit captions: same images and triplets, see the edit-caption test)."""
-    assert SyntheticSpec(edit_captions=0).digest() == SyntheticSpec(style="plain", edit_captions=0).digest() == "063fcdb25b"
+    assert (
+        SyntheticSpec(edit_captions=0).digest()
+        == SyntheticSpec(style="plain", edit_captions=0).digest()
+        == "063fcdb25b"
+    )
     assert SyntheticSpec().digest() == "a73cacbf18"
     assert SyntheticSpec(style="noisy").digest() != SyntheticSpec().digest()
     plain = generate(SyntheticSpec(seed=3, **SMALL), tmp_path / "plain")
@@ -56,23 +61,34 @@ def _write(root, name, lines):
 
 
 def test_jsonl_parsing(tmp_path):
-    _write(tmp_path, "triplets.val.jsonl", [
-        json.dumps({"id": "q1", "reference": "a.png", "text": "make it red", "target": "b.png"}) + "\n",
-        "\n",
-        json.dumps({"reference": "b.png", "text": "two targets", "target": ["a.png", "c.png"]}) + "\n"])
+    _write(
+        tmp_path,
+        "triplets.val.jsonl",
+        [
+            json.dumps({"id": "q1", "reference": "a.png", "text": "make it red", "target": "b.png"}) + "\n",
+            "\n",
+            json.dumps({"reference": "b.png", "text": "two targets", "target": ["a.png", "c.png"]}) + "\n",
+        ],
+    )
     src = JsonlSource(tmp_path)
     qs = src.queries("val")
-    assert [q.qid for q in qs] == ["q1", "3"]          # missing id -> line number
+    assert [q.qid for q in qs] == ["q1", "3"]  # missing id -> line number
     assert qs[1].targets == ("a.png", "c.png")
     assert src.eval_sets("val")[0].gallery == ["a.png", "b.png", "c.png"]
 
 
-@pytest.mark.parametrize("lines,match", [
-    (['{"reference": "a", "text": "x", "target": "b"}\n', '{"reference": "a", text}\n'], r"line 2: not valid JSON"),
-    (['{"reference": "a", "target": "b"}\n'], r"line 1: missing field\(s\) text"),
-    (['{"reference": "a", "text": "  ", "target": "b"}\n'], r"line 1: empty modification text"),
-    (['[1, 2]\n'], r"line 1: expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "lines,match",
+    [
+        (
+            ['{"reference": "a", "text": "x", "target": "b"}\n', '{"reference": "a", text}\n'],
+            r"line 2: not valid JSON",
+        ),
+        (['{"reference": "a", "target": "b"}\n'], r"line 1: missing field\(s\) text"),
+        (['{"reference": "a", "text": "  ", "target": "b"}\n'], r"line 1: empty modification text"),
+        (["[1, 2]\n"], r"line 1: expected a JSON object"),
+    ],
+)
 def test_jsonl_errors_name_the_line(tmp_path, lines, match):
     _write(tmp_path, "triplets.val.jsonl", lines)
     with pytest.raises(CirlabError, match=match):
@@ -117,6 +133,8 @@ def test_edit_captions_describe_their_image(tmp_path):
     assert all(("edit_captions" in r) == (r["split"] in ("train", "pretrain")) for r in records)
     assert all(len(r["edit_captions"]) == 3 for r in records if "edit_captions" in r)
     src = JsonlSource(root)
-    assert [c for _, c in src.image_captions("test", edits=True)] == [c for _, c in src.image_captions("test")]
+    assert [c for _, c in src.image_captions("test", edits=True)] == [
+        c for _, c in src.image_captions("test")
+    ]
     with_edits = src.image_captions("train", edits=True)
     assert all(len(c) == len(p) + 3 for (_, c), (_, p) in zip(with_edits, src.image_captions("train")))

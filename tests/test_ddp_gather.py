@@ -3,6 +3,7 @@ single-process loss over the whole batch, where every target is a negative of ev
 
 Without gathering each rank would only see its own half of the targets: the test also checks that the
 two differ, so it fails if the gather silently stops happening."""
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -15,8 +16,11 @@ B, D_IN, D = 6, 5, 4  # per-rank batch, input and embedding widths
 
 def data():
     gen = torch.Generator().manual_seed(0)
-    return (torch.randn(D_IN, D, generator=gen), torch.randn(2 * B, D_IN, generator=gen),
-            torch.randn(2 * B, D_IN, generator=gen))
+    return (
+        torch.randn(D_IN, D, generator=gen),
+        torch.randn(2 * B, D_IN, generator=gen),
+        torch.randn(2 * B, D_IN, generator=gen),
+    )
 
 
 def grad_of(loss_fn, weight):
@@ -30,8 +34,9 @@ def worker(rank: int, init_file: str, out: dict, gather: bool) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     weight, x_query, x_target = data()
     rows = slice(rank * B, (rank + 1) * B)
-    loss, grad = grad_of(lambda w: batch_contrastive(x_query[rows] @ w, x_target[rows] @ w, 10.0, gather=gather),
-                         weight)
+    loss, grad = grad_of(
+        lambda w: batch_contrastive(x_query[rows] @ w, x_target[rows] @ w, 10.0, gather=gather), weight
+    )
     dist.all_reduce(loss), dist.all_reduce(grad)  # what DDP does with gradients: the mean over ranks
     out[rank] = (loss / 2, grad / 2)
     dist.destroy_process_group()

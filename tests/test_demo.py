@@ -6,6 +6,7 @@ small finished synthetic run and drives it in headless Chromium (Playwright with
 `/usr/bin/chromium`): pick a reference in the gallery grid, type a modification, click Search, and
 compare the page with `cirlab.load(run).search(...)`; it saves the screenshot the README shows.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,12 +21,21 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, cli_env, run_cli
 from PIL import Image
 
-from cirlab.demo import (Answer, DemoBackend, Gallery, Hit, cir_search, folder_gallery, header_markdown, main,
-                         render_answer)
+from cirlab.demo import (
+    Answer,
+    DemoBackend,
+    Gallery,
+    Hit,
+    cir_search,
+    folder_gallery,
+    header_markdown,
+    main,
+    render_answer,
+)
 from cirlab.errors import CirlabError
-from conftest import ROOT, cli_env, run_cli
 
 # The README's screenshot: the test writes it only when asked (CIRLAB_UPDATE_DOCS=1), so a test run
 # leaves the checkout clean; otherwise it goes to the test's temporary folder.
@@ -41,8 +51,10 @@ def chromium() -> str | None:
 
 # ---- fast: bad input ---------------------------------------------------------------------------------
 def test_not_a_run_exits_2_with_the_reason(tmp_path, capsys):
-    for argv, reason in (([str(tmp_path)], "not a cirlab run folder"),
-                         ([str(tmp_path / "missing")], "does not exist")):
+    for argv, reason in (
+        ([str(tmp_path)], "not a cirlab run folder"),
+        ([str(tmp_path / "missing")], "does not exist"),
+    ):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         err = capsys.readouterr().err
@@ -52,8 +64,13 @@ def test_not_a_run_exits_2_with_the_reason(tmp_path, capsys):
 
 def test_not_a_run_exits_2_from_the_console(tmp_path):
     """The real process: one line on stderr, no traceback."""
-    proc = subprocess.run([sys.executable, "-m", "cirlab.demo", str(tmp_path)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cirlab.demo", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "not a cirlab run folder" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -73,7 +90,7 @@ def test_folder_gallery_lists_unreadable_images_and_keeps_the_rest(tmp_path):
     good.append(tmp_path / "g" / "sub" / "deep.jpg")
     Image.new("RGB", (20, 20), (1, 2, 3)).save(good[-1])
     (tmp_path / "g" / "broken.png").write_bytes(b"not an image at all")
-    full = (tmp_path / "g" / "cut.jpg")
+    full = tmp_path / "g" / "cut.jpg"
     Image.new("RGB", (64, 64), (9, 9, 9)).save(full)
     full.write_bytes(full.read_bytes()[:40])  # truncated JPEG
     (tmp_path / "g" / "notes.txt").write_text("ignored: not an image extension")
@@ -132,9 +149,13 @@ def test_empty_text_and_missing_reference_are_visible_messages(tmp_path):
 
 def test_a_method_that_cannot_embed_new_queries_stops_with_the_reason(tmp_path):
     paths = make_images(tmp_path)
-    backend = DemoBackend(StubRetriever("SearleOTI embeds queries by their reference image's OTI token"),
-                          Gallery([p.name for p in paths], paths, "three images"))
-    with pytest.raises(CirlabError, match=r"\(SearleOTI\) cannot search new queries in the demo: .*OTI token"):
+    backend = DemoBackend(
+        StubRetriever("SearleOTI embeds queries by their reference image's OTI token"),
+        Gallery([p.name for p in paths], paths, "three images"),
+    )
+    with pytest.raises(
+        CirlabError, match=r"\(SearleOTI\) cannot search new queries in the demo: .*OTI token"
+    ):
         backend.index()
 
 
@@ -159,8 +180,14 @@ class DemoProcess:
     """`python -m cirlab.demo ...` in the background; waits for its 'serving' line."""
 
     def __init__(self, args: list[str], env: dict, timeout: float = 300):
-        self.proc = subprocess.Popen([sys.executable, "-m", "cirlab.demo", *args], cwd=ROOT, env=env, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "cirlab.demo", *args],
+            cwd=ROOT,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         self.lines: list[str] = []
         self.url: str | None = None
         ready = threading.Event()
@@ -186,7 +213,7 @@ class DemoProcess:
             except OSError:
                 if time.time() > deadline or self.proc.poll() is not None:
                     self.stop()
-                    raise AssertionError("the demo does not answer:\n" + "".join(self.lines[-40:]))
+                    raise AssertionError("the demo does not answer:\n" + "".join(self.lines[-40:])) from None
                 time.sleep(0.5)
 
     def stop(self) -> None:
@@ -210,7 +237,9 @@ def zeroshot_run(tmp_path_factory) -> Path:
 def chromium_exe() -> str:
     """Skips (before any run is made) where gradio, playwright or a Chromium browser is missing."""
     pytest.importorskip("gradio", reason="the demo needs gradio: pip install 'cirlab[demo]'")
-    pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright: pip install 'cirlab[demo]'")
+    pytest.importorskip(
+        "playwright.sync_api", reason="the browser test needs playwright: pip install 'cirlab[demo]'"
+    )
     exe = chromium()
     if exe is None:
         pytest.skip("no Chromium browser on this machine (apt-get install chromium; .ci/run does)")
@@ -255,8 +284,9 @@ def test_demo_in_headless_chromium_matches_the_python_api(chromium_exe, zeroshot
             # pick the reference in the searchable grid
             page.locator("#find textarea, #find input").first.fill(q.reference)
             thumbs = page.locator("#grid button.thumbnail-item")
-            page.wait_for_function("document.querySelectorAll('#grid button.thumbnail-item').length === 1",
-                                   timeout=30_000)
+            page.wait_for_function(
+                "document.querySelectorAll('#grid button.thumbnail-item').length === 1", timeout=30_000
+            )
             thumbs.first.click()
             page.wait_for_function("document.querySelector('#reference img') !== null", timeout=30_000)
             # an empty text is a visible message
@@ -267,11 +297,17 @@ def test_demo_in_headless_chromium_matches_the_python_api(chromium_exe, zeroshot
             page.locator("#search").click()
             page.wait_for_selector("#results figure[data-rank]", timeout=30_000)
             figures = page.locator("#results figure[data-rank]")
-            shown = [(figures.nth(i).get_attribute("data-name"), float(figures.nth(i).get_attribute("data-score")))
-                     for i in range(figures.count())]
-            outlined = [page.locator("#results figure.hit").nth(i).get_attribute("data-name")
-                        for i in range(page.locator("#results figure.hit").count())]
-            border = page.locator("#results figure.hit").first.evaluate("e => getComputedStyle(e).borderTopColor")
+            shown = [
+                (figures.nth(i).get_attribute("data-name"), float(figures.nth(i).get_attribute("data-score")))
+                for i in range(figures.count())
+            ]
+            outlined = [
+                page.locator("#results figure.hit").nth(i).get_attribute("data-name")
+                for i in range(page.locator("#results figure.hit").count())
+            ]
+            border = page.locator("#results figure.hit").first.evaluate(
+                "e => getComputedStyle(e).borderTopColor"
+            )
             status = page.locator("#status").inner_text()
             shot = SCREENSHOT if os.environ.get("CIRLAB_UPDATE_DOCS") == "1" else tmp_path / "demo.png"
             page.screenshot(path=str(shot), full_page=True)
@@ -281,7 +317,9 @@ def test_demo_in_headless_chromium_matches_the_python_api(chromium_exe, zeroshot
             box.click()
             box.press_sequentially(f"{q2.qid}:")
             page.locator("li[data-testid=dropdown-option]").first.click()
-            page.wait_for_function(f"document.querySelector('#text textarea').value === {q2.text!r}", timeout=30_000)
+            page.wait_for_function(
+                f"document.querySelector('#text textarea').value === {q2.text!r}", timeout=30_000
+            )
             page.locator("#search").click()
             page.wait_for_selector(f"#status:has-text('{q2.reference}')", timeout=30_000)
             top1_2 = page.locator('#results figure[data-rank="1"]').get_attribute("data-name")
@@ -289,10 +327,10 @@ def test_demo_in_headless_chromium_matches_the_python_api(chromium_exe, zeroshot
             browser.close()
     finally:
         demo.stop()
-    assert shown[0][0] == name_of[expected[0][0]]                    # top-1 equals cirlab.load(run).search
+    assert shown[0][0] == name_of[expected[0][0]]  # top-1 equals cirlab.load(run).search
     assert [n for n, _ in shown] == [name_of[p] for p, _ in expected]  # ... and so does the whole top-k
     assert all(abs(s - e) < 1e-5 for (_, s), (_, e) in zip(shown, expected))
-    assert outlined == [q.targets[0]] and border == "rgb(0, 170, 0)"    # the true target outlined green
+    assert outlined == [q.targets[0]] and border == "rgb(0, 170, 0)"  # the true target outlined green
     assert q.reference in status and q.text in status
     assert top1_2 == name_of[expected2[0][0]] and outlined2 == q2.targets[0]
     assert "Traceback" not in "".join(demo.lines)
@@ -320,9 +358,8 @@ def test_demo_answers_equal_the_runs_predictions(zeroshot_run):
 @pytest.mark.slow
 def test_demo_on_a_gallery_folder_with_unreadable_images(zeroshot_run, tmp_path):
     """--gallery: every image under the folder; an unreadable one is listed (console and page), the rest served."""
-    from cirlab.demo import load_backend, run_gallery
-
     import cirlab
+    from cirlab.demo import load_backend, run_gallery
 
     source_gallery = run_gallery(cirlab.load(zeroshot_run).cfg)
     folder = tmp_path / "photos"
@@ -332,7 +369,9 @@ def test_demo_on_a_gallery_folder_with_unreadable_images(zeroshot_run, tmp_path)
     (folder / "broken.png").write_bytes(b"\x89PNG but not really")
     printed: list[str] = []
     backend = load_backend(zeroshot_run, folder, log=printed.append)
-    assert len(backend.gallery.names) == 30 and [p.name for p, _ in backend.gallery.unreadable] == ["broken.png"]
+    assert len(backend.gallery.names) == 30 and [p.name for p, _ in backend.gallery.unreadable] == [
+        "broken.png"
+    ]
     assert any("unreadable image left out" in line and "broken.png" in line for line in printed)
     assert backend.gallery.examples  # modification texts of the run's dataset
     ref = backend.gallery.names[0]
@@ -346,13 +385,19 @@ def test_captions_run_searches_text_to_image_and_image_to_caption(tmp_path):
     """A captions run (+method=crossmodal): the demo's embeddings are evaluation's (same recalls as the
     run's results.json), text -> image outlines the captioned image, image -> caption the image's captions."""
     import torch
+    from conftest import results
 
     from cirlab.demo import cir_search, load_backend
     from cirlab.methods.crossmodal import crossmodal_recalls
-    from conftest import results
 
     run_dir = tmp_path / "run"
-    run_cli(tmp_path, "+method=crossmodal", "dataset=synthetic_captions", "method.stages=[zeroshot]", run_dir=run_dir)
+    run_cli(
+        tmp_path,
+        "+method=crossmodal",
+        "dataset=synthetic_captions",
+        "method.stages=[zeroshot]",
+        run_dir=run_dir,
+    )
     backend = load_backend(run_dir, log=lambda *_: None)
     g = backend.gallery
     assert backend.captions_mode and len(g.names) == 1824 and len(g.captions) > len(g.names)

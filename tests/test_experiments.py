@@ -2,6 +2,7 @@
 and builds: dataset source target and arguments, backbone architecture, trainer arguments, and every
 stage's module class (instantiated around a tiny random backbone). No data, no weights, no GPU.
 New experiment files are picked up automatically."""
+
 from __future__ import annotations
 
 import inspect
@@ -38,8 +39,12 @@ def tiny_backbone():
 
 
 def test_experiments_are_discovered():
-    assert {"clip4cir_fashioniq_rn50x4", "clip4cir_cirr_rn50x4", "clip4cir_synthetic",
-            "zeroshot_synthetic"} <= set(EXPERIMENTS)
+    assert {
+        "clip4cir_fashioniq_rn50x4",
+        "clip4cir_cirr_rn50x4",
+        "clip4cir_synthetic",
+        "zeroshot_synthetic",
+    } <= set(EXPERIMENTS)
     for name in EXPERIMENTS:
         assert (ROOT / "experiments" / f"{name}.yaml").read_text().startswith("# @package _global_"), name
 
@@ -80,8 +85,12 @@ def test_experiment_composes_and_builds(name, tiny_backbone, small_blip, monkeyp
         assert isinstance(scfg["max_epochs"], int) and scfg["max_epochs"] >= 0
         assert isinstance(scfg["batch_size"], int) and scfg["batch_size"] > 0
         backbone = small_blip if resolved["backbone"]["name"].startswith("blip") else tiny_backbone
-        module = instantiate(cfg.method[stage].module, backbone=backbone, search=cfg.retrieval.search,
-                             search_options=OmegaConf.to_container(cfg.retrieval.options))
+        module = instantiate(
+            cfg.method[stage].module,
+            backbone=backbone,
+            search=cfg.retrieval.search,
+            search_options=OmegaConf.to_container(cfg.retrieval.options),
+        )
         from cirlab.methods.retrieval_module import RetrievalModule
 
         assert isinstance(module, RetrievalModule)
@@ -89,8 +98,9 @@ def test_experiment_composes_and_builds(name, tiny_backbone, small_blip, monkeyp
             assert module.configure_optimizers() is not None
 
 
-@pytest.mark.parametrize("name,dataset", [("clip4cir_fashioniq_rn50x4", "fashioniq"),
-                                          ("clip4cir_cirr_rn50x4", "cirr")])
+@pytest.mark.parametrize(
+    "name,dataset", [("clip4cir_fashioniq_rn50x4", "fashioniq"), ("clip4cir_cirr_rn50x4", "cirr")]
+)
 def test_paper_experiments_pin_the_reference_setup(name, dataset):
     """The reference README's hyperparameters (docs/methods/clip4cir.md#hyperparameters), not the tiny defaults."""
     cfg = compose_experiment(name)
@@ -119,7 +129,9 @@ def test_released_model_experiments_evaluate_given_weights_only(name):
     assert cfg.method[cfg.method.stages[-1]].get("checkpoint") or cfg.backbone.get("checkpoint")
     text = (ROOT / "experiments" / f"{name}.yaml").read_text()
     assert re.search(r"(?im)^#.*paper.*\n?.*\d+\.\d\d", text), "the paper's number, as a comment"
-    if cfg.backbone.get("checkpoint") and "quick_gelu" in cfg.backbone:  # all of CLIP from the file: no download
+    if (
+        cfg.backbone.get("checkpoint") and "quick_gelu" in cfg.backbone
+    ):  # all of CLIP from the file: no download
         assert cfg.backbone.pretrained is None and cfg.backbone.quick_gelu is True
     if "quick_gelu" in cfg.backbone:  # OpenAI's CLIP, as the authors trained on it
         assert cfg.backbone.quick_gelu in (None, True)

@@ -1,13 +1,17 @@
 """The frozen-feature cache: reused when nothing changed, rebuilt when the backbone, the image
 list or the file itself changed."""
+
 import torch
 from PIL import Image
 
 from cirlab.backbones.openclip import OpenCLIPBackbone
 from cirlab.data.features import FeatureCache
 
-CFG = dict(embed_dim=16, vision_cfg=dict(image_size=32, layers=(1, 1, 1, 1), width=8, head_width=8),
-           text_cfg=dict(context_length=8, vocab_size=49408, width=16, heads=2, layers=1))
+CFG = dict(
+    embed_dim=16,
+    vision_cfg=dict(image_size=32, layers=(1, 1, 1, 1), width=8, head_width=8),
+    text_cfg=dict(context_length=8, vocab_size=49408, width=16, heads=2, layers=1),
+)
 
 
 def _images(tmp_path, n=5):
@@ -29,7 +33,7 @@ def test_cache_hit_miss_and_rebuild(tmp_path, caplog):
     again = cache.get(bb, names, paths)
     assert cache.last_hit is True and all(torch.equal(first[n], again[n]) for n in names)
 
-    cache.get(bb, names[:3], paths[:3])             # another image list: another entry
+    cache.get(bb, names[:3], paths[:3])  # another image list: another entry
     assert cache.last_hit is False
     with torch.no_grad():
         bb.model.visual.attnpool.c_proj.bias.add_(1.0)  # changed weights: never the stale features
@@ -39,7 +43,7 @@ def test_cache_hit_miss_and_rebuild(tmp_path, caplog):
     files = sorted((tmp_path / "cache" / "features").glob("*.pt"))
     assert len(files) == 3
     target = cache.dir / f"{cache.key(bb, names, paths)}.pt"
-    target.write_bytes(target.read_bytes()[:100])   # truncated file
+    target.write_bytes(target.read_bytes()[:100])  # truncated file
     rebuilt = cache.get(bb, names, paths)
     assert cache.last_hit is False and torch.equal(rebuilt[names[1]], changed[names[1]])
     assert "corrupt or foreign" in caplog.text

@@ -2,6 +2,7 @@
 README names), and a wrong root or missing images say which layouts are accepted and which was found.
 
 Trees are built from the real (cut-down) annotation fixtures with placeholder images."""
+
 from __future__ import annotations
 
 import json
@@ -9,22 +10,25 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import results
+from fixtures.make_images import FIXTURES, materialize, write_image
 
 from cirlab.data.check import check_images
 from cirlab.data.sources.base import ImageNotFound
 from cirlab.data.sources.cirr import CIRRSource
 from cirlab.data.sources.shoes import ShoesSource
 from cirlab.errors import CirlabError
-from conftest import results
-from fixtures.make_images import FIXTURES, materialize, write_image
 
 CIRR_SPLITS = ("train", "val", "test1")
 
 
 def split_paths(ann: Path) -> dict[str, str]:
     """name -> relative path ("./dev/x.png") over the three split files."""
-    return {n: rel for s in CIRR_SPLITS for n, rel in json.loads((ann / f"image_splits/split.rc2.{s}.json")
-                                                                 .read_text()).items()}
+    return {
+        n: rel
+        for s in CIRR_SPLITS
+        for n, rel in json.loads((ann / f"image_splits/split.rc2.{s}.json").read_text()).items()
+    }
 
 
 def cirr_seed(root: Path, images: bool = True) -> Path:
@@ -112,7 +116,10 @@ def test_cirr_missing_image_names_layouts_and_detected(layout, tmp_path):
     else:
         root = tmp_path / "cirr"
         shutil.copytree(FIXTURES / "cirr", root)
-        expected, absent = root / "img_raw" / "dev" / "dev-244-0-img0.png", f"there is no folder {root / 'img_raw'}"
+        expected, absent = (
+            root / "img_raw" / "dev" / "dev-244-0-img0.png",
+            f"there is no folder {root / 'img_raw'}",
+        )
     src = CIRRSource(root)
     with pytest.raises(ImageNotFound) as err:
         src.image_path("dev-244-0-img0")
@@ -138,7 +145,9 @@ def test_shoes_images_unpacked_in_place(tmp_path):
 def test_shoes_images_folder(tmp_path):
     root = materialize("shoes", tmp_path / "shoes")
     src = ShoesSource(root)
-    assert src.image_path("img_womens_flats_1491.jpg") == root / "images/womens_flats/img_womens_flats_1491.jpg"
+    assert (
+        src.image_path("img_womens_flats_1491.jpg") == root / "images/womens_flats/img_womens_flats_1491.jpg"
+    )
     assert src.detected.startswith("images gathered in images/:")
 
 
@@ -190,7 +199,9 @@ def test_check_data_passes_on_each_layout(case, cli, tmp_path):
 def test_check_data_explicit_image_root(override, cli, tmp_path):
     """The two-override recipe of earlier versions, and its natural spelling, still work."""
     root = cirr_seed(tmp_path / "CIRR")
-    code, out, err = cli("+task=check_data", "dataset=cirr", f"dataset.root={root / 'cirr'}", f"{override}={root}")
+    code, out, err = cli(
+        "+task=check_data", "dataset=cirr", f"dataset.root={root / 'cirr'}", f"{override}={root}"
+    )
     assert code == 0, out + err
     assert "(dataset.image_root)" in out
 
@@ -201,8 +212,13 @@ def test_check_data_wrong_cirr_root(cli, tmp_path):
     assert code == 2 and both_cirr_layouts(err) and "Traceback" not in err
 
 
-@pytest.mark.parametrize("dataset, build", [("cirr", lambda d: cirr_seed(d / "CIRR", images=False)),
-                                            ("shoes", lambda d: shoes_unpacked(d / "shoes", images=False))])
+@pytest.mark.parametrize(
+    "dataset, build",
+    [
+        ("cirr", lambda d: cirr_seed(d / "CIRR", images=False)),
+        ("shoes", lambda d: shoes_unpacked(d / "shoes", images=False)),
+    ],
+)
 def test_check_data_without_images(dataset, build, cli, tmp_path):
     root = build(tmp_path)
     code, out, err = cli("+task=check_data", f"dataset={dataset}", f"dataset.root={root}", "+splits=[val]")
@@ -214,8 +230,9 @@ def test_check_data_without_images(dataset, build, cli, tmp_path):
 def test_zeroshot_on_cirr_seed_layout(cli, tmp_path):
     root = cirr_seed(tmp_path / "CIRR")
     run = tmp_path / "run"
-    code, out, err = cli("+method=zeroshot", "dataset=cirr", f"dataset.root={root}", "eval.visualize=false",
-                         run_dir=run)
+    code, out, err = cli(
+        "+method=zeroshot", "dataset=cirr", f"dataset.root={root}", "eval.visualize=false", run_dir=run
+    )
     assert code == 0, err
     metrics = results(run)["metrics"]
     assert 0 <= metrics["val/avg_recall_at_5_subset_at_1"] <= 100

@@ -1,4 +1,5 @@
 """Hand-computed values for the retrieval metrics and the search."""
+
 from fractions import Fraction
 
 import numpy as np
@@ -8,7 +9,14 @@ from torchmetrics.functional.retrieval import retrieval_recall
 
 from cirlab.data.records import CIRQuery, EvalSet, Protocol
 from cirlab.errors import CirlabError
-from cirlab.retrieval.metrics import SetResult, derived_metrics, map_at_k, recall_at_k, score_eval_set, split_metrics
+from cirlab.retrieval.metrics import (
+    SetResult,
+    derived_metrics,
+    map_at_k,
+    recall_at_k,
+    score_eval_set,
+    split_metrics,
+)
 from cirlab.retrieval.search import exact_search, faiss_search
 
 
@@ -16,8 +24,11 @@ def test_recall_at_k_hand_computed():
     topk = torch.tensor([[3, 1, 2], [0, 2, 1], [1, 0, 3]])
     target = torch.tensor([1, 1, 2])
     r = recall_at_k(topk, target, (1, 2, 3))
-    assert r == {"recall_at_1": pytest.approx(0.0), "recall_at_2": pytest.approx(100 / 3),
-                 "recall_at_3": pytest.approx(200 / 3)}
+    assert r == {
+        "recall_at_1": pytest.approx(0.0),
+        "recall_at_2": pytest.approx(100 / 3),
+        "recall_at_3": pytest.approx(200 / 3),
+    }
 
 
 def test_recall_matches_torchmetrics_for_single_target():
@@ -26,7 +37,12 @@ def test_recall_matches_torchmetrics_for_single_target():
     target = torch.randint(0, 30, (20,))
     _, topk = exact_search(scores, torch.eye(30), 30)  # identity gallery: the search ranks the score rows
     ours = recall_at_k(topk, target, (5,))["recall_at_5"]
-    ref = torch.stack([retrieval_recall(scores[q], torch.arange(30) == target[q], top_k=5) for q in range(20)]).mean() * 100
+    ref = (
+        torch.stack(
+            [retrieval_recall(scores[q], torch.arange(30) == target[q], top_k=5) for q in range(20)]
+        ).mean()
+        * 100
+    )
     assert ours == pytest.approx(ref.item())
 
 
@@ -42,7 +58,7 @@ def test_map_at_k_one_and_several_ground_truths():
 
 def test_exact_search_equals_full_matrix_with_ties():
     torch.manual_seed(0)
-    q = torch.randint(-2, 3, (17, 4)).float()   # small integers: many exact ties
+    q = torch.randint(-2, 3, (17, 4)).float()  # small integers: many exact ties
     g = torch.randint(-2, 3, (101, 4)).float()
     s_full = q @ g.T
     # reference order: score descending, gallery index ascending
@@ -57,7 +73,7 @@ def test_exact_search_on_memmap_and_exclusion(tmp_path):
     g /= np.linalg.norm(g, axis=1, keepdims=True)
     mm = np.lib.format.open_memmap(tmp_path / "g.npy", mode="w+", dtype=np.float32, shape=g.shape)
     mm[:] = g
-    q = torch.from_numpy(g[:5])           # each query's nearest neighbour is itself
+    q = torch.from_numpy(g[:5])  # each query's nearest neighbour is itself
     _, idx = exact_search(q, mm, 3, exclude=torch.arange(5), chunk=16)
     assert not (idx == torch.arange(5)[:, None]).any()
     _, idx_in = exact_search(q, mm, 1)
@@ -86,14 +102,16 @@ def _rigged(names, vectors):
 
 def test_cirr_reference_excluded_and_subset_recall():
     names = ["ref", "tgt", "a", "b", "c", "d", "e"]
-    gallery = _rigged(names, [[1, 0, 0], [0.8, 0.6, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0, 1], [0.5, 0.5, 0.7], [-1, 0, 0]])
-    query = _rigged(None, [[1, 0.05, 0]])       # nearest: ref, then a, then tgt
+    gallery = _rigged(
+        names, [[1, 0, 0], [0.8, 0.6, 0], [0.9, 0.1, 0], [0, 1, 0], [0, 0, 1], [0.5, 0.5, 0.7], [-1, 0, 0]]
+    )
+    query = _rigged(None, [[1, 0.05, 0]])  # nearest: ref, then a, then tgt
     q = CIRQuery("7", "ref", ("cap",), ("tgt",), subset=("ref", "tgt", "b", "c", "d", "e"))
     proto = Protocol(recall_ks=(1, 2), subset_ks=(1, 2, 3), exclude_reference=True)
     res = score_eval_set(proto, EvalSet([q], names), query, gallery)
-    assert res.predictions["7"][:2] == ["a", "tgt"]       # reference removed, "a" is not in the subset
+    assert res.predictions["7"][:2] == ["a", "tgt"]  # reference removed, "a" is not in the subset
     assert res.metrics["recall_at_1"] == 0 and res.metrics["recall_at_2"] == 100
-    assert res.subset_predictions["7"][0] == "tgt"         # within the subset the target comes first
+    assert res.subset_predictions["7"][0] == "tgt"  # within the subset the target comes first
     assert res.metrics["recall_subset_at_1"] == 100
     # without exclusion (FashionIQ protocol) the reference itself is ranked first
     res2 = score_eval_set(Protocol(recall_ks=(1,)), EvalSet([q], names), query, gallery)
@@ -122,8 +140,13 @@ def test_target_missing_from_gallery_is_reported():
 
 def test_no_metrics_without_answers():
     q = CIRQuery("1", "a", ("x",))
-    res = score_eval_set(Protocol(recall_ks=(1,)), EvalSet([q], ["a", "b"]), torch.randn(1, 3), torch.randn(2, 3),
-                         has_answers=False)
+    res = score_eval_set(
+        Protocol(recall_ks=(1,)),
+        EvalSet([q], ["a", "b"]),
+        torch.randn(1, 3),
+        torch.randn(2, 3),
+        has_answers=False,
+    )
     assert res.metrics == {} and len(res.predictions["1"]) == 2
 
 
@@ -131,10 +154,10 @@ def test_embedding_file_round_trip_and_chunked_search(tmp_path):
     from cirlab.retrieval.embedding_file import EmbeddingFile
 
     g = torch.nn.functional.normalize(torch.randn(1000, 16), dim=-1)
-    chunks = (g[i:i + 300].numpy() for i in range(0, 1000, 300))
+    chunks = (g[i : i + 300].numpy() for i in range(0, 1000, 300))
     ef = EmbeddingFile.write(tmp_path / "g.npy", chunks, 1000, 16)
     assert len(ef) == 1000 and np.array_equal(ef[250:260], g[250:260].numpy())
-    assert np.array_equal(np.load(tmp_path / "g.npy"), g.numpy())   # a standard .npy file
+    assert np.array_equal(np.load(tmp_path / "g.npy"), g.numpy())  # a standard .npy file
     q = torch.randn(7, 16)
     assert torch.equal(exact_search(q, ef, 20, chunk=128)[1], exact_search(q, g, 20)[1])
 
@@ -154,16 +177,16 @@ def test_recall_is_exact_from_counts():
     assert r == {"recall_at_1": 0.0, "recall_at_10": 35.25}
     assert type(r["recall_at_10"]) is float
     third = recall_at_k(torch.tensor([[1], [0], [0]]), torch.ones(3, dtype=torch.long), (1,))["recall_at_1"]
-    assert third == 100 / 3   # the float64 nearest to 33.333..., not float32's 33.33333206
+    assert third == 100 / 3  # the float64 nearest to 33.333..., not float32's 33.33333206
 
 
 def test_map_is_exact_from_counts():
     # q0: GT {7} at rank 2 -> AP@5 = 1/2; q1: GTs {0, 1, 9} at ranks 1, 3 -> (1 + 2/3) / 3 = 5/9
     topk = torch.tensor([[4, 7, 1, 2, 3], [0, 5, 1, 6, 7]])
     m = map_at_k(topk, [[7], [0, 1, 9]], (1, 2, 5))
-    assert m["map_at_5"] == float(Fraction(100, 2) * (Fraction(1, 2) + Fraction(5, 9)))   # 52.777...
-    assert m["map_at_1"] == 50.0        # q1: 1 / min(1, 3)
-    assert m["map_at_2"] == 50.0        # q0: (1/2) / min(2, 1) = 1/2; q1: 1 / min(2, 3) = 1/2
+    assert m["map_at_5"] == float(Fraction(100, 2) * (Fraction(1, 2) + Fraction(5, 9)))  # 52.777...
+    assert m["map_at_1"] == 50.0  # q1: 1 / min(1, 3)
+    assert m["map_at_2"] == 50.0  # q0: (1/2) / min(2, 1) = 1/2; q1: 1 / min(2, 3) = 1/2
     # 400 queries, 141 with their single GT first: 35.25 exactly, as for recall
     topk = torch.zeros(400, 5, dtype=torch.long)
     topk[:141, 0] = 1
@@ -173,10 +196,12 @@ def test_map_is_exact_from_counts():
 def test_averages_are_exact():
     """FashionIQ's averages and mean_recall: the exact mean of the per-category values, rounded once."""
     proto = Protocol(recall_ks=(10, 50), group_average=True)
-    sets = {c: SetResult({"recall_at_10": v, "recall_at_50": 2 * v}, {}, {}) for c, v in
-            (("dress", 0.1), ("shirt", 0.2), ("toptee", 0.3))}
+    sets = {
+        c: SetResult({"recall_at_10": v, "recall_at_50": 2 * v}, {}, {})
+        for c, v in (("dress", 0.1), ("shirt", 0.2), ("toptee", 0.3))
+    }
     for res in sets.values():
         res.metrics.update(derived_metrics(res.metrics, proto))
     m = split_metrics("val", sets, proto)
-    assert m["val/average/recall_at_10"] == 0.2          # (0.1 + 0.2 + 0.3) / 3 in floats is 0.20000000000000004
+    assert m["val/average/recall_at_10"] == 0.2  # (0.1 + 0.2 + 0.3) / 3 in floats is 0.20000000000000004
     assert m["val/average/recall_at_50"] == 0.4 and m["val/average_recall"] == 0.3

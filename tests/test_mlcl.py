@@ -1,17 +1,17 @@
 """MLCL: multi-level combiner shapes, the learnable loss weight, mCCL/SSCL values, SSCL positives,
 and (slow) the full two-stage method against the zero-shot sum baseline on the synthetic benchmark."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-
-from cirlab.data.datamodule import EpochSampler
 import torch.nn.functional as F
 from torch import nn
 
 from cirlab.backbones.base import Backbone
+from cirlab.data.datamodule import EpochSampler
 from cirlab.methods.mlcl import AugmentedTriplets, MLCLCombiner, MultiLevelCombiner, mccl_loss, sscl_loss
 from tests.conftest import results, run_cli
 
@@ -40,8 +40,12 @@ def test_levels_shapes_and_query_is_unit_norm():
     torch.testing.assert_close(q.norm(dim=-1), torch.ones(5))
     # inference weighting: (2 - w) on the high level, w on the mid level, 1 on the low level
     w = 2 / 3
-    expected = F.normalize((2 - w) * F.normalize(levels["high"], dim=-1)
-                           + w * F.normalize(levels["mid"], dim=-1) + levels["low"], dim=-1)
+    expected = F.normalize(
+        (2 - w) * F.normalize(levels["high"], dim=-1)
+        + w * F.normalize(levels["mid"], dim=-1)
+        + levels["low"],
+        dim=-1,
+    )
     torch.testing.assert_close(q, expected)
     torch.testing.assert_close(mlc.query(levels, multi_level=False), F.normalize(levels["high"], dim=-1))
 
@@ -63,14 +67,16 @@ def test_loss_weight_starts_at_two_thirds_with_its_own_lr():
 def test_mccl_and_sscl_on_a_fixed_2x2_batch_match_hand_computation():
     s, w = 2.0, 2 / 3
     target = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    levels = {"high": torch.tensor([[3.0, 0.0], [0.0, 0.5]]),   # normalised: identity
-              "mid": torch.tensor([[1.0, 1.0], [0.0, 2.0]]),    # row 0 equidistant, row 1 on target
-              "low": torch.tensor([[0.0, 1.0], [1.0, 0.0]])}    # swapped: both rows wrong
+    levels = {
+        "high": torch.tensor([[3.0, 0.0], [0.0, 0.5]]),  # normalised: identity
+        "mid": torch.tensor([[1.0, 1.0], [0.0, 2.0]]),  # row 0 equidistant, row 1 on target
+        "low": torch.tensor([[0.0, 1.0], [1.0, 0.0]]),
+    }  # swapped: both rows wrong
     out = mccl_loss(levels, target, torch.tensor(s), torch.tensor(w))
-    ce_ok = math.log(1 + math.exp(-s))          # -s + log(e^s + e^0)
+    ce_ok = math.log(1 + math.exp(-s))  # -s + log(e^s + e^0)
     ce_high = ce_ok
     ce_mid = (math.log(2) + ce_ok) / 2
-    ce_low = math.log(1 + math.exp(s))          # -0 + log(e^0 + e^s)
+    ce_low = math.log(1 + math.exp(s))  # -0 + log(e^0 + e^s)
     assert out["high"].item() == pytest.approx(ce_high, rel=1e-5)
     assert out["mid"].item() == pytest.approx(ce_mid, rel=1e-5)
     assert out["low"].item() == pytest.approx(ce_low, rel=1e-5)
@@ -120,7 +126,7 @@ def test_augmented_triplets_draw_a_view_of_the_same_reference():
     sampler = EpochSampler(ds, seed=0)
     drawn = set()
     for e in range(8):
-        sampler.set_epoch(e)   # as Lightning does at every epoch start
+        sampler.set_epoch(e)  # as Lightning does at every epoch start
         assert ds.epoch == e and sorted(sampler) == [0, 1, 2]
         for i in range(3):
             item = ds[i]
@@ -146,8 +152,13 @@ def test_sscl_without_augmented_views_says_what_to_do():
 def test_mlcl_beats_zeroshot_sum_on_synthetic(tmp_path):
     zs_dir, mlcl_dir = tmp_path / "zs", tmp_path / "mlcl"
     run_cli(tmp_path, "+method=zeroshot", "method.fusion=sum", run_dir=zs_dir)
-    run_cli(tmp_path, "+method=mlcl", "method.finetune.max_epochs=0", "method.combiner.max_epochs=4",
-            run_dir=mlcl_dir)
+    run_cli(
+        tmp_path,
+        "+method=mlcl",
+        "method.finetune.max_epochs=0",
+        "method.combiner.max_epochs=4",
+        run_dir=mlcl_dir,
+    )
     zs = results(zs_dir)["metrics"]["test/recall_at_10"]
     res = results(mlcl_dir)
     mlcl = res["metrics"]["test/recall_at_10"]

@@ -1,6 +1,7 @@
 """The paper-row experiments (SEARLE, MLCL, cross-modal) pin the reference setups of docs/methods/
 (searle.md, mlcl.md, crossmodal.md), and the synthetic counterparts keep the method defaults the README's
 figures were measured with. Compose only: no data, no weights."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,15 +18,24 @@ def compose_experiment(name: str, overrides: tuple[str, ...] = ()):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("config", overrides=[f"+experiment={name}", *overrides])
 
-SEARLE = [f"{v}_{d}" for v in ("searle", "searle_xl", "searle_oti", "searle_xl_oti")
-          for d in ("fashioniq", "cirr", "circo")]
+
+SEARLE = [
+    f"{v}_{d}"
+    for v in ("searle", "searle_xl", "searle_oti", "searle_xl_oti")
+    for d in ("fashioniq", "cirr", "circo")
+]
 MLCL = [f"mlcl_{d}_rn50x4" for d in ("shoes", "fashioniq", "cirr")]
 CROSSMODAL = [f"crossmodal_{d}_{b}" for d in ("coco", "flickr30k") for b in ("vitb32", "vitl14")]
 BLIP = {"blip4cir_bi_fashioniq_base": (0.4, 0.5), "blip4cir_bi_cirr_base": (0.1, 0.1)}
 SYNTHETIC = {"searle_synthetic": "searle", "mlcl_synthetic": "mlcl", "crossmodal_synthetic": "crossmodal"}
 # the only differences a synthetic counterpart may have from its method's defaults
-DEVIATIONS = {"searle_synthetic": {"phi.module.top_k_concepts": 3, "phi.module.token_norm": "oti",
-                                   "phi.module.temperature": 0.05}}
+DEVIATIONS = {
+    "searle_synthetic": {
+        "phi.module.top_k_concepts": 3,
+        "phi.module.token_norm": "oti",
+        "phi.module.temperature": 0.05,
+    }
+}
 
 
 def test_every_paper_row_has_a_file():
@@ -46,10 +56,30 @@ def test_searle_rows(name):
     module = m[stage]["module"]
     assert module["prompt"] == "a photo of $ that {}"
     # docs/methods/searle.md#oti: AdamW 2e-2 / wd 0.01, 350 steps, EMA 0.99, lambda_cos 1, lambda_gpt 0.5, chunks of 32, top-15, seed 42
-    assert {k: module["oti"][k] for k in ("steps", "lr", "weight_decay", "ema_decay", "lambda_cos", "lambda_gpt",
-                                          "batch_size", "top_k", "seed")} == dict(
-        steps=350, lr=0.02, weight_decay=0.01, ema_decay=0.99, lambda_cos=1.0, lambda_gpt=0.5, batch_size=32,
-        top_k=15, seed=42)
+    assert {
+        k: module["oti"][k]
+        for k in (
+            "steps",
+            "lr",
+            "weight_decay",
+            "ema_decay",
+            "lambda_cos",
+            "lambda_gpt",
+            "batch_size",
+            "top_k",
+            "seed",
+        )
+    } == dict(
+        steps=350,
+        lr=0.02,
+        weight_decay=0.01,
+        ema_decay=0.99,
+        lambda_cos=1.0,
+        lambda_gpt=0.5,
+        batch_size=32,
+        top_k=15,
+        seed=42,
+    )
     if oti:
         assert m["stages"] == ["eval"] and m["eval"]["max_epochs"] == 0
     else:  # docs/methods/searle.md#phi-training: AdamW 1e-4 / wd 0.01, batch 256, 100 epochs, dropout 0.5, tau 0.25, 1 / 0.75, top-150
@@ -59,10 +89,26 @@ def test_searle_rows(name):
         source = module["unlabeled_source"]
         assert source["_target_"] == "cirlab.data.sources.imagefolder.ImageFolderSource"
         assert (source["split"], source["extensions"], module["max_images"]) == ("test", [".JPEG"], 100000)
-        assert {k: module[k] for k in ("lr", "weight_decay", "dropout", "temperature", "lambda_distil",
-                                       "lambda_gpt", "top_k_concepts")} == dict(
-            lr=1e-4, weight_decay=0.01, dropout=0.5, temperature=0.25, lambda_distil=1.0, lambda_gpt=0.75,
-            top_k_concepts=150)
+        assert {
+            k: module[k]
+            for k in (
+                "lr",
+                "weight_decay",
+                "dropout",
+                "temperature",
+                "lambda_distil",
+                "lambda_gpt",
+                "top_k_concepts",
+            )
+        } == dict(
+            lr=1e-4,
+            weight_decay=0.01,
+            dropout=0.5,
+            temperature=0.25,
+            lambda_distil=1.0,
+            lambda_gpt=0.75,
+            top_k_concepts=150,
+        )
 
 
 @pytest.mark.parametrize("name", MLCL)
@@ -74,14 +120,37 @@ def test_mlcl_rows(name):
     m = cfg["method"]
     assert m["name"] == "mlcl" and m["stages"] == ["finetune", "combiner"]
     ft, cb = m["finetune"], m["combiner"]
-    assert (ft["max_epochs"], ft["batch_size"], ft["module"]["lr"], ft["module"]["eps"]) == (100, 128, 2e-6, 1e-7)
+    assert (ft["max_epochs"], ft["batch_size"], ft["module"]["lr"], ft["module"]["eps"]) == (
+        100,
+        128,
+        2e-6,
+        1e-7,
+    )
     assert ft["module"]["encoders"] == ft["encoders"]
     assert (cb["max_epochs"], cb["batch_size"]) == (1000, 2048)
     assert cb["module"]["_target_"] == "cirlab.methods.mlcl.MLCLCombiner"
-    assert {k: cb["module"][k] for k in ("projection_dim", "hidden_dim", "dropout", "lr", "loss_weight_lr",
-                                         "learn_t", "mccl", "sscl")} == dict(
-        projection_dim=2560, hidden_dim=5120, dropout=0.5, lr=2e-5, loss_weight_lr=1e-3, learn_t=True,
-        mccl=True, sscl=True)
+    assert {
+        k: cb["module"][k]
+        for k in (
+            "projection_dim",
+            "hidden_dim",
+            "dropout",
+            "lr",
+            "loss_weight_lr",
+            "learn_t",
+            "mccl",
+            "sscl",
+        )
+    } == dict(
+        projection_dim=2560,
+        hidden_dim=5120,
+        dropout=0.5,
+        lr=2e-5,
+        loss_weight_lr=1e-3,
+        learn_t=True,
+        mccl=True,
+        sscl=True,
+    )
 
 
 @pytest.mark.parametrize("name", CROSSMODAL)
@@ -96,10 +165,30 @@ def test_crossmodal_rows(name):
     ft = m["finetune"]
     assert ft["batch_size"] == (32 if bb == "vitb32" else 256)
     assert ft["max_epochs"] == (1 if name == "crossmodal_coco_vitl14" else 5)
-    assert {k: ft["module"][k] for k in ("train", "loss", "margin", "adapter_ratio", "adapter_reduction", "lr",
-                                         "betas", "eps", "weight_decay")} == dict(
-        train="adapter", loss="margin", margin=0.1, adapter_ratio=0.2, adapter_reduction=4, lr=1e-4,
-        betas=[0.9, 0.98], eps=1e-6, weight_decay=1e-3)
+    assert {
+        k: ft["module"][k]
+        for k in (
+            "train",
+            "loss",
+            "margin",
+            "adapter_ratio",
+            "adapter_reduction",
+            "lr",
+            "betas",
+            "eps",
+            "weight_decay",
+        )
+    } == dict(
+        train="adapter",
+        loss="margin",
+        margin=0.1,
+        adapter_ratio=0.2,
+        adapter_reduction=4,
+        lr=1e-4,
+        betas=[0.9, 0.98],
+        eps=1e-6,
+        weight_decay=1e-3,
+    )
 
 
 @pytest.mark.parametrize("name", sorted(BLIP))

@@ -11,6 +11,7 @@ order cirlab documents), names compared as strings, percentages as the reference
   / min(K, |GT|); Recall@K of `target_img_id`, the first ground truth, only.
 - Shoes (MLCL `compute_shoes_val_metrics`): the reference's distance set to +inf; R@1/10/50.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,6 +20,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import results
+from fixtures.make_images import materialize
+from test_benchmarks_cli import KEYS
 
 from cirlab.data.records import CIRQuery, EvalSet
 from cirlab.data.sources.circo import CIRCOSource
@@ -26,9 +30,6 @@ from cirlab.data.sources.cirr import CIRRSource
 from cirlab.data.sources.fashioniq import FashionIQSource
 from cirlab.data.sources.shoes import ShoesSource
 from cirlab.retrieval.metrics import score_eval_set, split_metrics
-from conftest import results
-from fixtures.make_images import materialize
-from test_benchmarks_cli import KEYS
 
 
 # ---- the oracles ---------------------------------------------------------------------------------
@@ -46,11 +47,13 @@ def fiq_oracle(categories: dict[str, tuple[list[list[float]], list[str], list[st
     """categories: name -> (score rows, gallery names, target names)."""
     out = {}
     for cat, (scores, names, targets) in categories.items():
-        ranked = [rank(row, names) for row in scores]                     # the reference is NOT removed
+        ranked = [rank(row, names) for row in scores]  # the reference is NOT removed
         for k in (10, 50):
             out[f"val/{cat}/recall_at_{k}"] = recall(ranked, targets, k)
     for k in (10, 50):
-        out[f"val/average/recall_at_{k}"] = sum(out[f"val/{c}/recall_at_{k}"] for c in categories) / len(categories)
+        out[f"val/average/recall_at_{k}"] = sum(out[f"val/{c}/recall_at_{k}"] for c in categories) / len(
+            categories
+        )
     out["val/average_recall"] = (out["val/average/recall_at_10"] + out["val/average/recall_at_50"]) / 2
     return out
 
@@ -65,13 +68,13 @@ def cirr_oracle(scores, names, references, targets, members) -> dict[str, float]
 
 
 def circo_oracle(scores, names, gt_ids: list[list[str]]) -> dict[str, float]:
-    top50 = [rank(row, names)[:50] for row in scores]                        # the reference is NOT removed
+    top50 = [rank(row, names)[:50] for row in scores]  # the reference is NOT removed
     out = {}
     for k in (5, 10, 25, 50):
         aps = []
         for ranked, gts in zip(top50, gt_ids):
             labels = [1 if n in gts else 0 for n in ranked]
-            precisions = [sum(labels[:i + 1]) * labels[i] / (i + 1) for i in range(len(labels))]
+            precisions = [sum(labels[: i + 1]) * labels[i] / (i + 1) for i in range(len(labels))]
             aps.append(sum(precisions[:k]) / min(len(gts), k))
         out[f"val/map_at_{k}"] = 100 * sum(aps) / len(aps)
         out[f"val/recall_at_{k}"] = recall(top50, [g[0] for g in gt_ids], k)  # target_img_id = gt_img_ids[0]
@@ -109,8 +112,13 @@ def random_set(seed: int, n_gallery=90, n_queries=60, n_targets=1, members=0):
         ref, *targets = rng.sample(names, 1 + rng.randint(1, n_targets))
         subset = ()
         if members:  # CIRR: 6 members, the reference and the target among them
-            subset = tuple(rng.sample([ref, targets[0]] + rng.sample([n for n in names if n not in (ref, targets[0])],
-                                                                     members - 2), members))
+            subset = tuple(
+                rng.sample(
+                    [ref, targets[0]]
+                    + rng.sample([n for n in names if n not in (ref, targets[0])], members - 2),
+                    members,
+                )
+            )
         queries.append(CIRQuery(str(i), ref, ("cap",), tuple(targets), subset))
     q, g = tied_embeddings(n_queries, seed), tied_embeddings(n_gallery, seed + 1000)
     for i in range(0, n_queries, 7):  # some queries equal their reference: it ranks first unless removed
@@ -126,7 +134,9 @@ def test_fashioniq_metrics_equal_oracle(seed):
         es, q, g, scores = random_set(10 * seed + c)
         results_[cat] = score_eval_set(proto, es, q, g)
         oracle_in[cat] = (scores, es.gallery, [x.targets[0] for x in es.queries])
-        assert all(results_[cat].predictions[x.qid] == rank(s, es.gallery)[:50] for x, s in zip(es.queries, scores))
+        assert all(
+            results_[cat].predictions[x.qid] == rank(s, es.gallery)[:50] for x, s in zip(es.queries, scores)
+        )
     assert_same(split_metrics("val", results_, proto), fiq_oracle(oracle_in))
 
 
@@ -135,7 +145,9 @@ def test_cirr_metrics_equal_oracle(seed):
     es, q, g, scores = random_set(seed, members=6)
     res = score_eval_set(CIRRSource.protocol, es, q, g)
     refs = [x.reference for x in es.queries]
-    oracle = cirr_oracle(scores, es.gallery, refs, [x.targets[0] for x in es.queries], [x.subset for x in es.queries])
+    oracle = cirr_oracle(
+        scores, es.gallery, refs, [x.targets[0] for x in es.queries], [x.subset for x in es.queries]
+    )
     assert_same(split_metrics("val", {"": res}, CIRRSource.protocol), oracle)
     for x, s in zip(es.queries, scores):
         ranked = rank(s, es.gallery, drop=x.reference)
@@ -146,7 +158,7 @@ def test_cirr_metrics_equal_oracle(seed):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_circo_metrics_equal_oracle(seed):
     es, q, g, scores = random_set(seed, n_targets=6)
-    assert sum(len(x.targets) > 1 for x in es.queries) > 40      # several ground truths for most queries
+    assert sum(len(x.targets) > 1 for x in es.queries) > 40  # several ground truths for most queries
     res = score_eval_set(CIRCOSource.protocol, es, q, g)
     oracle = circo_oracle(scores, es.gallery, [list(x.targets) for x in es.queries])
     assert_same(split_metrics("val", {"": res}, CIRCOSource.protocol), oracle)
@@ -157,10 +169,14 @@ def test_circo_metrics_equal_oracle(seed):
 def test_shoes_metrics_equal_oracle(seed):
     es, q, g, scores = random_set(seed)
     res = score_eval_set(ShoesSource.protocol, es, q, g)
-    oracle = shoes_oracle(scores, es.gallery, [x.reference for x in es.queries], [x.targets[0] for x in es.queries])
+    oracle = shoes_oracle(
+        scores, es.gallery, [x.reference for x in es.queries], [x.targets[0] for x in es.queries]
+    )
     assert_same(split_metrics("test", {"": res}, ShoesSource.protocol), oracle)
-    assert all(res.predictions[x.qid] == rank(s, es.gallery, drop=x.reference)[:50]
-               for x, s in zip(es.queries, scores))
+    assert all(
+        res.predictions[x.qid] == rank(s, es.gallery, drop=x.reference)[:50]
+        for x, s in zip(es.queries, scores)
+    )
 
 
 # ---- the CLI on the official layouts: results.json = the oracle on the run's own ranking --------------------
@@ -177,8 +193,9 @@ def test_official_layout_run_equals_oracle(dataset, cli, tmp_path):
     root = materialize(dataset, tmp_path / dataset)
     run = tmp_path / "run"
     # image fusion: the query is its reference image, which then ranks first unless removed
-    code, out, err = cli("+method=zeroshot", "method.fusion=image", f"dataset={dataset}", f"dataset.root={root}",
-                         run_dir=run)
+    code, out, err = cli(
+        "+method=zeroshot", "method.fusion=image", f"dataset={dataset}", f"dataset.root={root}", run_dir=run
+    )
     assert code == 0, err
     metrics = results(run)["metrics"]
     for key in KEYS[dataset]:
@@ -195,16 +212,17 @@ def _fashioniq(root, preds, metrics):
         caps = json.loads((root / "captions" / f"cap.{cat}.val.json").read_text())
         gallery = json.loads((root / "image_splits" / f"split.{cat}.val.json").read_text())
         ranked = [preds[f"{cat}/{i}"] for i in range(len(caps))]
-        assert all(len(r) == len(gallery) for r in ranked)                  # the reference stays in
+        assert all(len(r) == len(gallery) for r in ranked)  # the reference stays in
         for k in (10, 50):
             oracle[f"val/{cat}/recall_at_{k}"] = recall(ranked, [c["target"] for c in caps], k)
     assert_same(metrics, oracle)
-    for k in (10, 50):   # the average is the mean of the three categories of this same run
+    for k in (10, 50):  # the average is the mean of the three categories of this same run
         cats = [metrics[f"val/{c}/recall_at_{k}"] for c in ("dress", "shirt", "toptee")]
-        assert k == 50 or len(set(cats)) > 1     # R@50 is 100 in 28-image galleries
+        assert k == 50 or len(set(cats)) > 1  # R@50 is 100 in 28-image galleries
         assert metrics[f"val/average/recall_at_{k}"] == pytest.approx(sum(cats) / 3, rel=1e-12)
     assert metrics["val/average_recall"] == pytest.approx(
-        (metrics["val/average/recall_at_10"] + metrics["val/average/recall_at_50"]) / 2, rel=1e-12)
+        (metrics["val/average/recall_at_10"] + metrics["val/average/recall_at_50"]) / 2, rel=1e-12
+    )
 
 
 def _cirr(root, preds, metrics):
@@ -212,7 +230,7 @@ def _cirr(root, preds, metrics):
     gallery = json.loads((root / "image_splits" / "split.rc2.val.json").read_text())
     ranked = [preds[str(c["pairid"])] for c in caps]
     for c, r in zip(caps, ranked):
-        assert c["reference"] not in r and len(r) == len(gallery) - 1     # deleted, and only it
+        assert c["reference"] not in r and len(r) == len(gallery) - 1  # deleted, and only it
     targets = [c["target_hard"] for c in caps]
     oracle = {f"val/recall_at_{k}": recall(ranked, targets, k) for k in (1, 5, 10, 50)}
     in_set = [[n for n in r if n in c["img_set"]["members"]] for r, c in zip(ranked, caps)]
@@ -233,12 +251,17 @@ def _circo(root, preds, metrics):
         aps = []
         for r, g in zip(ranked, gts):
             labels = [1 if n in g else 0 for n in r[:50]]
-            aps.append(sum(sum(labels[:i + 1]) * labels[i] / (i + 1) for i in range(min(k, len(labels)))) / min(len(g), k))
+            aps.append(
+                sum(sum(labels[: i + 1]) * labels[i] / (i + 1) for i in range(min(k, len(labels))))
+                / min(len(g), k)
+            )
         oracle[f"val/map_at_{k}"] = 100 * sum(aps) / len(aps)
         oracle[f"val/recall_at_{k}"] = recall(ranked, [g[0] for g in gts], k)
     assert_same(metrics, oracle)
     # the fixture's run tells first-GT recall from any-GT recall: the check above could fail
-    any_gt = {k: 100 * sum(bool(set(r[:k]) & set(g)) for r, g in zip(ranked, gts)) / len(gts) for k in (5, 10)}
+    any_gt = {
+        k: 100 * sum(bool(set(r[:k]) & set(g)) for r, g in zip(ranked, gts)) / len(gts) for k in (5, 10)
+    }
     assert any(any_gt[k] != metrics[f"val/recall_at_{k}"] for k in any_gt)
 
 
@@ -249,4 +272,7 @@ def _shoes(root, preds, metrics):
     ranked = [preds[str(i)] for i in range(len(rows))]
     for r, row in zip(ranked, rows):
         assert row["ReferenceImageName"] not in r and len(r) == len(names) - 1
-    assert_same(metrics, {f"test/recall_at_{k}": recall(ranked, [r["ImageName"] for r in rows], k) for k in (1, 10, 50)})
+    assert_same(
+        metrics,
+        {f"test/recall_at_{k}": recall(ranked, [r["ImageName"] for r in rows], k) for k in (1, 10, 50)},
+    )

@@ -4,11 +4,10 @@ The files are built from the reference code's key names written out below (OpenA
 CLIP4Cir's combiner.py and its `torch.save({'epoch': e, 'CLIP' | 'Combiner': state_dict})`), never
 from cirlab's own state dicts alone.
 """
-from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+from conftest import ROOT, results, run_cli
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -18,21 +17,46 @@ from cirlab.methods.clip4cir import CLIP4CirCombiner
 from cirlab.methods.combiner import Combiner
 from cirlab.methods.mlcl import MLCLCombiner
 from cirlab.weights import load_weights
-from conftest import ROOT, results, run_cli
 
-SMALL_VIT = dict(embed_dim=16, vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=16, head_width=16),
-                 text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1))
+SMALL_VIT = dict(
+    embed_dim=16,
+    vision_cfg=dict(image_size=32, layers=1, width=32, patch_size=16, head_width=16),
+    text_cfg=dict(context_length=16, vocab_size=49408, width=32, heads=2, layers=1),
+)
 
 
 def openai_vit_keys(layers: int = 1) -> list[str]:
     """State-dict names of OpenAI's clip.model.CLIP with a VisionTransformer tower (clip/model.py)."""
-    block = ["ln_1.weight", "ln_1.bias", "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight",
-             "attn.out_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
-             "mlp.c_proj.weight", "mlp.c_proj.bias"]
-    keys = ["positional_embedding", "text_projection", "logit_scale", "token_embedding.weight",
-            "ln_final.weight", "ln_final.bias", "visual.class_embedding", "visual.positional_embedding",
-            "visual.proj", "visual.conv1.weight", "visual.ln_pre.weight", "visual.ln_pre.bias",
-            "visual.ln_post.weight", "visual.ln_post.bias"]
+    block = [
+        "ln_1.weight",
+        "ln_1.bias",
+        "attn.in_proj_weight",
+        "attn.in_proj_bias",
+        "attn.out_proj.weight",
+        "attn.out_proj.bias",
+        "ln_2.weight",
+        "ln_2.bias",
+        "mlp.c_fc.weight",
+        "mlp.c_fc.bias",
+        "mlp.c_proj.weight",
+        "mlp.c_proj.bias",
+    ]
+    keys = [
+        "positional_embedding",
+        "text_projection",
+        "logit_scale",
+        "token_embedding.weight",
+        "ln_final.weight",
+        "ln_final.bias",
+        "visual.class_embedding",
+        "visual.positional_embedding",
+        "visual.proj",
+        "visual.conv1.weight",
+        "visual.ln_pre.weight",
+        "visual.ln_pre.bias",
+        "visual.ln_post.weight",
+        "visual.ln_post.bias",
+    ]
     for i in range(layers):
         keys += [f"visual.transformer.resblocks.{i}.{b}" for b in block]
         keys += [f"transformer.resblocks.{i}.{b}" for b in block]
@@ -40,10 +64,19 @@ def openai_vit_keys(layers: int = 1) -> list[str]:
 
 
 REFERENCE_COMBINER_KEYS = [  # CLIP4Cir src/combiner.py
-    "text_projection_layer.weight", "text_projection_layer.bias", "image_projection_layer.weight",
-    "image_projection_layer.bias", "combiner_layer.weight", "combiner_layer.bias", "output_layer.weight",
-    "output_layer.bias", "dynamic_scalar.0.weight", "dynamic_scalar.0.bias", "dynamic_scalar.3.weight",
-    "dynamic_scalar.3.bias"]
+    "text_projection_layer.weight",
+    "text_projection_layer.bias",
+    "image_projection_layer.weight",
+    "image_projection_layer.bias",
+    "combiner_layer.weight",
+    "combiner_layer.bias",
+    "output_layer.weight",
+    "output_layer.bias",
+    "dynamic_scalar.0.weight",
+    "dynamic_scalar.0.bias",
+    "dynamic_scalar.3.weight",
+    "dynamic_scalar.3.bias",
+]
 
 
 def small_clip(seed: int) -> OpenCLIPBackbone:
@@ -71,7 +104,9 @@ def test_openai_clip_configs_are_built_with_quick_gelu():
 
 def test_quick_gelu_rule_keeps_other_tags_on_gelu(tmp_path):
     (tmp_path / "RN50x4.pt").write_bytes(b"x")
-    assert uses_quick_gelu("openai") and uses_quick_gelu(None) and uses_quick_gelu(str(tmp_path / "RN50x4.pt"))
+    assert (
+        uses_quick_gelu("openai") and uses_quick_gelu(None) and uses_quick_gelu(str(tmp_path / "RN50x4.pt"))
+    )
     assert not uses_quick_gelu("laion2b_s34b_b79k") and not uses_quick_gelu("datacomp_xl_s13b_b90k")
 
 
@@ -79,12 +114,21 @@ def test_quick_gelu_rule_keeps_other_tags_on_gelu(tmp_path):
 def test_clip_files_in_reference_layouts_give_the_source_features(tmp_path, wrap):
     source = small_clip(0)
     state = reference_clip_state(source)
-    obj = {"clip4cir": lambda: {"epoch": 7, "CLIP": state},
-           "openai": lambda: state,
-           "openai_jit_extras": lambda: {**state, "input_resolution": torch.tensor(32),
-                                         "context_length": torch.tensor(16), "vocab_size": torch.tensor(49408)},
-           "open_clip_training": lambda: {"epoch": 3, "name": "x",
-                                          "state_dict": {f"module.{k}": v for k, v in state.items()}}}[wrap]()
+    obj = {
+        "clip4cir": lambda: {"epoch": 7, "CLIP": state},
+        "openai": lambda: state,
+        "openai_jit_extras": lambda: {
+            **state,
+            "input_resolution": torch.tensor(32),
+            "context_length": torch.tensor(16),
+            "vocab_size": torch.tensor(49408),
+        },
+        "open_clip_training": lambda: {
+            "epoch": 3,
+            "name": "x",
+            "state_dict": {f"module.{k}": v for k, v in state.items()},
+        },
+    }[wrap]()
     torch.save(obj, tmp_path / "w.pt")
     loaded = small_clip(1)
     load_backbone_weights(loaded, tmp_path / "w.pt")
@@ -110,8 +154,12 @@ def test_reference_combiner_file_gives_the_source_outputs(tmp_path):
     torch.save({"epoch": 12, "Combiner": state}, tmp_path / "combiner.pt")
     torch.manual_seed(1)
     stage = CLIP4CirCombiner(small_clip(1), projection_dim=24, hidden_dim=40).eval()
-    layout = load_weights(stage.stage_weights(), tmp_path / "combiner.pt", stage.checkpoint_layouts(),
-                          "method.combiner.checkpoint")
+    layout = load_weights(
+        stage.stage_weights(),
+        tmp_path / "combiner.pt",
+        stage.checkpoint_layouts(),
+        "method.combiner.checkpoint",
+    )
     assert layout.startswith("CLIP4Cir / BLIP4CIR+Bi combiner")
     img, txt = torch.randn(4, 16), torch.randn(4, 16)
     assert torch.equal(stage.combiner.combine(img, txt), source.combine(img, txt))
@@ -131,10 +179,15 @@ def test_mlcl_reference_combiner_file_gives_the_source_queries(tmp_path):
     c = source.mlc.combiner
     ref = {k: v.clone() for k, v in c.state_dict().items()}
     assert sorted(ref) == sorted(REFERENCE_COMBINER_KEYS)
-    ref.update({"combiner_proj.weight": source.mlc.combiner_proj.weight.detach().clone(),
-                "combiner_proj.bias": source.mlc.combiner_proj.bias.detach().clone(),
-                "loss_weight": torch.tensor([0.3]), "logit_scale": torch.tensor([4.0]),
-                "logit_scale_sl": torch.tensor([3.0])})
+    ref.update(
+        {
+            "combiner_proj.weight": source.mlc.combiner_proj.weight.detach().clone(),
+            "combiner_proj.bias": source.mlc.combiner_proj.bias.detach().clone(),
+            "loss_weight": torch.tensor([0.3]),
+            "logit_scale": torch.tensor([4.0]),
+            "logit_scale_sl": torch.tensor([3.0]),
+        }
+    )
     torch.save({"epoch": 5, "Combiner": ref}, tmp_path / "combiner.pt")
     torch.manual_seed(1)
     loaded = MLCLCombiner(small_clip(0), projection_dim=24, hidden_dim=40).eval()
@@ -157,21 +210,37 @@ def test_mlcl_reference_combiner_file_gives_the_source_queries(tmp_path):
 def test_exported_reference_files_reproduce_the_run(tmp_path):
     """A CLIP4Cir run -> its weights in CLIP4Cir's layouts -> evaluated alone: the same test metrics."""
     trained = tmp_path / "trained"
-    run_cli(tmp_path, "+method=clip4cir", "method.finetune.max_epochs=1", "method.combiner.max_epochs=2",
-            "eval.visualize=false", run_dir=trained)
+    run_cli(
+        tmp_path,
+        "+method=clip4cir",
+        "method.finetune.max_epochs=1",
+        "method.combiner.max_epochs=2",
+        "eval.visualize=false",
+        run_dir=trained,
+    )
     out = tmp_path / "released"
     proc = run_cli(tmp_path, "+task=export", f"+run={trained}", f"+out={out}", run_dir=tmp_path / "export")
     assert "tuned_clip.pt" in proc.stdout and "combiner.pt" in proc.stdout
     files = {p.name: torch.load(p, weights_only=True) for p in out.iterdir()}
     assert set(files) == {"tuned_clip.pt", "combiner.pt"}
-    assert set(files["tuned_clip.pt"]) == {"epoch", "CLIP"} and set(files["combiner.pt"]) == {"epoch", "Combiner"}
+    assert set(files["tuned_clip.pt"]) == {"epoch", "CLIP"} and set(files["combiner.pt"]) == {
+        "epoch",
+        "Combiner",
+    }
     assert sorted(files["combiner.pt"]["Combiner"]) == sorted(REFERENCE_COMBINER_KEYS)
     assert "visual.conv1.weight" in files["tuned_clip.pt"]["CLIP"]
 
     again = tmp_path / "again"
-    proc = run_cli(tmp_path, "+method=clip4cir", f"backbone.checkpoint={out / 'tuned_clip.pt'}",
-                   "method.finetune.max_epochs=0", f"method.combiner.checkpoint={out / 'combiner.pt'}",
-                   "method.combiner.max_epochs=0", "eval.visualize=false", run_dir=again)
+    proc = run_cli(
+        tmp_path,
+        "+method=clip4cir",
+        f"backbone.checkpoint={out / 'tuned_clip.pt'}",
+        "method.finetune.max_epochs=0",
+        f"method.combiner.checkpoint={out / 'combiner.pt'}",
+        "method.combiner.max_epochs=0",
+        "eval.visualize=false",
+        run_dir=again,
+    )
     first, second = results(trained), results(again)
     assert second["metrics"] == first["metrics"]
     assert first["selection"] == {"finetune": "best val/recall_at_10", "combiner": "best val/recall_at_10"}

@@ -1,11 +1,11 @@
 """Kill a CLIP4Cir run with SIGKILL in the middle of stage II, resume it, get the same numbers."""
+
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
-
 from conftest import ROOT, cli_env, results, run_cli
 
 ARGS = ["+method=clip4cir", "method.finetune.max_epochs=1", "method.combiner.max_epochs=6"]
@@ -19,8 +19,9 @@ def test_sigkill_mid_stage_two_then_resume_gives_same_metrics(tmp_path):
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "cirlab.cli", *ARGS, "logger=none", f"hydra.run.dir={killed}"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(tmp_path), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=cli_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     last = killed / "stages" / "combiner" / "checkpoints" / "last.ckpt"
     deadline = time.time() + 600
     while not last.exists() and proc.poll() is None and time.time() < deadline:

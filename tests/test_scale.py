@@ -1,6 +1,6 @@
 """DDP (2 CPU processes, gloo) and mixed precision give the same numbers as the plain run."""
-import pytest
 
+import pytest
 from conftest import results, run_cli
 
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
@@ -18,8 +18,15 @@ def test_ddp_evaluation_equals_single_process(tmp_path):
 @pytest.mark.slow
 def test_ddp_trains_clip4cir_stage_two(tmp_path):
     run_dir = tmp_path / "ddp-train"
-    run_cli(tmp_path, "+method=clip4cir_combiner", "method.combiner.max_epochs=1",
-            "+method.combiner.module.gather_negatives=true", "+trainer.limit_train_batches=4", *DDP, run_dir=run_dir)
+    run_cli(
+        tmp_path,
+        "+method=clip4cir_combiner",
+        "method.combiner.max_epochs=1",
+        "+method.combiner.module.gather_negatives=true",
+        "+trainer.limit_train_batches=4",
+        *DDP,
+        run_dir=run_dir,
+    )
     res = results(run_dir)
     assert res["stages"]["combiner"]["test/recall_at_10"] > 0
     assert (run_dir / "stages" / "combiner" / "checkpoints" / "last.ckpt").is_file()
@@ -40,7 +47,14 @@ def test_bf16_mixed_matches_fp32_within_two_points(tmp_path):
 
 def test_gallery_on_disk_gives_identical_metrics(cli, tmp_path):
     assert cli("+method=zeroshot", run_dir=tmp_path / "mem")[0] == 0
-    assert cli("+method=zeroshot", "eval.gallery_on_disk=true", "+retrieval.options.chunk=100",
-               run_dir=tmp_path / "disk")[0] == 0
+    assert (
+        cli(
+            "+method=zeroshot",
+            "eval.gallery_on_disk=true",
+            "+retrieval.options.chunk=100",
+            run_dir=tmp_path / "disk",
+        )[0]
+        == 0
+    )
     assert results(tmp_path / "mem")["metrics"] == results(tmp_path / "disk")["metrics"]
     assert (tmp_path / "disk" / "stages" / "eval" / "gallery" / "test-0.npy").is_file()

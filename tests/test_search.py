@@ -2,6 +2,7 @@
 ascending; the excluded item never ranked. Data are chosen so every inner product is exact in
 float32 (small integers or multiples of 2^-6 in few dimensions): the chunked matmul and the
 reference matmul then give bit-identical scores, and exact ties are real ties."""
+
 import numpy as np
 import pytest
 import torch
@@ -21,7 +22,9 @@ def reference(q: torch.Tensor, g: torch.Tensor, k: int, exclude: torch.Tensor | 
 
 def check(q, g, k, exclude=None, **kw):
     s, i = exact_search(q, g, k, exclude, **kw)
-    rs, ri = reference(q, torch.as_tensor(np.asarray(g[:len(g)] if isinstance(g, EmbeddingFile) else g)), k, exclude)
+    rs, ri = reference(
+        q, torch.as_tensor(np.asarray(g[: len(g)] if isinstance(g, EmbeddingFile) else g)), k, exclude
+    )
     assert torch.equal(i, ri)
     assert torch.equal(s, rs)
     return i
@@ -47,12 +50,12 @@ def test_random_data_equals_full_sort(chunk):
 @pytest.mark.parametrize("chunk", CHUNKS)
 def test_many_ties_equal_full_sort(chunk):
     gen = torch.Generator().manual_seed(1)
-    q = torch.randint(-1, 2, (30, 3), generator=gen).float()      # a handful of distinct scores
+    q = torch.randint(-1, 2, (30, 3), generator=gen).float()  # a handful of distinct scores
     g = torch.randint(-1, 2, (15_000, 3), generator=gen).float()
     for k in (1, 50, 333):
         check(q, g, k, chunk=chunk)
     ex = torch.randint(0, len(g), (len(q),), generator=gen)
-    ex[0] = -1                                                      # no exclusion for this query
+    ex[0] = -1  # no exclusion for this query
     check(q, g, 50, ex, chunk=chunk)
 
 
@@ -102,7 +105,7 @@ def test_exclusion_k_beyond_gallery_and_empty_results():
 def test_exclusion_in_grouped_chunks():
     gen = torch.Generator().manual_seed(4)
     g = dyadic(gen, 20_000, 8)
-    q = g[[5, 7000, 19_999, 13_000]].clone()         # each query scores its own row highly
+    q = g[[5, 7000, 19_999, 13_000]].clone()  # each query scores its own row highly
     ex = torch.tensor([5, 7000, 19_999, -1])
     i = check(q, g, 50, ex, chunk=4 * 51 * _GROUP)
     assert not (i[:3] == ex[:3, None]).any() and (i[3] == 13_000).any()
@@ -119,9 +122,10 @@ def test_on_disk_gallery(tmp_path):
     gen = torch.Generator().manual_seed(5)
     q = dyadic(gen, 16, 8)
     g = dyadic(gen, 12_000, 8)
-    g[6000:6200] = g[100]                           # ties across the chunk reads
-    ef = EmbeddingFile.write(tmp_path / "g.npy", (g[s:s + 5000].numpy() for s in range(0, 12_000, 5000)),
-                             12_000, 8)
+    g[6000:6200] = g[100]  # ties across the chunk reads
+    ef = EmbeddingFile.write(
+        tmp_path / "g.npy", (g[s : s + 5000].numpy() for s in range(0, 12_000, 5000)), 12_000, 8
+    )
     for chunk in (4 * 51 * _GROUP, 5000, 999):
         check(q, ef, 50, chunk=chunk)
         check(q, ef, 50, torch.arange(16) * 700, chunk=chunk)
@@ -132,7 +136,7 @@ def test_gaussian_data_equals_full_sort_of_the_same_chunk_scores():
     gen = torch.Generator().manual_seed(6)
     q, g = torch.randn(25, 32, generator=gen), torch.randn(30_000, 32, generator=gen)
     chunk = 4 * 51 * _GROUP + 5
-    scores = torch.cat([q @ g[s:s + chunk].T for s in range(0, len(g), chunk)], 1)
+    scores = torch.cat([q @ g[s : s + chunk].T for s in range(0, len(g), chunk)], 1)
     ex = torch.randint(0, len(g), (25,), generator=gen)
     scores[torch.arange(25), ex] = float("-inf")
     s_ref, i_ref = torch.sort(-scores, dim=1, stable=True)

@@ -1,4 +1,5 @@
 """SEARLE: pseudo-token injection, concepts/phrases, OTI, phi, distillation loss, resumable OTI, CLI run."""
+
 from __future__ import annotations
 
 import json
@@ -26,6 +27,7 @@ def tiny_random() -> OpenCLIPBackbone:
 
 def capture_transformer_input(backbone, fn):
     seen = {}
+
     def hook(mod, args, kwargs):
         seen.setdefault("x", args[0].detach().clone())
 
@@ -74,8 +76,9 @@ def test_pseudo_token_encoding_on_vit_b32_random_init():
     tokens = b.tokenize(["a photo of $ that is red", "$ photo"])
     dollar = b.model.token_embedding.weight[259]
     with torch.no_grad():
-        assert torch.allclose(b.encode_text_with_pseudo_tokens(tokens, dollar.expand(2, -1)), b.encode_text(tokens),
-                              atol=1e-4)
+        assert torch.allclose(
+            b.encode_text_with_pseudo_tokens(tokens, dollar.expand(2, -1)), b.encode_text(tokens), atol=1e-4
+        )
     v = torch.randn(2, 512, requires_grad=True)
     b.encode_text_with_pseudo_tokens(tokens, v).sum().backward()
     assert v.grad is not None and v.grad.abs().sum() > 0
@@ -104,14 +107,16 @@ def test_distillation_loss_hand_computed_2x2():
 
 def test_template_phrases_contain_their_concept_and_filter():
     phrases = st.template_phrases(["red circle", "blue square"], per_concept=5)
-    assert all(len(v) == 5 and all(p.startswith(f"a photo of {c} that ") for p in v) for c, v in phrases.items())
+    assert all(
+        len(v) == 5 and all(p.startswith(f"a photo of {c} that ") for p in v) for c, v in phrases.items()
+    )
     phrases["odd"] = ["a photo of odd that x", "nothing here"]
     assert st.usable_concepts(phrases) == {"red circle", "blue square"}
     assert st.clean_phrase("a photo of x that\n\nis..  big") == "a photo of x that. is.  big"
 
 
 def test_lm_phrases_with_a_local_tiny_gpt2():
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
     words = ["<eos>", "<unk>", "a", "photo", "of", "red", "circle", "that", "is", "big", "on", "the", "left"]
@@ -120,15 +125,25 @@ def test_lm_phrases_with_a_local_tiny_gpt2():
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(words), n_positions=64, n_embd=16, n_layer=1, n_head=2,
-                                       bos_token_id=0, eos_token_id=0)).eval()
+    model = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(words),
+            n_positions=64,
+            n_embd=16,
+            n_layer=1,
+            n_head=2,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+    ).eval()
     calls = []
     generate = model.generate
     model.generate = lambda **kw: calls.append(kw) or generate(**kw)
     out = st.lm_phrases(model, hf_tok, ["red circle"], num_return_sequences=8)
     assert {k: calls[0][k] for k in st.LM_SETTINGS} == {**st.LM_SETTINGS, "num_return_sequences": 8}
-    assert st.LM_SETTINGS == dict(do_sample=True, max_length=35, num_return_sequences=256, temperature=0.5,
-                                  no_repeat_ngram_size=2)  # the reference's generate() arguments
+    assert st.LM_SETTINGS == dict(
+        do_sample=True, max_length=35, num_return_sequences=256, temperature=0.5, no_repeat_ngram_size=2
+    )  # the reference's generate() arguments
     assert list(out) == ["red circle"] and len(out["red circle"]) == 8
     for p in out["red circle"]:
         assert p.startswith("a photo of red circle that")  # the decoded text keeps the prompt
@@ -150,8 +165,9 @@ def test_phrases_file_is_read_and_checked(tmp_path):
 def pretrained_tiny_backbone():
     from cirlab.backbones.tiny import pretrained_tiny
 
-    return pretrained_tiny(str(CACHE), OmegaConf.to_container(TINY.model_cfg),
-                           OmegaConf.to_container(TINY.pretrain)).eval()
+    return pretrained_tiny(
+        str(CACHE), OmegaConf.to_container(TINY.model_cfg), OmegaConf.to_container(TINY.pretrain)
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -241,6 +257,7 @@ def test_oti_resumes_without_redoing_finished_images(pretrained_tiny_backbone, s
 def test_searle_and_searle_oti_beat_single_modality_zero_shot(tmp_path):
     """Issue 6's bar: both variants >= 3 points R@10 over image-only and text-only on the held-out test
     split, zero-shot (no triplet is used). Measured: image 21.50, text 13.50, SEARLE-OTI 28.25, SEARLE 26.00."""
+
     def r10(*args):
         name = re.sub(r"\W+", "_", "_".join(args))[:60]
         run_cli(tmp_path, *args, run_dir=tmp_path / name)
@@ -249,8 +266,13 @@ def test_searle_and_searle_oti_beat_single_modality_zero_shot(tmp_path):
     image = r10("+method=zeroshot", "method.fusion=image")
     text = r10("+method=zeroshot", "method.fusion=text")
     tokens = f"method.token_dir={tmp_path / 'tokens'}"
-    searle_oti = r10("+method=searle_oti", tokens, "method.oti.steps=100", "method.oti.ema_decay=0.95",
-                     "method.oti.batch_size=256")
+    searle_oti = r10(
+        "+method=searle_oti",
+        tokens,
+        "method.oti.steps=100",
+        "method.oti.ema_decay=0.95",
+        "method.oti.batch_size=256",
+    )
     searle = r10("+experiment=searle_synthetic", tokens)  # the README's SEARLE row
     print(f"test R@10: image-only {image}, text-only {text}, SEARLE-OTI {searle_oti}, SEARLE {searle}")
     assert searle_oti >= max(image, text) + 3
@@ -274,7 +296,10 @@ def test_fashioniq_queries_average_both_caption_orders():
     assert module.query_texts(query) == ["is red."]
 
     token = torch.randn(1, b.token_dim)
-    one = [module.encode_queries(token, [[t]]) for t in ("is red and has long sleeves", "has long sleeves and is red")]
+    one = [
+        module.encode_queries(token, [[t]])
+        for t in ("is red and has long sleeves", "has long sleeves and is red")
+    ]
     both = module.encode_queries(token, [["is red and has long sleeves", "has long sleeves and is red"]])
     expected = torch.nn.functional.normalize(one[0] + one[1], dim=-1)
     assert torch.allclose(both, expected, atol=1e-6)
@@ -301,7 +326,9 @@ def test_imagenet_folder_source(tmp_path):
     assert src.image_path("n01/ILSVRC2012_test_00000001.JPEG").is_file()
     with pytest.raises(CirlabError, match=r"without CIR queries: .*\+dataset@method.unlabeled=imagenet"):
         src.eval_sets("val")
-    with pytest.raises(CirlabError, match=r"test images folder not found.*\n.*Expected layout(.|\n)*ILSVRC2012"):
+    with pytest.raises(
+        CirlabError, match=r"test images folder not found.*\n.*Expected layout(.|\n)*ILSVRC2012"
+    ):
         ImageFolderSource(tmp_path / "nowhere").unlabeled_images()
     (tmp_path / "empty" / "test").mkdir(parents=True)
     with pytest.raises(CirlabError, match="no .JPEG images under"):
@@ -319,9 +346,18 @@ def test_phi_trains_on_an_imagenet_folder(tmp_path, synthetic_root):
         (root / "test" / f"n{i % 2}").mkdir(parents=True, exist_ok=True)
         Image.open(png).convert("RGB").save(root / "test" / f"n{i % 2}" / f"ILSVRC2012_test_{i:08d}.JPEG")
     run = tmp_path / "run"
-    proc = run_cli(tmp_path, "+method=searle", "+dataset@method.unlabeled=imagenet", f"method.unlabeled.root={root}",
-                   f"method.token_dir={tmp_path / 'tokens'}", "method.oti.steps=3", "method.phi.batch_size=16",
-                   "method.phi.max_epochs=1", "trainer.num_sanity_val_steps=2", run_dir=run)
+    proc = run_cli(
+        tmp_path,
+        "+method=searle",
+        "+dataset@method.unlabeled=imagenet",
+        f"method.unlabeled.root={root}",
+        f"method.token_dir={tmp_path / 'tokens'}",
+        "method.oti.steps=3",
+        "method.phi.batch_size=16",
+        "method.phi.max_epochs=1",
+        "trainer.num_sanity_val_steps=2",
+        run_dir=run,
+    )
     assert "OTI targets for 40 unlabeled images" in proc.stdout + proc.stderr
     assert [p.name.split("-")[0] for p in (tmp_path / "tokens").iterdir()] == ["imagenet"]
     assert "test/recall_at_10" in results(run)["metrics"]

@@ -1,6 +1,7 @@
 """SEARLE's real artefacts: the Open Images vocabulary CSV, the GPT phrases pickle (never run), concept
 ranking as the reference, phi files in the authors' layout in and out, phi selection off the reported
 split, the released-model experiments, and what bad files do on the CLI."""
+
 from __future__ import annotations
 
 import json
@@ -24,11 +25,20 @@ from tests.conftest import ROOT, results, run_cli
 TINY = OmegaConf.load(ROOT / "conf/backbone/tiny.yaml").model
 
 # rows in the layout of the reference's data/oidv7-class-descriptions.csv (its first two rows, a quoted comma)
-OIDV7 = ('LabelName,DisplayName\n/m/0c4936,\'Nduja\n/m/06w6y06,10 cane\n/m/0dbvp,"Ducks, geese and swans"\n'
-         "/m/01f8m5,blue square\n/m/0k4j,red circle\n")
+OIDV7 = (
+    'LabelName,DisplayName\n/m/0c4936,\'Nduja\n/m/06w6y06,10 cane\n/m/0dbvp,"Ducks, geese and swans"\n'
+    "/m/01f8m5,blue square\n/m/0k4j,red circle\n"
+)
 OIDV7_NAMES = ["'Nduja", "10 cane", "Ducks, geese and swans", "blue square", "red circle"]
 # SEARLE's src/phi.py: nn.Sequential(Linear, GELU, Dropout, Linear, GELU, Dropout, Linear) named `layers`
-PHI_KEYS = {"layers.0.weight", "layers.0.bias", "layers.3.weight", "layers.3.bias", "layers.6.weight", "layers.6.bias"}
+PHI_KEYS = {
+    "layers.0.weight",
+    "layers.0.bias",
+    "layers.3.weight",
+    "layers.3.bias",
+    "layers.6.weight",
+    "layers.6.bias",
+}
 
 
 class ReferencePhi(nn.Module):
@@ -36,9 +46,15 @@ class ReferencePhi(nn.Module):
 
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, dropout: float):
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(input_dim, hidden_dim), nn.GELU(), nn.Dropout(p=dropout),
-                                    nn.Linear(hidden_dim, hidden_dim), nn.GELU(), nn.Dropout(p=dropout),
-                                    nn.Linear(hidden_dim, output_dim))
+        self.layers = nn.Sequential(
+            nn.Linear(input_dim, hidden_dim),
+            nn.GELU(),
+            nn.Dropout(p=dropout),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.GELU(),
+            nn.Dropout(p=dropout),
+            nn.Linear(hidden_dim, output_dim),
+        )
 
     def forward(self, x):
         return self.layers(x)
@@ -52,6 +68,7 @@ def tiny():
 
 def malicious_pickle(marker: Path) -> bytes:
     """A pickle that would run `touch marker` when loaded with pickle.load (built, never loaded here)."""
+
     class Payload:
         def __reduce__(self):
             return os.system, (f"touch {marker}",)
@@ -63,7 +80,9 @@ def malicious_pickle(marker: Path) -> bytes:
 def test_vocabulary_reads_the_display_names_of_the_oidv7_csv(tmp_path):
     csv_file = tmp_path / "oidv7-class-descriptions.csv"
     csv_file.write_text(OIDV7)
-    assert st.read_vocabulary(csv_file) == OIDV7_NAMES  # not "/m/0c4936,'Nduja", not split at the quoted comma
+    assert (
+        st.read_vocabulary(csv_file) == OIDV7_NAMES
+    )  # not "/m/0c4936,'Nduja", not split at the quoted comma
     plain = tmp_path / "names.txt"
     plain.write_text("red circle\n\n blue square \nred circle\n")
     assert st.read_vocabulary(plain) == ["red circle", "blue square"]
@@ -71,15 +90,20 @@ def test_vocabulary_reads_the_display_names_of_the_oidv7_csv(tmp_path):
     other.write_text("id,name\n1,red circle\n")
     with pytest.raises(CirlabError, match="without a DisplayName column"):
         st.read_vocabulary(other)
-    with pytest.raises(CirlabError, match=r"missing\.csv not found.*oidv7-class-descriptions\.csv of "
-                                          r"github\.com/miccunifi/SEARLE"):
+    with pytest.raises(
+        CirlabError,
+        match=r"missing\.csv not found.*oidv7-class-descriptions\.csv of "
+        r"github\.com/miccunifi/SEARLE",
+    ):
         st.read_vocabulary(tmp_path / "missing.csv")
 
 
 # ---- phrases ------------------------------------------------------------------------------------
 def test_phrases_pickle_loads_plain_data_and_refuses_any_global(tmp_path):
-    good = {"red circle": ["a photo of red circle that is big", "a photo of red circle that is small"],
-            "blue square": ["a photo of blue square that is on the left"]}
+    good = {
+        "red circle": ["a photo of red circle that is big", "a photo of red circle that is small"],
+        "blue square": ["a photo of blue square that is on the left"],
+    }
     (tmp_path / "concept_to_phrases.pkl").write_bytes(pickle.dumps(good))
     assert st.load_phrases(tmp_path / "concept_to_phrases.pkl") == good
     (tmp_path / "p.json").write_text(json.dumps(good))
@@ -100,9 +124,11 @@ def test_phrases_pickle_loads_plain_data_and_refuses_any_global(tmp_path):
 
 
 def test_phrase_bank_keeps_every_phrase_and_samples_as_the_reference(tiny):
-    phrases = {"red circle": [f"a photo of red circle that is {w}" for w in ("big", "small", "left")],
-               "blue square": ["a photo of blue square that is big"],
-               "green cross": [f"a photo of green cross that is {w}" for w in ("big", "small")]}
+    phrases = {
+        "red circle": [f"a photo of red circle that is {w}" for w in ("big", "small", "left")],
+        "blue square": ["a photo of blue square that is big"],
+        "green cross": [f"a photo of green cross that is {w}" for w in ("big", "small")],
+    }
     vocab = list(phrases)
     bank = st.PhraseBank(tiny, vocab, phrases, None)  # null = all phrases, however many each concept has
     assert bank.count.tolist() == [3, 1, 2] and bank.start.tolist() == [0, 3, 4] and len(bank.features) == 6
@@ -135,15 +161,23 @@ def test_concepts_are_ranked_over_the_whole_vocabulary_before_problematic_ones_d
     phrases = {c: [f"a photo of {c} that is big"] for c in vocab}
     phrases["blue square"] = ["a photo of a square that is blue"]  # does not contain its concept: problematic
     (tmp_path / "p.json").write_text(json.dumps(phrases))
-    text = SearleText(tiny, None, {"vocabulary": str(tmp_path / "vocab.txt")}, {"file": str(tmp_path / "p.json")})
+    text = SearleText(
+        tiny, None, {"vocabulary": str(tmp_path / "vocab.txt")}, {"file": str(tmp_path / "p.json")}
+    )
     assert text.bank.concepts == ["red circle", "green cross", "yellow star"]
     d = text.concept_emb.shape[1]
     text.concept_emb = torch.eye(4, d)  # concept i <-> axis i
-    image = torch.tensor([[0.5, 1.0, 0.3, 0.1] + [0.0] * (d - 4)])  # ranking: blue square, red circle, green, yellow
+    image = torch.tensor(
+        [[0.5, 1.0, 0.3, 0.1] + [0.0] * (d - 4)]
+    )  # ranking: blue square, red circle, green, yellow
     rows = text.concepts_of(image, 2)
-    assert rows.tolist() == [[-1, text.bank.index["red circle"]]]  # filter-first would give red circle + green cross
+    assert rows.tolist() == [
+        [-1, text.bank.index["red circle"]]
+    ]  # filter-first would give red circle + green cross
     gen = torch.Generator().manual_seed(0)
-    assert set(text.bank.sample(rows.expand(200, 2), gen, pooled=True).tolist()) == {text.bank.start[0].item()}
+    assert set(text.bank.sample(rows.expand(200, 2), gen, pooled=True).tolist()) == {
+        text.bank.start[0].item()
+    }
     with pytest.raises(CirlabError, match="1 of 1 images have no usable concept among their top 1"):
         text.concepts_of(image, 1)
 
@@ -163,13 +197,17 @@ def reference_phi_file(tiny, path: Path, epoch: int | None = None) -> ReferenceP
 def test_reference_phi_file_gives_the_same_tokens_and_queries(tiny, tmp_path, name, epoch):
     ref = reference_phi_file(tiny, tmp_path / name, epoch)
     module = Searle(tiny).eval()
-    layout = load_weights(module.stage_weights(), tmp_path / name, module.checkpoint_layouts(), "method.phi.checkpoint")
+    layout = load_weights(
+        module.stage_weights(), tmp_path / name, module.checkpoint_layouts(), "method.phi.checkpoint"
+    )
     assert layout.startswith("SEARLE phi file")
     x = torch.randn(5, tiny.embed_dim)
     with torch.no_grad():
         assert torch.equal(module.tokens(x), ref(x))
         texts = [["is red"], ["has a blue square on the left"], ["is red"], ["x"], ["y"]]
-        assert torch.equal(module.encode_queries(module.tokens(x), texts), module.encode_queries(ref(x), texts))
+        assert torch.equal(
+            module.encode_queries(module.tokens(x), texts), module.encode_queries(ref(x), texts)
+        )
 
 
 def test_phi_export_is_the_reference_layout_and_loads_back(tiny, tmp_path):
@@ -180,7 +218,9 @@ def test_phi_export_is_the_reference_layout_and_loads_back(tiny, tmp_path):
     assert set(files["phi.pt"]["Phi"]) == PHI_KEYS and files["phi.pt"]["epoch"] == 7
     torch.save(files["phi.pt"], tmp_path / "phi.pt")
     ref = ReferencePhi(tiny.embed_dim, 4 * tiny.embed_dim, tiny.token_dim, 0.5).eval()
-    ref.load_state_dict(torch.load(tmp_path / "phi.pt", weights_only=True)["Phi"])  # as the reference's hub/validate.py
+    ref.load_state_dict(
+        torch.load(tmp_path / "phi.pt", weights_only=True)["Phi"]
+    )  # as the reference's hub/validate.py
     x = torch.randn(3, tiny.embed_dim)
     assert torch.equal(ref(x), trained.tokens(x))
 
@@ -202,20 +242,26 @@ def test_token_norm_oti_cannot_come_from_a_phi_file(tiny):
 def test_phi_is_selected_on_val_only_when_val_is_not_the_reported_split(tiny):
     module = Searle(tiny)
     protocol = SimpleNamespace(main_metric="recall_at_10")
-    module.eval_data = SimpleNamespace(val_split="val", test_split="val", source=SimpleNamespace(protocol=protocol))
+    module.eval_data = SimpleNamespace(
+        val_split="val", test_split="val", source=SimpleNamespace(protocol=protocol)
+    )
     assert module.checkpoint_monitor() is None  # FashionIQ/CIRR/CIRCO: the last epoch
     module.eval_data.test_split = "test1"
     assert module.checkpoint_monitor() == "val/recall_at_10"  # CIRR val for a CIRR test1 submission
 
 
 # ---- experiments --------------------------------------------------------------------------------
-SEARLE_EXPERIMENTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml")
-                            if p.stem.startswith(("searle_", "eval_released_searle")))
+SEARLE_EXPERIMENTS = sorted(
+    p.stem
+    for p in (ROOT / "experiments").glob("*.yaml")
+    if p.stem.startswith(("searle_", "eval_released_searle"))
+)
 
 
 def test_released_experiments_exist():
-    assert {f"eval_released_{v}_{d}" for v in ("searle", "searle_xl")
-            for d in ("fashioniq", "cirr", "circo")} <= set(SEARLE_EXPERIMENTS)
+    assert {
+        f"eval_released_{v}_{d}" for v in ("searle", "searle_xl") for d in ("fashioniq", "cirr", "circo")
+    } <= set(SEARLE_EXPERIMENTS)
 
 
 @pytest.mark.parametrize("name", SEARLE_EXPERIMENTS)
@@ -241,12 +287,20 @@ def test_searle_experiment_builds_with_an_oidv7_vocabulary(name, tiny, tmp_path,
         assert resolved["dataset"]["name"] == name.rsplit("_", 1)[1]
 
     (tmp_path / "oidv7-class-descriptions.csv").write_text(OIDV7)
-    (tmp_path / "concept_to_phrases.pkl").write_bytes(pickle.dumps(
-        {c: [f"a photo of {c} that is big", f"a photo of {c} that is small"] for c in OIDV7_NAMES}))
+    (tmp_path / "concept_to_phrases.pkl").write_bytes(
+        pickle.dumps(
+            {c: [f"a photo of {c} that is big", f"a photo of {c} that is small"] for c in OIDV7_NAMES}
+        )
+    )
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"+experiment={name}",
-                                           f"method.concepts.vocabulary={tmp_path / 'oidv7-class-descriptions.csv'}"]
-                      + ([f"method.phrases.file={tmp_path / 'concept_to_phrases.pkl'}"] if paper else []))
+        cfg = compose(
+            "config",
+            overrides=[
+                f"+experiment={name}",
+                f"method.concepts.vocabulary={tmp_path / 'oidv7-class-descriptions.csv'}",
+            ]
+            + ([f"method.phrases.file={tmp_path / 'concept_to_phrases.pkl'}"] if paper else []),
+        )
     for stage in cfg.method.stages:
         module = instantiate(cfg.method[stage].module, backbone=tiny)
         module.eval_data = SimpleNamespace(source=None)
@@ -269,18 +323,27 @@ def test_bad_phi_files_exit_2_without_a_result(cli, tmp_path):
 
     def phi_eval(file: Path, *extra: str) -> tuple[int, str, Path]:
         run = tmp_path / f"run-{file.stem}-{len(extra)}"
-        code, _, err = cli("+method=searle", "method.phi.max_epochs=0", f"method.phi.checkpoint={file}", *extra,
-                           f"method.token_dir={tmp_path / 'tokens'}", run_dir=run)
+        code, _, err = cli(
+            "+method=searle",
+            "method.phi.max_epochs=0",
+            f"method.phi.checkpoint={file}",
+            *extra,
+            f"method.token_dir={tmp_path / 'tokens'}",
+            run_dir=run,
+        )
         return code, err, run
 
     combiner = tmp_path / "combiner.pt"  # a CLIP4Cir combiner file given as phi
     torch.save({"epoch": 3, "Combiner": Combiner(16).state_dict()}, combiner)
-    assert_refused(*phi_eval(combiner), "method.phi.checkpoint=", "none of the layouts", "'Combiner'",
-                   "SEARLE phi file")
+    assert_refused(
+        *phi_eval(combiner), "method.phi.checkpoint=", "none of the layouts", "'Combiner'", "SEARLE phi file"
+    )
 
     assert_refused(*phi_eval(tmp_path / "SEARLE_ViT-B32.pt"), "SEARLE_ViT-B32.pt: no such file")
 
-    vit_l = tmp_path / "SEARLE_ViT-L14.pt"  # the XL release's shapes (768 -> 3072 -> 768) into the tiny backbone
+    vit_l = (
+        tmp_path / "SEARLE_ViT-L14.pt"
+    )  # the XL release's shapes (768 -> 3072 -> 768) into the tiny backbone
     torch.save({"Phi": ReferencePhi(768, 3072, 768, 0.5).state_dict()}, vit_l)
     assert_refused(*phi_eval(vit_l), "of another shape", "layers.0.weight: file (3072, 768)")
 
@@ -295,8 +358,12 @@ def test_phrases_pickle_with_a_global_exits_2_and_runs_nothing(cli, tmp_path):
     evil = tmp_path / "concept_to_phrases.pkl"
     evil.write_bytes(malicious_pickle(marker))
     run = tmp_path / "run"
-    code, _, err = cli("+method=searle_oti", f"method.phrases.file={evil}", f"method.token_dir={tmp_path / 'tokens'}",
-                       run_dir=run)
+    code, _, err = cli(
+        "+method=searle_oti",
+        f"method.phrases.file={evil}",
+        f"method.token_dir={tmp_path / 'tokens'}",
+        run_dir=run,
+    )
     assert_refused(code, err, run, "refused", "system")
     assert not marker.exists()
 
@@ -306,9 +373,16 @@ def test_exported_phi_reproduces_the_run(tmp_path):
     """+method=searle -> +task=export -> method.phi.checkpoint=phi.pt with max_epochs 0: the same test metrics,
     with no OTI and no vocabulary or phrases (both point to missing files in the evaluation)."""
     train = tmp_path / "train"
-    run_cli(tmp_path, "+method=searle", "method.oti.steps=2", "method.phi.module.max_images=64",
-            "method.phi.batch_size=32", "method.phi.max_epochs=1", f"method.token_dir={tmp_path / 'tokens'}",
-            run_dir=train)
+    run_cli(
+        tmp_path,
+        "+method=searle",
+        "method.oti.steps=2",
+        "method.phi.module.max_images=64",
+        "method.phi.batch_size=32",
+        "method.phi.max_epochs=1",
+        f"method.token_dir={tmp_path / 'tokens'}",
+        run_dir=train,
+    )
     trained = results(train)
     assert trained["selection"]["phi"].startswith("best val/")  # synthetic: val is held out from test
 
@@ -318,10 +392,16 @@ def test_exported_phi_reproduces_the_run(tmp_path):
     assert set(obj) == {"Phi", "epoch"} and set(obj["Phi"]) == PHI_KEYS
 
     evaluated = tmp_path / "eval"
-    proc = run_cli(tmp_path, "+method=searle", f"method.phi.checkpoint={phi}", "method.phi.max_epochs=0",
-                   f"method.concepts.vocabulary={tmp_path / 'absent.csv'}",
-                   f"method.phrases.file={tmp_path / 'absent.pkl'}", f"method.token_dir={tmp_path / 'eval_tokens'}",
-                   run_dir=evaluated)
+    proc = run_cli(
+        tmp_path,
+        "+method=searle",
+        f"method.phi.checkpoint={phi}",
+        "method.phi.max_epochs=0",
+        f"method.concepts.vocabulary={tmp_path / 'absent.csv'}",
+        f"method.phrases.file={tmp_path / 'absent.pkl'}",
+        f"method.token_dir={tmp_path / 'eval_tokens'}",
+        run_dir=evaluated,
+    )
     again = results(evaluated)
     test = {k: v for k, v in trained["metrics"].items() if k.startswith("test/")}
     assert test and {k: again["metrics"][k] for k in test} == test  # exactly

@@ -1,4 +1,5 @@
 """The official-benchmark sources on cut-down real annotations (tests/fixtures) with placeholder images."""
+
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+from fixtures.make_images import materialize, write_image
 
 from cirlab.data.check import check_images, format_report
 from cirlab.data.records import CIRQuery
@@ -15,13 +17,14 @@ from cirlab.data.sources.cirr import CIRRSource
 from cirlab.data.sources.fashioniq import FashionIQSource
 from cirlab.data.sources.shoes import ShoesSource
 from cirlab.errors import CirlabError
-from fixtures.make_images import materialize, write_image
 
 # The full official annotation files (tens of MB, not committed): set CIRLAB_REAL_ANNOTATIONS to a folder
 # holding fashioniq/, cirr/, shoes/ in their official layouts to run the full-count checks.
 REAL = Path(os.environ.get("CIRLAB_REAL_ANNOTATIONS", "/nonexistent"))
-NO_REAL = ("the full official annotation files are not in this checkout (set CIRLAB_REAL_ANNOTATIONS to "
-           "run the full-count checks; the committed fixtures cover the formats)")
+NO_REAL = (
+    "the full official annotation files are not in this checkout (set CIRLAB_REAL_ANNOTATIONS to "
+    "run the full-count checks; the committed fixtures cover the formats)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +74,18 @@ def test_fashioniq_eval_text():
     assert FashionIQSource.eval_text(None, q) == "Is shiny and silver and fit and Flare"
 
 
-@pytest.mark.parametrize("u, expected", [
-    (0.1, "Is red and has Dots"), (0.3, "Has dots and is RED"), (0.6, "Is red"), (0.9, "Has dots"),
-    (0.25, "Has dots"), (0.5, "Has dots"), (0.75, "Has dots"),  # boundaries fall to the last branch
-])
+@pytest.mark.parametrize(
+    "u, expected",
+    [
+        (0.1, "Is red and has Dots"),
+        (0.3, "Has dots and is RED"),
+        (0.6, "Is red"),
+        (0.9, "Has dots"),
+        (0.25, "Has dots"),
+        (0.5, "Has dots"),
+        (0.75, "Has dots"),  # boundaries fall to the last branch
+    ],
+)
 def test_fashioniq_train_text_branches(u, expected):
     q = CIRQuery("dress/0", "a", ("is RED.", " has Dots"), ("b",))
     assert FashionIQSource.train_text(None, q, FixedRng(u)) == expected
@@ -231,8 +242,11 @@ def test_check_images_corrupt_file(tmp_path):
 @pytest.mark.skipif(not (REAL / "cirr").is_dir(), reason=NO_REAL)
 def test_real_fashioniq_and_cirr_counts():
     fiq = FashionIQSource(REAL / "fashioniq")
-    assert [(len(es.queries), len(es.gallery)) for es in fiq.eval_sets("val")] == \
-        [(2017, 3817), (2038, 6346), (1961, 5373)]
+    assert [(len(es.queries), len(es.gallery)) for es in fiq.eval_sets("val")] == [
+        (2017, 3817),
+        (2038, 6346),
+        (1961, 5373),
+    ]
     cirr = CIRRSource(REAL / "cirr")
     assert [(len(es.queries), len(es.gallery)) for es in cirr.eval_sets("val")] == [(4181, 2297)]
     assert [(len(es.queries), len(es.gallery)) for es in cirr.eval_sets("test")] == [(4148, 2315)]

@@ -1,6 +1,7 @@
 """Paths no other test runs: a Hydra multirun with its leaderboard, the csv and wandb loggers, faiss end to
 end, data-loader workers, clip4cir_finetune and captions_jsonl, the "fewer than one batch" errors, and a
 resumed run folder written by another method. All on the small official-layout fixtures (seconds each)."""
+
 from __future__ import annotations
 
 import csv
@@ -8,12 +9,16 @@ import json
 
 import pytest
 import torch
-
 from conftest import results
 from fixtures.make_images import materialize
 
-FIQ_COMBINER = ["+method=clip4cir_combiner", "dataset=fashioniq", "method.combiner.max_epochs=1",
-                "method.combiner.batch_size=8", "eval.visualize=false"]
+FIQ_COMBINER = [
+    "+method=clip4cir_combiner",
+    "dataset=fashioniq",
+    "method.combiner.max_epochs=1",
+    "method.combiner.batch_size=8",
+    "eval.visualize=false",
+]
 
 
 def cirr_zeroshot(root, *extra):
@@ -25,10 +30,14 @@ def test_multirun_prints_the_leaderboard(cli, tmp_path):
     sweep = tmp_path / "sweep"
     code, out, err = cli("-m", *cirr_zeroshot(root, "method.fusion=image,text"), f"hydra.sweep.dir={sweep}")
     assert code == 0, err
-    runs = {json.loads(f.read_text())["method"]: json.loads(f.read_text()) for f in sweep.rglob("results.json")}
+    runs = {
+        json.loads(f.read_text())["method"]: json.loads(f.read_text()) for f in sweep.rglob("results.json")
+    }
     assert set(runs) == {"zeroshot-image", "zeroshot-text"}
-    table = [line for line in out[out.index("Leaderboard"):].splitlines() if line.startswith("|")]
-    header, *rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table if "---" not in line]
+    table = [line for line in out[out.index("Leaderboard") :].splitlines() if line.startswith("|")]
+    header, *rows = [
+        [cell.strip() for cell in line.strip("|").split("|")] for line in table if "---" not in line
+    ]
     rows = {row[header.index("method_name")]: dict(zip(header, row)) for row in rows}
     assert set(rows) == set(runs)
     for method, res in runs.items():
@@ -49,7 +58,7 @@ def test_csv_logger_writes_the_metrics_exactly(cli, tmp_path):
         logged.update({k: float(v) for k, v in row.items() if v and k.startswith("val/")})
     metrics = results(run)["metrics"]
     assert logged and logged.keys() <= metrics.keys()
-    assert any(torch.tensor(v).item() != v for v in logged.values())   # some value is not a float32 number
+    assert any(torch.tensor(v).item() != v for v in logged.values())  # some value is not a float32 number
     for key, value in logged.items():
         assert value == metrics[key], key
 
@@ -76,11 +85,16 @@ def test_faiss_end_to_end_equals_exact(cli, tmp_path, monkeypatch):
     out = {}
     for backend in ("exact", "faiss"):
         run = tmp_path / backend
-        code, _, err = cli(*cirr_zeroshot(root, f"retrieval.search={backend}", "+retrieval.options.index_type=flat"),
-                           run_dir=run)
+        code, _, err = cli(
+            *cirr_zeroshot(root, f"retrieval.search={backend}", "+retrieval.options.index_type=flat"),
+            run_dir=run,
+        )
         assert code == 0, err
-        out[backend] = (results(run)["metrics"], (run / "stages" / "eval" / "predictions.val.json").read_text())
-    assert calls and all(k.get("index_type") == "flat" for k in calls)   # faiss did the ranking
+        out[backend] = (
+            results(run)["metrics"],
+            (run / "stages" / "eval" / "predictions.val.json").read_text(),
+        )
+    assert calls and all(k.get("index_type") == "flat" for k in calls)  # faiss did the ranking
     assert out["faiss"] == out["exact"]
 
 
@@ -93,7 +107,9 @@ def test_two_loader_workers_equal_none(cli, tmp_path):
         run = tmp_path / f"w{workers}"
         code, out, err = cli(*FIQ_COMBINER, f"dataset.root={root}", f"num_workers={workers}", run_dir=run)
         assert code == 0, err
-        weights = torch.load(run / "stages" / "combiner" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        weights = torch.load(run / "stages" / "combiner" / "checkpoints" / "last.ckpt", weights_only=True)[
+            "state_dict"
+        ]
         got[workers] = (results(run)["metrics"], weights)
     assert got[2][0] == got[0][0]
     assert got[2][1].keys() == got[0][1].keys()
@@ -104,9 +120,15 @@ def test_two_loader_workers_equal_none(cli, tmp_path):
 def test_clip4cir_finetune_runs(cli, tmp_path):
     root = materialize("fashioniq", tmp_path / "fiq")
     run = tmp_path / "run"
-    code, out, err = cli("+method=clip4cir_finetune", "dataset=fashioniq", f"dataset.root={root}",
-                         "method.finetune.max_epochs=1", "method.finetune.batch_size=8", "eval.visualize=false",
-                         run_dir=run)
+    code, out, err = cli(
+        "+method=clip4cir_finetune",
+        "dataset=fashioniq",
+        f"dataset.root={root}",
+        "method.finetune.max_epochs=1",
+        "method.finetune.batch_size=8",
+        "eval.visualize=false",
+        run_dir=run,
+    )
     assert code == 0, err
     res = results(run)
     assert list(res["stages"]) == ["finetune"] and "val/average_recall" in res["metrics"]
@@ -118,10 +140,17 @@ def captions_jsonl(root):
 
     (root / "images").mkdir(parents=True)
     rows = []
-    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (90, 0, 90)]):
+    for i, colour in enumerate(
+        [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (90, 0, 90)]
+    ):
         Image.new("RGB", (16, 16), colour).save(root / "images" / f"{i}.png")
-        rows.append({"image": f"images/{i}.png", "captions": [f"picture {i}", f"colour {colour}"],
-                     "split": ("train", "val", "test")[i % 3]})
+        rows.append(
+            {
+                "image": f"images/{i}.png",
+                "captions": [f"picture {i}", f"colour {colour}"],
+                "split": ("train", "val", "test")[i % 3],
+            }
+        )
     (root / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
 
@@ -129,13 +158,20 @@ def captions_jsonl(root):
 def test_captions_jsonl_with_crossmodal(cli, tmp_path):
     root = captions_jsonl(tmp_path / "caps")
     run = tmp_path / "run"
-    code, out, err = cli("+method=crossmodal", "method.stages=[zeroshot]", "dataset=captions_jsonl",
-                         f"dataset.path={root}", run_dir=run)
+    code, out, err = cli(
+        "+method=crossmodal",
+        "method.stages=[zeroshot]",
+        "dataset=captions_jsonl",
+        f"dataset.path={root}",
+        run_dir=run,
+    )
     assert code == 0, err
     metrics = results(run)["metrics"]
     assert {"test/t2i_recall_at_1", "test/i2t_recall_at_1", "test/rsum"} <= metrics.keys()
     # a CIR method on a captions dataset: the clear error
-    code, out, err = cli("+method=zeroshot", "dataset=captions_jsonl", f"dataset.path={root}", run_dir=tmp_path / "r2")
+    code, out, err = cli(
+        "+method=zeroshot", "dataset=captions_jsonl", f"dataset.path={root}", run_dir=tmp_path / "r2"
+    )
     assert code == 2 and "needs a cir dataset" in err and "Pick a CIR dataset" in err
 
 
@@ -145,13 +181,25 @@ def test_fewer_than_one_batch(case, cli, tmp_path):
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("dress\nshirt\nred dress\ndog\n")
     args, expected = {
-        "stage_two": (FIQ_COMBINER + ["method.combiner.batch_size=64"],
-                      "36 training triplets are fewer than one batch (64); lower method.batch_size"),
-        "mlcl": (["+method=mlcl", "method.stages=[combiner]", "method.combiner.batch_size=64"],
-                 "36 training triplets are fewer than one batch (64); lower method.combiner.batch_size"),
-        "searle_phi": (["+method=searle", f"method.concepts.vocabulary={vocab}", "method.phrases.per_concept=4",
-                        "method.oti.steps=1", "method.phi.module.max_images=4", f"method.token_dir={tmp_path / 't'}"],
-                       "4 unlabeled images are fewer than one batch (256): lower method.phi.batch_size"),
+        "stage_two": (
+            FIQ_COMBINER + ["method.combiner.batch_size=64"],
+            "36 training triplets are fewer than one batch (64); lower method.batch_size",
+        ),
+        "mlcl": (
+            ["+method=mlcl", "method.stages=[combiner]", "method.combiner.batch_size=64"],
+            "36 training triplets are fewer than one batch (64); lower method.combiner.batch_size",
+        ),
+        "searle_phi": (
+            [
+                "+method=searle",
+                f"method.concepts.vocabulary={vocab}",
+                "method.phrases.per_concept=4",
+                "method.oti.steps=1",
+                "method.phi.module.max_images=4",
+                f"method.token_dir={tmp_path / 't'}",
+            ],
+            "4 unlabeled images are fewer than one batch (256): lower method.phi.batch_size",
+        ),
     }[case]
     code, out, err = cli(*args, "dataset=fashioniq", f"dataset.root={root}", "eval.visualize=false")
     assert code == 2, err
@@ -166,16 +214,25 @@ def test_resume_with_another_method_or_backbone_is_a_clear_error(cli, tmp_path):
     code, out, err = cli(*FIQ_COMBINER, f"dataset.root={root}", run_dir=run)
     assert code == 0, err
     before = (run / "results.json").read_bytes()
-    code, out, err = cli("+method=mlcl", "method.stages=[combiner]", "dataset=fashioniq", f"dataset.root={root}",
-                         "resume=true", run_dir=run)
+    code, out, err = cli(
+        "+method=mlcl",
+        "method.stages=[combiner]",
+        "dataset=fashioniq",
+        f"dataset.root={root}",
+        "resume=true",
+        run_dir=run,
+    )
     assert code == 2
     assert "was written by method CLIP4CirCombiner" in err and "but this run is MLCLCombiner" in err
     assert "Traceback" not in err
-    assert (run / "results.json").read_bytes() == before    # nothing of the first run lost
+    assert (run / "results.json").read_bytes() == before  # nothing of the first run lost
 
     # the same method over another backbone's stage checkpoint (a run folder reused with backbone=...)
     best = run / "stages" / "combiner" / "checkpoints" / "best.ckpt"
     ckpt = torch.load(best, weights_only=True)
     torch.save(ckpt | {"cirlab": ckpt["cirlab"] | {"backbone": "clip_vit_b32"}}, best)
     code, out, err = cli(*FIQ_COMBINER, f"dataset.root={root}", "resume=true", run_dir=run)
-    assert code == 2 and "with backbone 'clip_vit_b32', but this run is CLIP4CirCombiner with backbone 'tiny'" in err
+    assert (
+        code == 2
+        and "with backbone 'clip_vit_b32', but this run is CLIP4CirCombiner with backbone 'tiny'" in err
+    )

@@ -1,4 +1,5 @@
 """Research workflow: leaderboard (cirlab-report), retrieval visualisation, Python API (cirlab.load)."""
+
 from __future__ import annotations
 
 import csv
@@ -7,34 +8,60 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import results, run_cli
 from PIL import Image
 
 from cirlab.errors import CirlabError
-from cirlab.report import collect, main as report_main
+from cirlab.report import collect
+from cirlab.report import main as report_main
 from cirlab.retrieval.visualize import GREEN, TEXT_WIDTH, QueryView, grid_size, write_visualization
-from conftest import results, run_cli
 
 
 # ---- leaderboard ------------------------------------------------------------------------------
 def fake_run(folder: Path, overrides: list[str], metrics: dict[str, float], method: str) -> Path:
     (folder / ".hydra").mkdir(parents=True)
     (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-    (folder / "results.json").write_text(json.dumps({
-        "metrics": metrics, "main_metric": "test/recall_at_10", "method": method,
-        "dataset": "synthetic", "backbone": "tiny"}))
+    (folder / "results.json").write_text(
+        json.dumps(
+            {
+                "metrics": metrics,
+                "main_metric": "test/recall_at_10",
+                "method": method,
+                "dataset": "synthetic",
+                "backbone": "tiny",
+            }
+        )
+    )
     return folder
 
 
 @pytest.fixture
 def sweep(tmp_path) -> Path:
     root = tmp_path / "multirun" / "2026-01-01_00-00-00"
-    fake_run(root / "0_fusion=image", ["+method=zeroshot", "logger=none", "method.fusion=image",
-                                       "hydra.run.dir=/x", "seed=1"],
-             {"test/recall_at_1": 4.75, "test/recall_at_10": 19.75, "test/recall_at_50": 47.0,
-              "test/mean_recall": 20.0, "val/recall_at_10": 30.0}, "zeroshot-image")
-    fake_run(root / "1_fusion=sum", ["+method=zeroshot", "logger=wandb", "method.fusion=sum", "seed=1"],
-             {"test/recall_at_1": 7.75, "test/recall_at_10": 36.0, "test/recall_at_50": 66.25,
-              "test/mean_recall": 33.0, "val/recall_at_10": 48.25}, "zeroshot-sum")
+    fake_run(
+        root / "0_fusion=image",
+        ["+method=zeroshot", "logger=none", "method.fusion=image", "hydra.run.dir=/x", "seed=1"],
+        {
+            "test/recall_at_1": 4.75,
+            "test/recall_at_10": 19.75,
+            "test/recall_at_50": 47.0,
+            "test/mean_recall": 20.0,
+            "val/recall_at_10": 30.0,
+        },
+        "zeroshot-image",
+    )
+    fake_run(
+        root / "1_fusion=sum",
+        ["+method=zeroshot", "logger=wandb", "method.fusion=sum", "seed=1"],
+        {
+            "test/recall_at_1": 7.75,
+            "test/recall_at_10": 36.0,
+            "test/recall_at_50": 66.25,
+            "test/mean_recall": 33.0,
+            "val/recall_at_10": 48.25,
+        },
+        "zeroshot-sum",
+    )
     (root / "multirun.yaml").write_text("hydra: {}\n")
     return root
 
@@ -42,7 +69,14 @@ def sweep(tmp_path) -> Path:
 def test_report_rows_columns_and_order(sweep):
     columns, rows = collect([sweep])
     # swept keys only: hydra.*, logger and keys identical in every run (+method, seed) are dropped
-    assert columns == ["run", "method_name", "method.fusion", "test/recall_at_10", "test/recall_at_1", "test/recall_at_50"]
+    assert columns == [
+        "run",
+        "method_name",
+        "method.fusion",
+        "test/recall_at_10",
+        "test/recall_at_1",
+        "test/recall_at_50",
+    ]
     assert [r["run"] for r in rows] == ["1_fusion=sum", "0_fusion=image"]  # best main metric first
     assert [r["method.fusion"] for r in rows] == ["sum", "image"]
     assert [r["method_name"] for r in rows] == ["zeroshot-sum", "zeroshot-image"]
@@ -60,7 +94,10 @@ def test_report_markdown_and_csv(sweep, capsys):
 
     report_main([str(sweep), "--csv"])
     table = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert [(r["method.fusion"], float(r["test/recall_at_10"])) for r in table] == [("sum", 36.0), ("image", 19.75)]
+    assert [(r["method.fusion"], float(r["test/recall_at_10"])) for r in table] == [
+        ("sum", 36.0),
+        ("image", 19.75),
+    ]
 
 
 def test_report_without_runs_is_an_error(tmp_path, capsys):
@@ -73,15 +110,23 @@ def test_report_without_runs_is_an_error(tmp_path, capsys):
 
 # ---- visualisation ----------------------------------------------------------------------------
 def test_visualization_grid_and_html(tmp_path):
-    colours = {"r": (255, 0, 0), "g": (0, 255, 0), "b": (0, 0, 255), "y": (255, 255, 0), "w": (250, 250, 250),
-               "k": (10, 10, 10)}
+    colours = {
+        "r": (255, 0, 0),
+        "g": (0, 255, 0),
+        "b": (0, 0, 255),
+        "y": (255, 255, 0),
+        "w": (250, 250, 250),
+        "k": (10, 10, 10),
+    }
     for name, rgb in colours.items():
         Image.new("RGB", (30, 20), rgb).save(tmp_path / f"{name}.png")
     path_of = lambda name: tmp_path / f"{name}.png"  # noqa: E731
-    views = [QueryView("q0", "r", "make it green", ("g",), ["b", "g", "y", "w", "k"], [0.9, 0.8, 0.7, 0.6, 0.5]),
-             QueryView("q1", "b", "make it yellow", ("y",), ["y", "r", "g", "w", "k"], [0.95, 0.5, 0.4, 0.3, 0.2]),
-             QueryView("q2", "y", "make it black", ("k",), ["r", "g", "b", "w", "y"], None),
-             QueryView("q3", "g", "make it white", ("w",), ["w", "r", "b", "y", "k"], None)]
+    views = [
+        QueryView("q0", "r", "make it green", ("g",), ["b", "g", "y", "w", "k"], [0.9, 0.8, 0.7, 0.6, 0.5]),
+        QueryView("q1", "b", "make it yellow", ("y",), ["y", "r", "g", "w", "k"], [0.95, 0.5, 0.4, 0.3, 0.2]),
+        QueryView("q2", "y", "make it black", ("k",), ["r", "g", "b", "w", "y"], None),
+        QueryView("q3", "g", "make it white", ("w",), ["w", "r", "b", "y", "k"], None),
+    ]
     n, k = 3, 4
     png, page = write_visualization(tmp_path / "stage", "test", views, path_of, n=n, k=k)
     assert png.name == "retrieval_test.png" and page.name == "retrieval_test.html"
@@ -121,8 +166,10 @@ def test_trained_run_visualisation_and_search_agree(tmp_path, capsys):
         assert (stage / f"retrieval_{split}.html").stat().st_size > 0
 
     cfg = res["config"]
-    source = synthetic_source(cfg["paths"]["cache_dir"], **{k: v for k, v in cfg["dataset"]["source"].items()
-                                                            if k not in ("_target_", "cache_dir")})
+    source = synthetic_source(
+        cfg["paths"]["cache_dir"],
+        **{k: v for k, v in cfg["dataset"]["source"].items() if k not in ("_target_", "cache_dir")},
+    )
     (es,) = source.eval_sets("test")
     predictions = json.loads((stage / "predictions.test.json").read_text())
     right = [q for q in es.queries if predictions[q.qid][0] == q.targets[0]]
@@ -146,11 +193,25 @@ def test_trained_run_visualisation_and_search_agree(tmp_path, capsys):
     gallery.mkdir()
     for n in [*predictions[q.qid][:20], q.reference]:
         (gallery / source.image_path(n).name).symlink_to(source.image_path(n))
-    query_main(["--run", str(run_dir), "--gallery", str(gallery), "--image", str(source.image_path(q.reference)),
-                "--text", source.eval_text(q), "-k", "3"])
+    query_main(
+        [
+            "--run",
+            str(run_dir),
+            "--gallery",
+            str(gallery),
+            "--image",
+            str(source.image_path(q.reference)),
+            "--text",
+            source.eval_text(q),
+            "-k",
+            "3",
+        ]
+    )
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 3
-    assert lines[0].split()[0] == "1" and lines[0].split()[-1] == str(gallery / source.image_path(q.targets[0]).name)
+    assert lines[0].split()[0] == "1" and lines[0].split()[-1] == str(
+        gallery / source.image_path(q.targets[0]).name
+    )
 
 
 def test_report_task_of_the_cli(sweep, cli):
@@ -165,8 +226,13 @@ def test_import_is_cheap_and_load_is_lazy():
     import sys
 
     code = "import sys, cirlab; assert 'torch' not in sys.modules, 'import cirlab pulled torch'; print(cirlab.load.__module__)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1])
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert out.stdout.strip() == "cirlab.api"
 
 
@@ -179,5 +245,7 @@ def test_load_and_query_errors(tmp_path, capsys):
     with pytest.raises(CirlabError, match="neither a run folder nor a checkpoint"):
         cirlab.load(tmp_path / "missing")
     with pytest.raises(SystemExit) as exc:
-        query_main(["--run", str(tmp_path), "--gallery", str(tmp_path / "none"), "--image", "x.png", "--text", "t"])
+        query_main(
+            ["--run", str(tmp_path), "--gallery", str(tmp_path / "none"), "--image", "x.png", "--text", "t"]
+        )
     assert exc.value.code == 2 and "is not a folder" in capsys.readouterr().err

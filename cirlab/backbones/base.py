@@ -1,8 +1,9 @@
 """One interface over image/text encoders, so methods never touch a model family directly."""
+
 from __future__ import annotations
 
 import hashlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -12,6 +12,7 @@ layer), text = text_proj(BERT [CLS]) in unimodal 'text' mode (no cross-attention
 - `backbone=blip_tiny`: a small `BlipConfig` with a WordPiece vocab built offline from the
   synthetic captions, pretrained by cirlab on first use and cached by config hash (as `tiny`).
 """
+
 from __future__ import annotations
 
 import json
@@ -67,13 +68,19 @@ def to_reference_text(state: dict) -> dict:
     return {**state, POSITION_IDS: torch.arange(positions).unsqueeze(0)}
 
 
-TUNED_BLIP = wrapped("BLIPTextEncoder", "BLIP4CIR+Bi text encoder file (tuned_blip_*.pt: {'epoch', 'BLIPTextEncoder': "
-                     "text_encoder.*, text_proj.*}), loaded into the text side", from_reference_text)
+TUNED_BLIP = wrapped(
+    "BLIPTextEncoder",
+    "BLIP4CIR+Bi text encoder file (tuned_blip_*.pt: {'epoch', 'BLIPTextEncoder': "
+    "text_encoder.*, text_proj.*}), loaded into the text side",
+    from_reference_text,
+)
 
 
 def text_side_state(module_state: dict) -> dict:
     """The text side (BlipTextSide names) of a cirlab method module's state dict."""
-    return {k: v for k, v in strip_prefix(module_state, "backbone.model.").items() if k.startswith(TEXT_PARTS)}
+    return {
+        k: v for k, v in strip_prefix(module_state, "backbone.model.").items() if k.startswith(TEXT_PARTS)
+    }
 
 
 def text_side_layouts() -> list[Layout]:
@@ -89,7 +96,9 @@ FOLDER_LAYOUT = "a folder saved with save_pretrained (model + tokenizer; e.g. wr
 def load_folder(folder: str | Path, what: str) -> tuple[BlipForImageTextRetrieval, BertTokenizerFast]:
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        raise CirlabError(f"{what}={folder} is not a BLIP folder saved with save_pretrained (no config.json in it)")
+        raise CirlabError(
+            f"{what}={folder} is not a BLIP folder saved with save_pretrained (no config.json in it)"
+        )
     return BlipForImageTextRetrieval.from_pretrained(folder), BertTokenizerFast.from_pretrained(folder)
 
 
@@ -98,29 +107,43 @@ def from_hub(hf_id: str) -> tuple[BlipForImageTextRetrieval, BertTokenizerFast]:
     if Path(hf_id).expanduser().is_dir():
         return load_folder(Path(hf_id).expanduser(), "backbone.hf_id")
     if hf_id.startswith(("/", ".", "~")):
-        raise CirlabError(f"backbone.hf_id={hf_id}: no such folder. Give a Hugging Face hub id or a save_pretrained "
-                          "folder (BLIP's model_base.pth becomes one with +task=convert_blip +src=model_base.pth "
-                          f"+out={hf_id})")
+        raise CirlabError(
+            f"backbone.hf_id={hf_id}: no such folder. Give a Hugging Face hub id or a save_pretrained "
+            "folder (BLIP's model_base.pth becomes one with +task=convert_blip +src=model_base.pth "
+            f"+out={hf_id})"
+        )
     try:
         return BlipForImageTextRetrieval.from_pretrained(hf_id), BertTokenizerFast.from_pretrained(hf_id)
     except (OSError, ValueError) as err:
         from huggingface_hub import constants
 
         detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        why = ("Hugging Face offline mode is on (HF_HUB_OFFLINE=1) and they are not in its cache"
-               if constants.HF_HUB_OFFLINE else "they are not in the Hugging Face cache and could not be downloaded")
+        why = (
+            "Hugging Face offline mode is on (HF_HUB_OFFLINE=1) and they are not in its cache"
+            if constants.HF_HUB_OFFLINE
+            else "they are not in the Hugging Face cache and could not be downloaded"
+        )
         raise CirlabError(
             f"cannot load BLIP weights {hf_id!r}: {why} ({detail})\n"
             f"Download them once where there is network (`hf download {hf_id}`, or `huggingface-cli download "
             f"{hf_id}` with an older huggingface_hub) into the HF cache this machine reads (HF_HOME), then run "
             "with HF_HUB_OFFLINE=1; or give a local folder: backbone.hf_id=/path/to/dir (saved with "
-            "save_pretrained, or converted from BLIP's model_base.pth with +task=convert_blip).") from err
+            "save_pretrained, or converted from BLIP's model_base.pth with +task=convert_blip)."
+        ) from err
 
 
 class BlipBackbone(Backbone):
-    def __init__(self, hf_id: str | None = None, checkpoint: str | None = None, config: dict | None = None,
-                 vocab_file: str | None = None, preprocess: str = "clip", target_ratio: float = 1.25,
-                 max_length: int = 77, name: str = "blip"):
+    def __init__(
+        self,
+        hf_id: str | None = None,
+        checkpoint: str | None = None,
+        config: dict | None = None,
+        vocab_file: str | None = None,
+        preprocess: str = "clip",
+        target_ratio: float = 1.25,
+        max_length: int = 77,
+        name: str = "blip",
+    ):
         super().__init__()
         if checkpoint and not Path(checkpoint).exists():
             raise CirlabError(f"backbone.checkpoint={checkpoint}: no such file or folder")
@@ -128,22 +151,29 @@ class BlipBackbone(Backbone):
             self.model, self.tokenizer = load_folder(checkpoint, "backbone.checkpoint")
         elif config is not None:
             if not vocab_file:
-                raise CirlabError("a BLIP built from backbone config needs a WordPiece vocab_file for its tokenizer")
+                raise CirlabError(
+                    "a BLIP built from backbone config needs a WordPiece vocab_file for its tokenizer"
+                )
             self.model = BlipForImageTextRetrieval(BlipConfig(**plain(config)))
-            words = Path(vocab_file).read_text().split("\n")  # transformers 5 takes the vocab itself, not its file
+            words = (
+                Path(vocab_file).read_text().split("\n")
+            )  # transformers 5 takes the vocab itself, not its file
             self.tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
         elif hf_id:
             self.model, self.tokenizer = from_hub(hf_id)
         else:
-            raise CirlabError("a BLIP backbone needs backbone.hf_id (hub id or folder) or a backbone.checkpoint folder")
+            raise CirlabError(
+                "a BLIP backbone needs backbone.hf_id (hub id or folder) or a backbone.checkpoint folder"
+            )
         self.model.eval()
         cfg = self.model.config
         self.image_size = int(cfg.vision_config.image_size)
         self.embed_dim = int(cfg.image_text_hidden_size)
         self.max_length = max_length
         self.preprocess_mode = preprocess
-        self.preprocess = build_transform(preprocess, self.image_size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD,
-                                          target_ratio)
+        self.preprocess = build_transform(
+            preprocess, self.image_size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, target_ratio
+        )
         self.name = name
         if checkpoint and Path(checkpoint).is_file():
             self.load_weights_file(checkpoint)
@@ -159,7 +189,9 @@ class BlipBackbone(Backbone):
             raise CirlabError(f"{err}\n  - {FOLDER_LAYOUT}") from None
         state = layout.to_state(obj)
         self._fit_vocab(state)
-        load_strict(BlipTextSide(self.model) if layout is TUNED_BLIP else self, state, f"{what} ({layout.name})")
+        load_strict(
+            BlipTextSide(self.model) if layout is TUNED_BLIP else self, state, f"{what} ({layout.name})"
+        )
         log.info("BLIP weights from %s (%s)", path, layout.name)
         return layout.name
 
@@ -170,8 +202,11 @@ class BlipBackbone(Backbone):
         key = next((k for k in state if k.endswith(WORD_EMBEDDINGS)), None)
         own = self.model.text_encoder.get_input_embeddings().weight.shape
         if key and state[key].shape[0] > own[0] and state[key].shape[1] == own[1]:
-            log.info("word embeddings grown from %d to %d rows (tokens added by the run that saved them)",
-                     own[0], state[key].shape[0])
+            log.info(
+                "word embeddings grown from %d to %d rows (tokens added by the run that saved them)",
+                own[0],
+                state[key].shape[0],
+            )
             self.model.text_encoder.resize_token_embeddings(state[key].shape[0])
 
     # ---- encoders -------------------------------------------------------------------------------
@@ -180,14 +215,18 @@ class BlipBackbone(Backbone):
         return self.model.vision_proj(hidden[:, 0])
 
     def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=self.max_length,
-                             return_tensors="pt")
+        enc = self.tokenizer(
+            list(texts), padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
     def encode_text(self, tokens: dict[str, torch.Tensor]) -> torch.Tensor:
         """text_proj([CLS]) of the BERT text encoder in unimodal mode (no cross-attention)."""
-        out = self.model.text_encoder(input_ids=tokens["input_ids"].to(self.device),
-                                      attention_mask=tokens["attention_mask"].to(self.device), return_dict=True)
+        out = self.model.text_encoder(
+            input_ids=tokens["input_ids"].to(self.device),
+            attention_mask=tokens["attention_mask"].to(self.device),
+            return_dict=True,
+        )
         return self.model.text_proj(out.last_hidden_state[:, 0])
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor:
@@ -199,10 +238,12 @@ class BlipBackbone(Backbone):
         offered for methods that compose inside the encoder."""
         image_tokens = self.model.vision_model(pixel_values=images).last_hidden_state
         out = self.model.text_encoder(
-            input_ids=tokens["input_ids"].to(self.device), attention_mask=tokens["attention_mask"].to(self.device),
+            input_ids=tokens["input_ids"].to(self.device),
+            attention_mask=tokens["attention_mask"].to(self.device),
             encoder_hidden_states=image_tokens,
             encoder_attention_mask=torch.ones(image_tokens.shape[:2], dtype=torch.long, device=self.device),
-            return_dict=True)
+            return_dict=True,
+        )
         return self.model.text_proj(out.last_hidden_state[:, 0])
 
     def add_tokens(self, tokens: list[str]) -> None:
@@ -245,8 +286,15 @@ def caption_vocab(cache_dir: str, dataset: dict | None = None) -> list[str]:
     return list(seen)
 
 
-def pretrained_blip_tiny(cache_dir: str, model_cfg: dict, pretrain: dict, preprocess: str = "clip",
-                         checkpoint: str | None = None, name: str = "blip_tiny", max_length: int = 32) -> BlipBackbone:
+def pretrained_blip_tiny(
+    cache_dir: str,
+    model_cfg: dict,
+    pretrain: dict,
+    preprocess: str = "clip",
+    checkpoint: str | None = None,
+    name: str = "blip_tiny",
+    max_length: int = 32,
+) -> BlipBackbone:
     if checkpoint and Path(checkpoint).is_dir():
         return BlipBackbone(checkpoint=checkpoint, preprocess=preprocess, name=name, max_length=max_length)
     if checkpoint and not Path(checkpoint).is_file():  # before pretraining, not after minutes of it
@@ -257,12 +305,18 @@ def pretrained_blip_tiny(cache_dir: str, model_cfg: dict, pretrain: dict, prepro
     if not vocab_path.is_file() or vocab_path.read_text().split("\n") != vocab:
         write_text(vocab_path, "\n".join(vocab))
     config = json.loads(json.dumps(model_cfg))
-    config["text_config"] = {**config["text_config"], "vocab_size": len(vocab), "pad_token_id": 0,
-                             "bos_token_id": vocab.index("[CLS]"), "sep_token_id": vocab.index("[SEP]"),
-                             "eos_token_id": vocab.index("[SEP]")}
+    config["text_config"] = {
+        **config["text_config"],
+        "vocab_size": len(vocab),
+        "pad_token_id": 0,
+        "bos_token_id": vocab.index("[CLS]"),
+        "sep_token_id": vocab.index("[SEP]"),
+        "eos_token_id": vocab.index("[SEP]"),
+    }
     torch.manual_seed(pretrain["seed"])  # the same initial weights whatever ran before
-    backbone = BlipBackbone(config=config, vocab_file=str(vocab_path), preprocess=preprocess, name=name,
-                            max_length=max_length)
+    backbone = BlipBackbone(
+        config=config, vocab_file=str(vocab_path), preprocess=preprocess, name=name, max_length=max_length
+    )
     backbone = load_or_pretrain(backbone, cache_dir, {"blip": config, "vocab": vocab}, pretrain, name)
     if checkpoint:
         backbone.load_weights_file(checkpoint)

@@ -7,6 +7,7 @@ vit.py / med.py and transformers' convert_blip_original_pytorch_to_hf.py; every 
 filled and every checkpoint tensor is either used or dropped by an explicit rule below (pretraining-only
 parts), so a checkpoint of another kind or size is an error, never a partial model.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,11 @@ UNUSED = {
     "text_encoder_m.": "momentum text encoder",
     "text_proj_m.": "momentum text projection",
     "text_decoder.": "captioning decoder (LM pretraining)",
-    "image_queue": "ITC feature queue", "text_queue": "ITC feature queue", "queue_ptr": "ITC queue pointer",
-    "idx_queue": "retrieval fine-tuning id queue", "ptr_queue": "retrieval fine-tuning queue pointer",
+    "image_queue": "ITC feature queue",
+    "text_queue": "ITC feature queue",
+    "queue_ptr": "ITC queue pointer",
+    "idx_queue": "retrieval fine-tuning id queue",
+    "ptr_queue": "retrieval fine-tuning queue pointer",
     "temp": "ITC temperature",
     POSITION_IDS: "constant position-id buffer (HF rebuilds it)",
 }
@@ -47,7 +51,10 @@ VISION_RENAMES = [
     (r"^visual_encoder\.blocks\.(\d+)\.norm1\.", r"vision_model.encoder.layers.\1.layer_norm1."),
     (r"^visual_encoder\.blocks\.(\d+)\.norm2\.", r"vision_model.encoder.layers.\1.layer_norm2."),
     (r"^visual_encoder\.blocks\.(\d+)\.attn\.qkv\.", r"vision_model.encoder.layers.\1.self_attn.qkv."),
-    (r"^visual_encoder\.blocks\.(\d+)\.attn\.proj\.", r"vision_model.encoder.layers.\1.self_attn.projection."),
+    (
+        r"^visual_encoder\.blocks\.(\d+)\.attn\.proj\.",
+        r"vision_model.encoder.layers.\1.self_attn.projection.",
+    ),
     (r"^visual_encoder\.blocks\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."),
 ]
 # text_encoder.* (med.py BertModel), vision_proj, text_proj and itm_head keep their names in HF.
@@ -89,15 +96,17 @@ def blip_tokenizer(source: str) -> BertTokenizerFast:
         raise CirlabError(
             f"cannot load the BERT tokenizer {source!r} ({' '.join(str(err).split())[:160]}). BLIP uses "
             "bert-base-uncased: download it once where there is network (`hf download bert-base-uncased`), or "
-            "give a tokenizer folder with +tokenizer=DIR.") from err
+            "give a tokenizer folder with +tokenizer=DIR."
+        ) from err
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     if "[ENC]" not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
     return tokenizer
 
 
-def convert_blip_checkpoint(src: str | Path, out: str | Path, architecture: dict,
-                            tokenizer: str = "bert-base-uncased") -> dict[str, list[str]]:
+def convert_blip_checkpoint(
+    src: str | Path, out: str | Path, architecture: dict, tokenizer: str = "bert-base-uncased"
+) -> dict[str, list[str]]:
     """Write `out` (save_pretrained: model + tokenizer) from a BLIP checkpoint; returns the dropped
     keys grouped by reason. `architecture` = BlipConfig kwargs (backbone.architecture of blip_base)."""
     src, out = Path(src), Path(out)
@@ -108,8 +117,10 @@ def convert_blip_checkpoint(src: str | Path, out: str | Path, architecture: dict
     obj = load_torch(src)
     if not (isinstance(obj, dict) and isinstance(obj.get("model"), dict)):
         keys = list(obj)[:6] if isinstance(obj, dict) else type(obj).__name__
-        raise CirlabError(f"+src={src} is not a BLIP checkpoint (expected the state dict under 'model', as "
-                          f"salesforce/BLIP saves model_base.pth; found {keys})")
+        raise CirlabError(
+            f"+src={src} is not a BLIP checkpoint (expected the state dict under 'model', as "
+            f"salesforce/BLIP saves model_base.pth; found {keys})"
+        )
     model = BlipForImageTextRetrieval(BlipConfig(**plain(architecture))).eval()
     dropped: dict[str, list[str]] = {}
     state = {}
@@ -121,14 +132,18 @@ def convert_blip_checkpoint(src: str | Path, out: str | Path, architecture: dict
             state[hf_name(key)] = value
     pos = "vision_model.embeddings.position_embedding"
     if pos in state:
-        state[pos] = interpolate_pos_embed(state[pos], model.vision_model.embeddings.position_embedding.shape[1])
+        state[pos] = interpolate_pos_embed(
+            state[pos], model.vision_model.embeddings.position_embedding.shape[1]
+        )
     load_strict(model, state, f"+src={src} (converted to HF BLIP names)")
 
     tok = blip_tokenizer(tokenizer)
     rows = model.text_encoder.get_input_embeddings().weight.shape[0]
     if len(tok) != rows:
-        raise CirlabError(f"tokenizer {tokenizer!r} has {len(tok)} tokens with [DEC]/[ENC], but the checkpoint's "
-                          f"word embedding has {rows} rows: give BLIP's tokenizer (bert-base-uncased)")
+        raise CirlabError(
+            f"tokenizer {tokenizer!r} has {len(tok)} tokens with [DEC]/[ENC], but the checkpoint's "
+            f"word embedding has {rows} rows: give BLIP's tokenizer (bert-base-uncased)"
+        )
     text = model.config.text_config
     text.pad_token_id, text.sep_token_id = tok.pad_token_id, tok.sep_token_id
     text.bos_token_id, text.eos_token_id = tok.bos_token_id, tok.sep_token_id

@@ -4,6 +4,7 @@ checkpoint file, or a small config given inline (the tiny backbone).
 OpenAI's CLIP weights were trained with QuickGELU; open_clip >= 2.29 builds its plain model names
 with nn.GELU even for `pretrained='openai'` (it only warns), so cirlab asks for QuickGELU itself
 whenever the weights are OpenAI's (`quick_gelu`)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,10 +21,17 @@ from cirlab.weights import Layout, add_prefix, cirlab_stage, load_weights, wrapp
 
 
 class OpenCLIPBackbone(Backbone):
-    def __init__(self, model_name: str | None = None, pretrained: str | None = None,
-                 model_cfg: dict[str, Any] | None = None, checkpoint: str | None = None,
-                 preprocess: str = "clip", target_ratio: float = 1.25, name: str | None = None,
-                 quick_gelu: bool | None = None):
+    def __init__(
+        self,
+        model_name: str | None = None,
+        pretrained: str | None = None,
+        model_cfg: dict[str, Any] | None = None,
+        checkpoint: str | None = None,
+        preprocess: str = "clip",
+        target_ratio: float = 1.25,
+        name: str | None = None,
+        quick_gelu: bool | None = None,
+    ):
         super().__init__()
         if model_cfg is not None:
             self.model = open_clip.model.CLIP(**model_cfg)
@@ -35,21 +43,25 @@ class OpenCLIPBackbone(Backbone):
                 raise CirlabError(f"unknown open_clip model {model_name!r}; see open_clip.list_models()")
             self.quick_gelu = uses_quick_gelu(pretrained) if quick_gelu is None else bool(quick_gelu)
             try:
-                self.model = open_clip.create_model(model_name, pretrained=pretrained,
-                                                    force_quick_gelu=self.quick_gelu)
+                self.model = open_clip.create_model(
+                    model_name, pretrained=pretrained, force_quick_gelu=self.quick_gelu
+                )
             except RuntimeError as err:
                 raise CirlabError(
                     f"could not load pretrained weights {model_name}/{pretrained}: {err}\n"
                     "Weights download on first use (needs network) or give a local file with "
-                    "backbone.pretrained=/path/to/weights.pt (or backbone.pretrained=null for random init).") from err
+                    "backbone.pretrained=/path/to/weights.pt (or backbone.pretrained=null for random init)."
+                ) from err
             self.tokenizer = open_clip.get_tokenizer(model_name)
             mean = getattr(self.model.visual, "image_mean", None) or OPENAI_DATASET_MEAN
             std = getattr(self.model.visual, "image_std", None) or OPENAI_DATASET_STD
         size = self.model.visual.image_size
         self.image_size = size[0] if isinstance(size, (tuple, list)) else int(size)
-        self.embed_dim = int(self.model.text_projection.shape[-1]
-                             if isinstance(self.model.text_projection, torch.Tensor)
-                             else self.model.text_projection.out_features)
+        self.embed_dim = int(
+            self.model.text_projection.shape[-1]
+            if isinstance(self.model.text_projection, torch.Tensor)
+            else self.model.text_projection.out_features
+        )
         self.preprocess_mode = preprocess
         self.preprocess = build_transform(preprocess, self.image_size, mean, std, target_ratio)
         self.name = name or model_name or "openclip"
@@ -79,17 +91,22 @@ class OpenCLIPBackbone(Backbone):
             end = max(range(len(row)), key=lambda i: row[i])  # EOT: the largest id in the row
             inner = row[1:end]
             if len(inner) != 1:
-                raise CirlabError(f"backbone {self.name!r}: the tokenizer splits '$' into {inner}; "
-                                  "SEARLE needs a single-token placeholder")
+                raise CirlabError(
+                    f"backbone {self.name!r}: the tokenizer splits '$' into {inner}; "
+                    "SEARLE needs a single-token placeholder"
+                )
             self._placeholder_id = inner[0]
         return self._placeholder_id
 
     def _text_tower(self):
         model = self.model
-        if not all(hasattr(model, a) for a in ("token_embedding", "positional_embedding", "transformer",
-                                                "ln_final")):
-            raise CirlabError(f"backbone {self.name!r} ({type(model).__name__}) has no CLIP text tower with a "
-                              "token embedding; pseudo-token encoding needs an open_clip CLIP model")
+        if not all(
+            hasattr(model, a) for a in ("token_embedding", "positional_embedding", "transformer", "ln_final")
+        ):
+            raise CirlabError(
+                f"backbone {self.name!r} ({type(model).__name__}) has no CLIP text tower with a "
+                "token embedding; pseudo-token encoding needs an open_clip CLIP model"
+            )
         return model
 
     def encode_text_with_pseudo_tokens(self, tokens: torch.Tensor, pseudo: torch.Tensor) -> torch.Tensor:
@@ -102,8 +119,10 @@ class OpenCLIPBackbone(Backbone):
         tokens = tokens.to(m.token_embedding.weight.device)
         is_ph = tokens == self.placeholder_token_id
         if not bool(is_ph.any(dim=1).all()):
-            raise CirlabError("a prompt has no '$' placeholder for the pseudo token; write prompts like "
-                              "'a photo of $ that {}' (spaces around $)")
+            raise CirlabError(
+                "a prompt has no '$' placeholder for the pseudo token; write prompts like "
+                "'a photo of $ that {}' (spaces around $)"
+            )
         cast_dtype = m.transformer.get_cast_dtype()
         x = m.token_embedding(tokens).to(cast_dtype)
         pseudo = pseudo.to(x.dtype)
@@ -120,12 +139,16 @@ class OpenCLIPBackbone(Backbone):
             # padding gives the same output at a fraction of the cost (OTI runs thousands of these)
             n = int(tokens.argmax(dim=-1).max()) + 1
             x, tokens, attn_mask = x[:, :n], tokens[:, :n], attn_mask[:n, :n]
-        x = x + m.positional_embedding[:x.shape[1]].to(cast_dtype)
+        x = x + m.positional_embedding[: x.shape[1]].to(cast_dtype)
         x = m.transformer(x, attn_mask=attn_mask)
         x = m.ln_final(x)
         x = text_global_pool(x, tokens, m.text_pool_type, eos_token_id=getattr(m, "text_eos_id", None))
         if m.text_projection is not None:
-            x = m.text_projection(x) if isinstance(m.text_projection, torch.nn.Linear) else x @ m.text_projection
+            x = (
+                m.text_projection(x)
+                if isinstance(m.text_projection, torch.nn.Linear)
+                else x @ m.text_projection
+            )
         return x
 
     def image_parameters(self):
@@ -154,8 +177,11 @@ def _from_clip_names(state: dict) -> dict:
 
 
 def _is_clip_state(obj) -> bool:
-    return (isinstance(obj, dict) and any(k.startswith("visual.") for k in obj)
-            and all(isinstance(v, torch.Tensor) for k, v in obj.items() if k not in _OPENAI_EXTRAS))
+    return (
+        isinstance(obj, dict)
+        and any(k.startswith("visual.") for k in obj)
+        and all(isinstance(v, torch.Tensor) for k, v in obj.items() if k not in _OPENAI_EXTRAS)
+    )
 
 
 def clip_layouts(backbone_name: str) -> list[Layout]:
@@ -163,23 +189,39 @@ def clip_layouts(backbone_name: str) -> list[Layout]:
 
     def cirlab_file(obj):
         if obj["backbone"] != backbone_name:
-            raise CirlabError(f"the file holds weights of backbone {obj['backbone']!r}, but the config builds "
-                              f"{backbone_name!r}. Pick the matching backbone=... or another checkpoint.")
+            raise CirlabError(
+                f"the file holds weights of backbone {obj['backbone']!r}, but the config builds "
+                f"{backbone_name!r}. Pick the matching backbone=... or another checkpoint."
+            )
         return obj["state_dict"]
 
     return [
-        Layout("cirlab backbone file {'backbone': name, 'state_dict': ...}",
-               lambda o: isinstance(o, dict) and "backbone" in o and isinstance(o.get("state_dict"), dict),
-               cirlab_file),
+        Layout(
+            "cirlab backbone file {'backbone': name, 'state_dict': ...}",
+            lambda o: isinstance(o, dict) and "backbone" in o and isinstance(o.get("state_dict"), dict),
+            cirlab_file,
+        ),
         cirlab_stage("backbone.", "its backbone.* weights"),
-        wrapped("CLIP", "CLIP4Cir fine-tuned CLIP {'epoch': int, 'CLIP': state_dict} (OpenAI clip names)",
-                _from_clip_names),
-        Layout("open_clip training checkpoint {'epoch', 'state_dict': {(module.)visual.*, ...}}",
-               lambda o: isinstance(o, dict) and _is_clip_state(
-                   {k.removeprefix("module."): v for k, v in (o.get("state_dict") or {}).items()}),
-               lambda o: _from_clip_names({k.removeprefix("module."): v for k, v in o["state_dict"].items()})),
-        Layout("OpenAI / open_clip CLIP state dict (visual.*, transformer.*, token_embedding.weight, ...)",
-               _is_clip_state, _from_clip_names),
+        wrapped(
+            "CLIP",
+            "CLIP4Cir fine-tuned CLIP {'epoch': int, 'CLIP': state_dict} (OpenAI clip names)",
+            _from_clip_names,
+        ),
+        Layout(
+            "open_clip training checkpoint {'epoch', 'state_dict': {(module.)visual.*, ...}}",
+            lambda o: (
+                isinstance(o, dict)
+                and _is_clip_state(
+                    {k.removeprefix("module."): v for k, v in (o.get("state_dict") or {}).items()}
+                )
+            ),
+            lambda o: _from_clip_names({k.removeprefix("module."): v for k, v in o["state_dict"].items()}),
+        ),
+        Layout(
+            "OpenAI / open_clip CLIP state dict (visual.*, transformer.*, token_embedding.weight, ...)",
+            _is_clip_state,
+            _from_clip_names,
+        ),
     ]
 
 

@@ -4,6 +4,7 @@ No pretrained weights can be downloaded in CI or here, so the tiny backbones (`t
 are trained by cirlab itself (CLIP InfoNCE on the synthetic benchmark's image captions) on first
 use and cached by a hash of (model config, pretraining config): later runs load them in a second.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,7 +40,9 @@ def cache_path(cache_dir: str, name: str, model_cfg: dict, pretrain: dict) -> Pa
     return Path(cache_dir) / "backbones" / f"{name}-{key}.pt"
 
 
-def load_or_pretrain(backbone: Backbone, cache_dir: str, model_cfg: dict, pretrain: dict, name: str) -> Backbone:
+def load_or_pretrain(
+    backbone: Backbone, cache_dir: str, model_cfg: dict, pretrain: dict, name: str
+) -> Backbone:
     """Load the cached pretrained weights of (model_cfg, pretrain), or pretrain and cache them."""
     path = cache_path(cache_dir, name, model_cfg, pretrain)
     if _load_cached(backbone, path, name, warn=False):
@@ -64,27 +67,44 @@ def _load_cached(backbone: Backbone, path: Path, name: str, warn: bool) -> bool:
 
 def _load_split(source, backbone, split, edits=False):
     pairs = source.image_captions(split, edits=edits)
-    images = torch.stack([backbone.preprocess(load_image(source.image_path(n)))
-                          for n, _ in tqdm(pairs, desc=f"loading {split} images", leave=False)])
+    images = torch.stack(
+        [
+            backbone.preprocess(load_image(source.image_path(n)))
+            for n, _ in tqdm(pairs, desc=f"loading {split} images", leave=False)
+        ]
+    )
     return images, [caps for _, caps in pairs]
 
 
 def pretrain_on_captions(backbone: Backbone, cache_dir: str, cfg: dict, path: Path) -> dict:
     start = time.time()
-    log.info("pretraining the %s backbone on synthetic captions (first use; cached at %s)", backbone.name, path)
+    log.info(
+        "pretraining the %s backbone on synthetic captions (first use; cached at %s)", backbone.name, path
+    )
     L.seed_everything(cfg["seed"], workers=True, verbose=False)
     source = synthetic_source(cache_dir, **cfg.get("dataset", {}))
     train_x, train_caps = _load_split(source, backbone, "train", edits=cfg.get("edit_captions", False))
     test_x, test_caps = _load_split(source, backbone, "test")
     module = ContrastivePretraining(backbone, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    trainer = L.Trainer(max_epochs=cfg["epochs"], accelerator="cpu", devices=1, logger=False,
-                        enable_checkpointing=False, enable_model_summary=False, deterministic=False,
-                        reload_dataloaders_every_n_epochs=1)
+    trainer = L.Trainer(
+        max_epochs=cfg["epochs"],
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        deterministic=False,
+        reload_dataloaders_every_n_epochs=1,
+    )
     trainer.fit(module, train_dataloaders=make_loader(train_x, train_caps, cfg["batch_size"], cfg["seed"]))
     metrics = evaluate_captions(backbone, test_x, test_caps)
     seconds = time.time() - start
-    log.info("%s backbone pretrained in %.0f s: held-out text->image R@1 %.1f", backbone.name, seconds,
-             metrics["t2i_recall_at_1"])
+    log.info(
+        "%s backbone pretrained in %.0f s: held-out text->image R@1 %.1f",
+        backbone.name,
+        seconds,
+        metrics["t2i_recall_at_1"],
+    )
     save_torch(path, {"backbone": backbone.name, "state_dict": backbone.state_dict(), "metrics": metrics})
     write_json(path.with_suffix(".json"), {"metrics": metrics, "pretrain": cfg, "seconds": seconds})
     return metrics

@@ -5,6 +5,7 @@ Batches: train {image, text (one caption of the image drawn per epoch), index}; 
 come in a pair per split: [images {index, image}, captions {index, text, image_index}].
 Images are cached embeddings (frozen image encoder) or preprocessed pixels.
 """
+
 from __future__ import annotations
 
 import random
@@ -69,11 +70,18 @@ class CaptionDataModule(CIRDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = self.train_dataset()  # EpochSampler: order and caption draw follow (seed, epoch), also on resume
-        return DataLoader(ds, batch_size=self.batch_size, sampler=EpochSampler(ds, self.seed),
-                          drop_last=len(ds) > self.batch_size, num_workers=self.num_workers)
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            sampler=EpochSampler(ds, self.seed),
+            drop_last=len(ds) > self.batch_size,
+            num_workers=self.num_workers,
+        )
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
         pairs = self.pairs(split)
         kw = dict(batch_size=self.eval_batch_size, num_workers=self.num_workers)
-        return [DataLoader(GalleryDataset([n for n, _ in pairs], self._lookup()), **kw),
-                DataLoader(CaptionTexts(pairs), **kw)]
+        return [
+            DataLoader(GalleryDataset([n for n, _ in pairs], self._lookup()), **kw),
+            DataLoader(CaptionTexts(pairs), **kw),
+        ]

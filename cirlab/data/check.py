@@ -1,4 +1,5 @@
 """The image check that sources skip at construction: is every image of the chosen splits there and readable?"""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -64,6 +65,11 @@ def _section(title: str, items: list[str]) -> list[str]:
 
 
 def format_report(report: ImageReport) -> str:
-    head = f"checked {report.checked} images: {len(report.missing)} missing, {len(report.unreadable)} unreadable"
-    return "\n".join([head] + _section("missing (by name)", report.missing)
-                     + _section("unreadable", [f"{p} ({why})" for p, why in report.unreadable]))
+    head = (
+        f"checked {report.checked} images: {len(report.missing)} missing, {len(report.unreadable)} unreadable"
+    )
+    return "\n".join(
+        [head]
+        + _section("missing (by name)", report.missing)
+        + _section("unreadable", [f"{p} ({why})" for p, why in report.unreadable])
+    )

@@ -5,11 +5,12 @@ embeddings (a frozen image encoder): `features` maps image name -> embedding. Ba
 train {reference, target, text}, gallery {index, image}, query {index, reference, text}.
 Validation/test loaders come in pairs per eval set: [gallery_0, queries_0, gallery_1, ...].
 """
+
 from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Callable
+from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -24,7 +25,9 @@ from cirlab.errors import CirlabError
 class ImageLookup:
     """name -> model input: a cached embedding if available, else preprocessed pixels."""
 
-    def __init__(self, source: CIRSource, transform: Callable | None, features: dict[str, torch.Tensor] | None):
+    def __init__(
+        self, source: CIRSource, transform: Callable | None, features: dict[str, torch.Tensor] | None
+    ):
         self.source, self.transform, self.features = source, transform, features
 
     def __call__(self, name: str) -> torch.Tensor:
@@ -49,8 +52,14 @@ class TripletDataset(Dataset):
     the raw captions BEFORE the source's caption rule, with its own random draw (as the reference).
     """
 
-    def __init__(self, queries: list[CIRQuery], source: CIRSource, lookup: ImageLookup, seed: int,
-                 text_views: dict[str, CaptionView] | None = None):
+    def __init__(
+        self,
+        queries: list[CIRQuery],
+        source: CIRSource,
+        lookup: ImageLookup,
+        seed: int,
+        text_views: dict[str, CaptionView] | None = None,
+    ):
         self.queries, self.source, self.lookup, self.seed = queries, source, lookup, seed
         self.text_views = text_views or {"text": None}
         self.epoch = 0
@@ -98,7 +107,9 @@ class GalleryDataset(Dataset):
 
 
 class QueryDataset(Dataset):
-    def __init__(self, queries: list[CIRQuery], source: CIRSource, lookup: ImageLookup, view: CaptionView = None):
+    def __init__(
+        self, queries: list[CIRQuery], source: CIRSource, lookup: ImageLookup, view: CaptionView = None
+    ):
         self.queries, self.source, self.lookup, self.view = queries, source, lookup, view
 
     def __len__(self) -> int:
@@ -106,12 +117,24 @@ class QueryDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         q = self.queries[i]
-        return {"index": i, "reference": self.lookup(q.reference), "text": self.source.eval_text(with_view(q, self.view))}
+        return {
+            "index": i,
+            "reference": self.lookup(q.reference),
+            "text": self.source.eval_text(with_view(q, self.view)),
+        }
 
 
 class CIRDataModule(L.LightningDataModule):
-    def __init__(self, source: CIRSource, batch_size: int = 64, eval_batch_size: int = 256,
-                 num_workers: int = 0, seed: int = 0, val_split: str = "val", test_split: str = "test"):
+    def __init__(
+        self,
+        source: CIRSource,
+        batch_size: int = 64,
+        eval_batch_size: int = 256,
+        num_workers: int = 0,
+        seed: int = 0,
+        val_split: str = "val",
+        test_split: str = "test",
+    ):
         super().__init__()
         self.source = source
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -124,8 +147,12 @@ class CIRDataModule(L.LightningDataModule):
         self.text_views: dict[str, CaptionView] = {"text": None}
 
     # ---- configured by the pipeline per stage ---------------------------------------------------
-    def use(self, transform: Callable | None = None, features: dict[str, torch.Tensor] | None = None,
-            text_views: dict[str, CaptionView] | None = None) -> None:
+    def use(
+        self,
+        transform: Callable | None = None,
+        features: dict[str, torch.Tensor] | None = None,
+        text_views: dict[str, CaptionView] | None = None,
+    ) -> None:
         """`text_views`: the stage's caption views (its `text_views`); "text" is also the eval query view."""
         self.transform, self.features = transform, features
         self.text_views = text_views or {"text": None}
@@ -166,10 +193,18 @@ class CIRDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         ds = self.train_dataset()
         if len(ds) < self.batch_size:
-            raise CirlabError(f"{len(ds)} training triplets are fewer than one batch ({self.batch_size}); "
-                              "lower method.batch_size")
-        return DataLoader(ds, batch_size=self.batch_size, sampler=EpochSampler(ds, self.seed), drop_last=True,
-                          num_workers=self.num_workers, collate_fn=collate)
+            raise CirlabError(
+                f"{len(ds)} training triplets are fewer than one batch ({self.batch_size}); "
+                "lower method.batch_size"
+            )
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            sampler=EpochSampler(ds, self.seed),
+            drop_last=True,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+        )
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
         lookup = self._lookup()
@@ -177,8 +212,11 @@ class CIRDataModule(L.LightningDataModule):
         for es in self.eval_sets(split):
             queries = QueryDataset(es.queries, self.source, lookup, self.text_views.get("text"))
             for ds in (GalleryDataset(es.gallery, lookup), queries):
-                loaders.append(DataLoader(ds, batch_size=self.eval_batch_size, num_workers=self.num_workers,
-                                          collate_fn=collate))
+                loaders.append(
+                    DataLoader(
+                        ds, batch_size=self.eval_batch_size, num_workers=self.num_workers, collate_fn=collate
+                    )
+                )
         return loaders
 
     def val_dataloader(self) -> list[DataLoader]:

@@ -5,6 +5,7 @@ embeddings are computed once and stored under a key that hashes (backbone weight
 image list). A different backbone or image list gets a new file; a truncated or foreign file
 fails its checksum and is rebuilt, never used.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,15 +41,24 @@ def _checksum(t: torch.Tensor) -> str:
 
 
 @torch.no_grad()
-def encode_images(backbone: Backbone, paths: list[Path], batch_size: int = 256, num_workers: int = 0,
-                  desc: str = "encoding images", transform=None) -> torch.Tensor:
+def encode_images(
+    backbone: Backbone,
+    paths: list[Path],
+    batch_size: int = 256,
+    num_workers: int = 0,
+    desc: str = "encoding images",
+    transform=None,
+) -> torch.Tensor:
     """Raw embeddings of `paths`; `transform` (default: the backbone's preprocess) maps PIL -> tensor."""
-    loader = DataLoader(ImageFiles(paths, transform or backbone.preprocess), batch_size=batch_size,
-                        num_workers=num_workers)
+    loader = DataLoader(
+        ImageFiles(paths, transform or backbone.preprocess), batch_size=batch_size, num_workers=num_workers
+    )
     was_training = backbone.training
     backbone.eval()
-    out = [backbone.encode_image(x.to(backbone.device)).float().cpu()
-           for x in tqdm(loader, desc=desc, leave=False, disable=len(loader) < 2)]
+    out = [
+        backbone.encode_image(x.to(backbone.device)).float().cpu()
+        for x in tqdm(loader, desc=desc, leave=False, disable=len(loader) < 2)
+    ]
     backbone.train(was_training)
     return torch.cat(out)
 
@@ -79,8 +89,13 @@ class FeatureCache:
                 feats = self._read(path, names, warn=True)
                 if feats is None:
                     self.last_hit = False
-                    feats = encode_images(backbone, paths, self.batch_size, self.num_workers,
-                                          desc=f"caching features ({len(paths)} images)")
+                    feats = encode_images(
+                        backbone,
+                        paths,
+                        self.batch_size,
+                        self.num_workers,
+                        desc=f"caching features ({len(paths)} images)",
+                    )
                     save_torch(path, {"names": names, "features": feats, "checksum": _checksum(feats)})
         return dict(zip(names, feats))
 
@@ -91,8 +106,11 @@ class FeatureCache:
             return None
         try:
             blob = load_torch(path)
-            if (isinstance(blob, dict) and blob.get("names") == names
-                    and blob.get("checksum") == _checksum(blob["features"])):
+            if (
+                isinstance(blob, dict)
+                and blob.get("names") == names
+                and blob.get("checksum") == _checksum(blob["features"])
+            ):
                 return blob["features"]
         except (CirlabError, KeyError, TypeError):
             pass

@@ -1,4 +1,5 @@
 """Image decoding with errors that name the file."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,7 +16,11 @@ def load_image(path: str | Path) -> Image.Image:
             img.load()
             return img.convert("RGB")
     except FileNotFoundError as err:
-        raise CirlabError(f"image not found: {path}. Run `cirlab +task=check_data` to list every missing file.") from err
+        raise CirlabError(
+            f"image not found: {path}. Run `cirlab +task=check_data` to list every missing file."
+        ) from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise CirlabError(f"corrupt or unreadable image: {path} ({err}). Replace the file, or set "
-                          "dataset.missing_images=skip to leave it out.") from err
+        raise CirlabError(
+            f"corrupt or unreadable image: {path} ({err}). Replace the file, or set "
+            "dataset.missing_images=skip to leave it out."
+        ) from err

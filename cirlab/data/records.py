@@ -1,4 +1,5 @@
 """The records every dataset source produces, so that every method runs on every dataset unchanged."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -13,6 +13,7 @@ SEARLE's prompt "a photo of $ that {text}" relies on; held-out images never do.
 Galleries are built around the queries with hard negatives (the target with one other slot
 changed, the reference itself), so zero-shot baselines stay low and training has headroom.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,21 +31,33 @@ from cirlab.errors import CirlabError
 from cirlab.io import build_lock, write_json, write_text
 
 COLORS = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
-    "yellow": (230, 210, 40), "purple": (150, 60, 190), "orange": (240, 140, 30),
-    "white": (235, 235, 235), "cyan": (40, 200, 210),
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (230, 210, 40),
+    "purple": (150, 60, 190),
+    "orange": (240, 140, 30),
+    "white": (235, 235, 235),
+    "cyan": (40, 200, 210),
 }
 SHAPES = ("circle", "square", "triangle", "cross")
-SLOT_NAMES = {1: ("in the middle",), 2: ("on the left", "on the right"),
-              3: ("on the left", "in the middle", "on the right"),
-              4: ("on the far left", "on the left", "on the right", "on the far right")}
+SLOT_NAMES = {
+    1: ("in the middle",),
+    2: ("on the left", "on the right"),
+    3: ("on the left", "in the middle", "on the right"),
+    4: ("on the far left", "on the left", "on the right", "on the far right"),
+}
 
 Scene = tuple  # per slot: None or (colour, shape)
 
 # Rendering styles: "plain" is what the tiny backbone was pretrained on; the others are image-domain
 # shifts of the same scenes (captions unchanged) for adapting a frozen backbone to a new domain.
-STYLES = {"plain": {}, "light": {"background": (200, 200, 200)}, "outline": {"outline": True},
-          "noisy": {"noise": 0.15}}
+STYLES = {
+    "plain": {},
+    "light": {"background": (200, 200, 200)},
+    "outline": {"outline": True},
+    "noisy": {"noise": 0.15},
+}
 
 
 @dataclass(frozen=True)
@@ -57,19 +70,19 @@ class SyntheticSpec:
     n_colors: int = 6
     n_shapes: int = 4
     max_edits: int = 2
-    n_pretrain: int = 5000       # captioned images for backbone pretraining (none from val/test)
-    n_train: int = 4000          # CIR training triplets
+    n_pretrain: int = 5000  # captioned images for backbone pretraining (none from val/test)
+    n_train: int = 4000  # CIR training triplets
     n_val: int = 400
     n_test: int = 400
-    hard_negatives: int = 3      # per query: target variants with one other slot changed
-    noise: float = 0.04          # pixel noise std (0..1 scale)
-    style: str = "plain"         # rendering style (STYLES): same scenes and captions, other pixels
-    edit_captions: int = 3       # per train/pretraining image: captions in the modification grammar (below)
+    hard_negatives: int = 3  # per query: target variants with one other slot changed
+    noise: float = 0.04  # pixel noise std (0..1 scale)
+    style: str = "plain"  # rendering style (STYLES): same scenes and captions, other pixels
+    edit_captions: int = 3  # per train/pretraining image: captions in the modification grammar (below)
 
     def digest(self) -> str:
         fields = asdict(self)
         for name, old in (("style", "plain"), ("edit_captions", 0)):  # fields added later: their old value
-            if fields[name] == old:                                     # keeps the folder name it had
+            if fields[name] == old:  # keeps the folder name it had
                 del fields[name]
         return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -117,7 +130,7 @@ class Generator:
         if form < 0.7:
             return f"a photo of {head} that " + " and ".join(f"has {p}" for p in rest)
         k = rng.randrange(len(parts))
-        head, rest = parts[k], parts[:k] + parts[k + 1:]
+        head, rest = parts[k], parts[:k] + parts[k + 1 :]
         empties = [f"has nothing {self.slot_names[i]}" for i, o in enumerate(scene) if o is None]
         return f"a photo of {head} that " + " and ".join([f"has {p}" for p in rest] + empties)
 
@@ -151,8 +164,11 @@ class Generator:
         modification text zero-shot (SEARLE)."""
         source, _ = self.edit(scene, rng)
         head = " and ".join(f"{describe_object(o)} {self.slot_names[i]}" for i, o in enumerate(source) if o)
-        changes = [change_text(self.slot_names[i], source[i], scene[i])
-                   for i in range(self.spec.slots) if source[i] != scene[i]]
+        changes = [
+            change_text(self.slot_names[i], source[i], scene[i])
+            for i in range(self.spec.slots)
+            if source[i] != scene[i]
+        ]
         rng.shuffle(changes)
         return f"a photo of {head} that " + " and ".join(changes)
 
@@ -183,7 +199,11 @@ class Generator:
             cx = cell * (i + 0.5) + rng.uniform(-0.08, 0.08) * cell
             cy = big / 2 + rng.uniform(-0.15, 0.15) * big
             box = (cx - r, cy - r, cx + r, cy + r)
-            paint = {"outline": color, "width": max(1, round(r / 4))} if self.style.get("outline") else {"fill": color}
+            paint = (
+                {"outline": color, "width": max(1, round(r / 4))}
+                if self.style.get("outline")
+                else {"fill": color}
+            )
             if obj[1] == "circle":
                 draw.ellipse(box, **paint)
             elif obj[1] == "square":
@@ -193,9 +213,23 @@ class Generator:
             else:  # cross
                 w = r / 3
                 if self.style.get("outline"):
-                    draw.polygon([(cx - w, cy - r), (cx + w, cy - r), (cx + w, cy - w), (cx + r, cy - w),
-                                  (cx + r, cy + w), (cx + w, cy + w), (cx + w, cy + r), (cx - w, cy + r),
-                                  (cx - w, cy + w), (cx - r, cy + w), (cx - r, cy - w), (cx - w, cy - w)], **paint)
+                    draw.polygon(
+                        [
+                            (cx - w, cy - r),
+                            (cx + w, cy - r),
+                            (cx + w, cy - w),
+                            (cx + r, cy - w),
+                            (cx + r, cy + w),
+                            (cx + w, cy + w),
+                            (cx + w, cy + r),
+                            (cx - w, cy + r),
+                            (cx - w, cy + w),
+                            (cx - r, cy + w),
+                            (cx - r, cy - w),
+                            (cx - w, cy - w),
+                        ],
+                        **paint,
+                    )
                 else:
                     draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=color)
                     draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=color)
@@ -220,7 +254,9 @@ def generate(spec: SyntheticSpec, root: Path) -> Path:
     records: dict[str, list] = {}
     names: dict[Scene, str] = {}
     if 2 * (spec.n_val + spec.n_test) * (2 + spec.hard_negatives) > len(gen.objects_space()):
-        raise CirlabError("synthetic spec too small for its splits: raise n_colors/n_shapes/slots or lower n_val/n_test")
+        raise CirlabError(
+            "synthetic spec too small for its splits: raise n_colors/n_shapes/slots or lower n_val/n_test"
+        )
 
     def claim(scene: Scene) -> bool:
         if scene in used or all(o is None for o in scene):
@@ -248,8 +284,14 @@ def generate(spec: SyntheticSpec, root: Path) -> Path:
                 neg = gen.perturb(tgt, rng)
                 if claim(neg):
                     scenes.append(neg)
-            triplets.append({"id": f"{split}-{len(triplets)}", "reference": image_name(ref),
-                             "text": text, "target": image_name(tgt)})
+            triplets.append(
+                {
+                    "id": f"{split}-{len(triplets)}",
+                    "reference": image_name(ref),
+                    "text": text,
+                    "target": image_name(tgt),
+                }
+            )
         records[split] = triplets
         split_scenes[split] = scenes
     # training triplets and pretraining images: any scene not held out (images may repeat)
@@ -261,8 +303,14 @@ def generate(spec: SyntheticSpec, root: Path) -> Path:
         if ref in held_out or tgt in held_out:
             continue
         train_scenes.update((ref, tgt))
-        triplets.append({"id": f"train-{len(triplets)}", "reference": image_name(ref),
-                         "text": text, "target": image_name(tgt)})
+        triplets.append(
+            {
+                "id": f"train-{len(triplets)}",
+                "reference": image_name(ref),
+                "text": text,
+                "target": image_name(tgt),
+            }
+        )
     records["train"] = triplets
     split_scenes["train"] = sorted(train_scenes, key=image_name)
     pretrain: list[Scene] = []

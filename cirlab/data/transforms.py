@@ -4,9 +4,10 @@
 target ratio (1.25) up to that ratio; both then Resize(bicubic) + CenterCrop + Normalize.
 torchvision has no such pads, hence written here.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torchvision.transforms.functional as F
 from PIL import Image
@@ -40,17 +41,21 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def build_transform(mode: str, size: int, mean: Sequence[float], std: Sequence[float],
-                    target_ratio: float = 1.25) -> T.Compose:
+def build_transform(
+    mode: str, size: int, mean: Sequence[float], std: Sequence[float], target_ratio: float = 1.25
+) -> T.Compose:
     if mode not in PREPROCESS_MODES:
         from cirlab.errors import CirlabError
 
         raise CirlabError(f"unknown preprocess {mode!r}; choose one of {', '.join(PREPROCESS_MODES)}")
     pad = {"clip": [], "squarepad": [SquarePad()], "targetpad": [TargetPad(target_ratio)]}[mode]
-    return T.Compose(pad + [
-        T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
-        T.CenterCrop(size),
-        _to_rgb,
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
+    return T.Compose(
+        pad
+        + [
+            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(size),
+            _to_rgb,
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )

@@ -13,6 +13,7 @@ Direction token (`direction`):
   row, prepended once to the text.
 Eval queries carry the forward marker, as in the reference. `bidirectional=false` = BLIP4CIR.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,9 +46,13 @@ class BiDirectional:
 
     def _setup_directions(self, backbone, direction: str, bidirectional: bool, reverse_weight: float) -> None:
         if direction not in DIRECTIONS:
-            raise CirlabError(f"unknown method.direction={direction!r}; choose one of {', '.join(DIRECTIONS)}")
+            raise CirlabError(
+                f"unknown method.direction={direction!r}; choose one of {', '.join(DIRECTIONS)}"
+            )
         if not hasattr(backbone, "add_tokens"):
-            raise CirlabError(f"BLIP4CIR+Bi needs a BLIP backbone (backbone=blip_tiny|blip_base), not {backbone.name!r}")
+            raise CirlabError(
+                f"BLIP4CIR+Bi needs a BLIP backbone (backbone=blip_tiny|blip_base), not {backbone.name!r}"
+            )
         if direction == "learned":
             backbone.add_tokens(list(LEARNED_TOKENS.values()))
         mark = mark_text if direction == "text" else mark_learned
@@ -66,12 +71,15 @@ class BiDirectional:
         return forward + self.reverse_weight * reverse
 
 
-def stage1_reverse_logits(reference: torch.Tensor, text_backward: torch.Tensor, target: torch.Tensor,
-                          scale: float) -> torch.Tensor:
+def stage1_reverse_logits(
+    reference: torch.Tensor, text_backward: torch.Tensor, target: torch.Tensor, scale: float
+) -> torch.Tensor:
     """logit[i, j] = scale * <normalize(T_j + t_i), normalize(r_i)>, T_j the NORMALISED target
     feature of triplet j, t_i the raw backward-text feature, r_i the raw reference feature: the
     reversed query (target j, backward text i) must point back to reference i."""
-    queries = F.normalize(F.normalize(target, dim=-1)[None, :, :] + text_backward[:, None, :], dim=-1)  # [B, B, D]
+    queries = F.normalize(
+        F.normalize(target, dim=-1)[None, :, :] + text_backward[:, None, :], dim=-1
+    )  # [B, B, D]
     return scale * torch.einsum("ijd,id->ij", queries, F.normalize(reference, dim=-1))
 
 
@@ -80,11 +88,29 @@ class Blip4CirFinetune(BiDirectional, CLIP4CirFinetune):
     weight decay 0.05, per-epoch cosine on the encoder group only, NOT clamped after `cosine_epochs`
     (the reference's schedule rises again when training runs longer)."""
 
-    def __init__(self, backbone, direction: str = "text", bidirectional: bool = True, reverse_weight: float = 0.4,
-                 lr: float = 5e-5, min_lr: float = 0.0, cosine_epochs: int = 10, proj_lr_scale: float = 100.0,
-                 weight_decay: float = 0.05, logit_scale: float = 100.0, **kwargs):
-        super().__init__(backbone, encoders="text", lr=lr, weight_decay=weight_decay, logit_scale=logit_scale,
-                         eval_mode=False, **kwargs)  # the reference trains with BERT dropout active
+    def __init__(
+        self,
+        backbone,
+        direction: str = "text",
+        bidirectional: bool = True,
+        reverse_weight: float = 0.4,
+        lr: float = 5e-5,
+        min_lr: float = 0.0,
+        cosine_epochs: int = 10,
+        proj_lr_scale: float = 100.0,
+        weight_decay: float = 0.05,
+        logit_scale: float = 100.0,
+        **kwargs,
+    ):
+        super().__init__(
+            backbone,
+            encoders="text",
+            lr=lr,
+            weight_decay=weight_decay,
+            logit_scale=logit_scale,
+            eval_mode=False,
+            **kwargs,
+        )  # the reference trains with BERT dropout active
         self._setup_directions(backbone, direction, bidirectional, reverse_weight)
         self.min_lr, self.cosine_epochs, self.proj_lr_scale = min_lr, cosine_epochs, proj_lr_scale
 
@@ -100,11 +126,17 @@ class Blip4CirFinetune(BiDirectional, CLIP4CirFinetune):
         """tuned_blip.pt as the reference saves it ({'epoch', 'BLIPTextEncoder': ...}; its optimizer state is
         not kept), so its combiner_train.py / validate.py load it with --blip-model-path. With
         direction=learned the word embedding carries the two extra direction rows."""
-        return {"tuned_blip.pt": {"epoch": epoch, "BLIPTextEncoder": to_reference_text(text_side_state(state))}}
+        return {
+            "tuned_blip.pt": {"epoch": epoch, "BLIPTextEncoder": to_reference_text(text_side_state(state))}
+        }
 
     def reverse_logits(self, batch: dict) -> torch.Tensor:
-        return stage1_reverse_logits(self.image_features(batch["reference"]), self.text_features(batch["text_reverse"]),
-                                     self.image_features(batch["target"]), self.logit_scale)
+        return stage1_reverse_logits(
+            self.image_features(batch["reference"]),
+            self.text_features(batch["text_reverse"]),
+            self.image_features(batch["target"]),
+            self.logit_scale,
+        )
 
     def training_step(self, batch, batch_idx):
         query = self.image_features(batch["reference"]) + self.text_features(batch["text"])
@@ -116,14 +148,22 @@ class Blip4CirFinetune(BiDirectional, CLIP4CirFinetune):
     def configure_optimizers(self):
         proj = {id(p) for p in self.backbone.text_proj_parameters()}
         encoder = [p for p in self.backbone.text_parameters() if id(p) not in proj]
-        opt = torch.optim.AdamW([
-            {"params": encoder, "lr": self.lr, "weight_decay": self.weight_decay},
-            {"params": self.backbone.text_proj_parameters(), "lr": self.lr * self.proj_lr_scale,
-             "weight_decay": self.weight_decay}])
+        opt = torch.optim.AdamW(
+            [
+                {"params": encoder, "lr": self.lr, "weight_decay": self.weight_decay},
+                {
+                    "params": self.backbone.text_proj_parameters(),
+                    "lr": self.lr * self.proj_lr_scale,
+                    "weight_decay": self.weight_decay,
+                },
+            ]
+        )
 
         def cosine(epoch: int) -> float:  # (lr0 - min) * 0.5 * (1 + cos(pi * e / max_epoch)) + min, unclamped
-            return ((self.lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * epoch / self.cosine_epochs))
-                    + self.min_lr) / self.lr
+            return (
+                (self.lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * epoch / self.cosine_epochs))
+                + self.min_lr
+            ) / self.lr
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, [cosine, lambda epoch: 1.0])
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
@@ -133,11 +173,19 @@ class Blip4CirCombiner(BiDirectional, CLIP4CirCombiner):
     """Stage II: the CLIP4Cir Combiner on the frozen stage-I BLIP (cached image features), with the
     reversed query combine(T_j raw, t_i backward) scored against normalize(r_i)."""
 
-    def __init__(self, backbone, direction: str = "text", bidirectional: bool = True, reverse_weight: float = 0.5,
-                 **kwargs):
+    def __init__(
+        self,
+        backbone,
+        direction: str = "text",
+        bidirectional: bool = True,
+        reverse_weight: float = 0.5,
+        **kwargs,
+    ):
         super().__init__(backbone, **kwargs)
         self._setup_directions(backbone, direction, bidirectional, reverse_weight)
-        for p in backbone.parameters():  # direction tokens added only now (stage II run on its own) stay frozen too
+        for p in (
+            backbone.parameters()
+        ):  # direction tokens added only now (stage II run on its own) stay frozen too
             p.requires_grad_(False)
 
     def reverse_logits(self, batch: dict) -> torch.Tensor:
@@ -145,9 +193,12 @@ class Blip4CirCombiner(BiDirectional, CLIP4CirCombiner):
         target = self.image_features(batch["target"])  # raw: the Combiner's image input
         text = self.text_features(batch["text_reverse"])
         n = len(target)
-        combined = self.combiner.combine(target[None, :, :].expand(n, n, -1), text[:, None, :].expand(n, n, -1))
-        return self.logit_scale * torch.einsum("ijd,id->ij", combined,
-                                               F.normalize(self.image_features(batch["reference"]), dim=-1))
+        combined = self.combiner.combine(
+            target[None, :, :].expand(n, n, -1), text[:, None, :].expand(n, n, -1)
+        )
+        return self.logit_scale * torch.einsum(
+            "ijd,id->ij", combined, F.normalize(self.image_features(batch["reference"]), dim=-1)
+        )
 
     def training_step(self, batch, batch_idx):
         query = self.query_embedding(batch["reference"], batch["text"])

@@ -4,6 +4,7 @@ Facts from ABaldrati/CLIP4Cir (docs/methods/clip4cir.md): stage I query = normal
 f_txt(text)) of raw features, loss = CE(100 * q @ t^T, arange(B)), AdamW lr 2e-6 eps 1e-7 wd 0.01,
 backbone kept in eval mode; stage II Combiner on the frozen backbone, Adam lr 2e-5.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,15 +22,29 @@ ENCODERS = ("both", "text", "image")
 class CLIP4CirFinetune(RetrievalModule):
     """Stage I: fine-tune the backbone's encoders with the sum-fusion contrastive loss."""
 
-    def __init__(self, backbone, encoders: str = "both", lr: float = 2e-6, weight_decay: float = 0.01,
-                 eps: float = 1e-7, logit_scale: float = 100.0, eval_mode: bool = True, **kwargs):
+    def __init__(
+        self,
+        backbone,
+        encoders: str = "both",
+        lr: float = 2e-6,
+        weight_decay: float = 0.01,
+        eps: float = 1e-7,
+        logit_scale: float = 100.0,
+        eval_mode: bool = True,
+        **kwargs,
+    ):
         super().__init__(backbone, **kwargs)
         if encoders not in ENCODERS:
-            raise CirlabError(f"unknown method.finetune.encoders={encoders!r}; choose one of {', '.join(ENCODERS)}")
+            raise CirlabError(
+                f"unknown method.finetune.encoders={encoders!r}; choose one of {', '.join(ENCODERS)}"
+            )
         self.encoders, self.lr, self.weight_decay, self.eps = encoders, lr, weight_decay, eps
         self.logit_scale, self.eval_mode = logit_scale, eval_mode
-        trainable = {"both": backbone.parameters(), "text": backbone.text_parameters(),
-                     "image": backbone.image_parameters()}[encoders]
+        trainable = {
+            "both": backbone.parameters(),
+            "text": backbone.text_parameters(),
+            "image": backbone.image_parameters(),
+        }[encoders]
         keep = {id(p) for p in trainable}
         for p in backbone.parameters():
             p.requires_grad_(id(p) in keep)
@@ -59,8 +74,9 @@ class CLIP4CirFinetune(RetrievalModule):
 
     def configure_optimizers(self):
         params = [p for p in self.backbone.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.lr, betas=(0.9, 0.999), eps=self.eps,
-                                 weight_decay=self.weight_decay)
+        return torch.optim.AdamW(
+            params, lr=self.lr, betas=(0.9, 0.999), eps=self.eps, weight_decay=self.weight_decay
+        )
 
 
 class CLIP4CirCombiner(CombinerStage, RetrievalModule):
@@ -69,9 +85,17 @@ class CLIP4CirCombiner(CombinerStage, RetrievalModule):
     frozen_image_encoder = True
     frozen_text_encoder = True
 
-    def __init__(self, backbone, projection_dim: int | None = None, hidden_dim: int | None = None,
-                 dropout: float = 0.5, lr: float = 2e-5, logit_scale: float = 100.0,
-                 gather_negatives: bool = False, **kwargs):
+    def __init__(
+        self,
+        backbone,
+        projection_dim: int | None = None,
+        hidden_dim: int | None = None,
+        dropout: float = 0.5,
+        lr: float = 2e-5,
+        logit_scale: float = 100.0,
+        gather_negatives: bool = False,
+        **kwargs,
+    ):
         super().__init__(backbone, **kwargs)
         self.gather_negatives = gather_negatives
         for p in backbone.parameters():
@@ -86,14 +110,14 @@ class CLIP4CirCombiner(CombinerStage, RetrievalModule):
     def image_features(self, x):
         return super().image_features(x)
 
-
     def query_embedding(self, reference, texts):
         return self.combiner.combine(self.image_features(reference), self.text_features(texts))
 
     def training_step(self, batch, batch_idx):
         query = self.query_embedding(batch["reference"], batch["text"])
-        loss = batch_contrastive(query, self.image_features(batch["target"]), self.logit_scale,
-                                 gather=self.gather_negatives)
+        loss = batch_contrastive(
+            query, self.image_features(batch["target"]), self.logit_scale, gather=self.gather_negatives
+        )
         self.log("train/loss", loss, prog_bar=True, batch_size=len(query))
         return loss
 

@@ -2,6 +2,7 @@
 
 Parameter names are the reference's (`text_projection_layer`, `image_projection_layer`, `combiner_layer`,
 `output_layer`, `dynamic_scalar.{0,3}`), so the authors' `combiner*.pt` files load as they are."""
+
 from __future__ import annotations
 
 import torch
@@ -18,8 +19,13 @@ class Combiner(nn.Module):
     layers; defaults P = 4 * D, H = 8 * D as the reference writes 640*4 and 640*8 for RN50x4.
     """
 
-    def __init__(self, feature_dim: int, projection_dim: int | None = None, hidden_dim: int | None = None,
-                 dropout: float = 0.5):
+    def __init__(
+        self,
+        feature_dim: int,
+        projection_dim: int | None = None,
+        hidden_dim: int | None = None,
+        dropout: float = 0.5,
+    ):
         super().__init__()
         p = projection_dim or 4 * feature_dim
         h = hidden_dim or 8 * feature_dim
@@ -27,9 +33,14 @@ class Combiner(nn.Module):
         self.image_projection_layer = nn.Linear(feature_dim, p)
         self.combiner_layer = nn.Linear(2 * p, h)
         self.output_layer = nn.Linear(h, feature_dim)
-        self.dynamic_scalar = nn.Sequential(nn.Linear(2 * p, h), nn.ReLU(), nn.Dropout(dropout),
-                                            nn.Linear(h, 1), nn.Sigmoid())
-        self.dropout1, self.dropout2, self.dropout3 = nn.Dropout(dropout), nn.Dropout(dropout), nn.Dropout(dropout)
+        self.dynamic_scalar = nn.Sequential(
+            nn.Linear(2 * p, h), nn.ReLU(), nn.Dropout(dropout), nn.Linear(h, 1), nn.Sigmoid()
+        )
+        self.dropout1, self.dropout2, self.dropout3 = (
+            nn.Dropout(dropout),
+            nn.Dropout(dropout),
+            nn.Dropout(dropout),
+        )
 
     def combine(self, image: torch.Tensor, text: torch.Tensor, return_lambda: bool = False):
         t = self.dropout1(F.relu(self.text_projection_layer(text)))
@@ -46,8 +57,10 @@ class Combiner(nn.Module):
 
 def combiner_layouts() -> list[Layout]:
     """What `method.combiner.checkpoint` accepts."""
-    return [wrapped("Combiner", "CLIP4Cir / BLIP4CIR+Bi combiner file {'epoch': int, 'Combiner': state_dict}"),
-            cirlab_stage("combiner.", "its combiner.* weights")]
+    return [
+        wrapped("Combiner", "CLIP4Cir / BLIP4CIR+Bi combiner file {'epoch': int, 'Combiner': state_dict}"),
+        cirlab_stage("combiner.", "its combiner.* weights"),
+    ]
 
 
 class CombinerStage:

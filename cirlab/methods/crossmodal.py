@@ -9,6 +9,7 @@ Protocol (hxhhxx/Clip_crossmodal_retrieval Evaluation.py, the CLIP_benchmark con
 text->image R@K over every caption (hit: its own image in the top K); image->text R@K over
 images (hit: ANY of the image's captions in the top K); rsum = sum of the six recalls.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,8 +31,9 @@ from cirlab.retrieval.search import exact_search
 log = logging.getLogger("cirlab")
 
 
-def crossmodal_recalls(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor,
-                       ks=(1, 5, 10)) -> dict[str, float]:
+def crossmodal_recalls(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor, ks=(1, 5, 10)
+) -> dict[str, float]:
     """image_emb [N, D], text_emb [T, D] (normalised); text_to_image [T] = index of each caption's image."""
     kmax = max(ks)
     _, t2i = exact_search(text_emb, image_emb, kmax)
@@ -73,39 +75,62 @@ class ContrastivePretraining(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         images, texts = batch
-        loss = symmetric_infonce(self.backbone.encode_image(images), self.backbone.encode_texts(list(texts)),
-                                 self.logit_scale.exp().clamp(max=100))
+        loss = symmetric_infonce(
+            self.backbone.encode_image(images),
+            self.backbone.encode_texts(list(texts)),
+            self.logit_scale.exp().clamp(max=100),
+        )
         self.log("pretrain/loss", loss, prog_bar=True, on_epoch=True)
         return loss
 
     def on_train_epoch_end(self) -> None:
         """A log line per epoch: the progress bar only shows in a terminal, not in a log file."""
         loss = self.trainer.callback_metrics.get("pretrain/loss_epoch")
-        log.info("pretraining %s: epoch %d/%d, loss %.3f", self.backbone.name, self.current_epoch + 1,
-                 self.trainer.max_epochs, float(loss) if loss is not None else float("nan"))
+        log.info(
+            "pretraining %s: epoch %d/%d, loss %.3f",
+            self.backbone.name,
+            self.current_epoch + 1,
+            self.trainer.max_epochs,
+            float(loss) if loss is not None else float("nan"),
+        )
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, self.lr, total_steps=self.trainer.estimated_stepping_batches,
-                                                    pct_start=self.warmup)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, self.lr, total_steps=self.trainer.estimated_stepping_batches, pct_start=self.warmup
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 @torch.no_grad()
-def evaluate_captions(backbone: Backbone, images: torch.Tensor, captions: list[list[str]],
-                      batch_size: int = 512) -> dict[str, float]:
+def evaluate_captions(
+    backbone: Backbone, images: torch.Tensor, captions: list[list[str]], batch_size: int = 512
+) -> dict[str, float]:
     backbone.eval()
-    img = torch.cat([F.normalize(backbone.encode_image(images[i:i + batch_size]).float(), dim=-1)
-                     for i in range(0, len(images), batch_size)])
+    img = torch.cat(
+        [
+            F.normalize(backbone.encode_image(images[i : i + batch_size]).float(), dim=-1)
+            for i in range(0, len(images), batch_size)
+        ]
+    )
     flat = [(j, c) for j, caps in enumerate(captions) for c in caps]
-    txt = torch.cat([F.normalize(backbone.encode_texts([c for _, c in flat[i:i + batch_size]]).float(), dim=-1)
-                     for i in range(0, len(flat), batch_size)])
+    txt = torch.cat(
+        [
+            F.normalize(backbone.encode_texts([c for _, c in flat[i : i + batch_size]]).float(), dim=-1)
+            for i in range(0, len(flat), batch_size)
+        ]
+    )
     return crossmodal_recalls(img, txt, torch.tensor([j for j, _ in flat]))
 
 
 def make_loader(images: torch.Tensor, captions: list[list[str]], batch_size: int, seed: int) -> DataLoader:
-    return DataLoader(CaptionedImages(images, captions, seed), batch_size=batch_size, shuffle=True, drop_last=True,
-                      generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        CaptionedImages(images, captions, seed),
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 # ---- +method=crossmodal ----------------------------------------------------------------------------
@@ -120,8 +145,12 @@ class ImageAdapter(torch.nn.Module):
     def __init__(self, dim: int, reduction: int = 4, ratio: float = 0.2):
         super().__init__()
         self.ratio = ratio
-        self.net = torch.nn.Sequential(torch.nn.Linear(dim, dim // reduction, bias=False), torch.nn.ReLU(inplace=True),
-                                       torch.nn.Linear(dim // reduction, dim, bias=False), torch.nn.ReLU(inplace=True))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(dim, dim // reduction, bias=False),
+            torch.nn.ReLU(inplace=True),
+            torch.nn.Linear(dim // reduction, dim, bias=False),
+            torch.nn.ReLU(inplace=True),
+        )
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
         return self.ratio * self.net(v) + (1 - self.ratio) * v
@@ -137,9 +166,11 @@ class PreProjectionImages(Backbone):
         super().__init__()
         visual = getattr(getattr(backbone, "model", None), "visual", None)
         if not isinstance(getattr(visual, "proj", None), torch.Tensor):
-            raise CirlabError(f"method.train=projections needs a backbone whose image tower ends in a projection "
-                              f"matrix visual.proj (open_clip ViT, e.g. backbone=clip_vit_b32); {backbone.name!r} "
-                              "has none. Use method.train=adapter with this backbone.")
+            raise CirlabError(
+                f"method.train=projections needs a backbone whose image tower ends in a projection "
+                f"matrix visual.proj (open_clip ViT, e.g. backbone=clip_vit_b32); {backbone.name!r} "
+                "has none. Use method.train=adapter with this backbone."
+            )
         self.inner, self.visual = backbone, visual
         self.name = f"{backbone.name}-preproj"
         self.preprocess = backbone.preprocess
@@ -157,7 +188,7 @@ class PreProjectionImages(Backbone):
 
 # frozen-text-tower caption embeddings, per backbone object, shared by the stages of a run
 # (a train=projections module changes the text tower: it drops its backbone's memo)
-_TEXT_MEMO: "weakref.WeakKeyDictionary[Backbone, dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
+_TEXT_MEMO: weakref.WeakKeyDictionary[Backbone, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
 class CrossModalRetrieval(RetrievalModule):
@@ -167,10 +198,21 @@ class CrossModalRetrieval(RetrievalModule):
     frozen_image_encoder = True
     data_kind = "captions"
 
-    def __init__(self, backbone, train: str = "adapter", loss: str = "margin", margin: float = 0.1,
-                 adapter_ratio: float = 0.2, adapter_reduction: int = 4, init_temperature: float = 0.07,
-                 lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6,
-                 weight_decay: float = 1e-3, **kwargs):
+    def __init__(
+        self,
+        backbone,
+        train: str = "adapter",
+        loss: str = "margin",
+        margin: float = 0.1,
+        adapter_ratio: float = 0.2,
+        adapter_reduction: int = 4,
+        init_temperature: float = 0.07,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        weight_decay: float = 1e-3,
+        **kwargs,
+    ):
         super().__init__(backbone, **kwargs)
         if train not in TRAIN_MODES:
             raise CirlabError(f"unknown method.train={train!r}; choose one of {', '.join(TRAIN_MODES[1:])}")
@@ -180,19 +222,26 @@ class CrossModalRetrieval(RetrievalModule):
         self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
         for p in backbone.parameters():
             p.requires_grad_(False)
-        self.adapter = ImageAdapter(backbone.embed_dim, adapter_reduction, adapter_ratio) if train == "adapter" else None
+        self.adapter = (
+            ImageAdapter(backbone.embed_dim, adapter_reduction, adapter_ratio) if train == "adapter" else None
+        )
         # not a registered submodule: it only wraps the backbone (no weights of its own)
         self.__dict__["preproj"] = PreProjectionImages(backbone) if train == "projections" else None
         if train == "projections":
             model = backbone.model
             text_proj = model.text_projection
-            for p in [model.visual.proj, model.logit_scale,
-                      *([text_proj] if isinstance(text_proj, torch.Tensor) else text_proj.parameters())]:
+            for p in [
+                model.visual.proj,
+                model.logit_scale,
+                *([text_proj] if isinstance(text_proj, torch.Tensor) else text_proj.parameters()),
+            ]:
                 p.requires_grad_(True)
             self.logit_scale = None  # the backbone's own (model.logit_scale) trains: see temperature()
         else:  # the reference's wrapper owns its temperature (trainable with the adapter)
-            self.logit_scale = torch.nn.Parameter(torch.tensor(float(torch.log(torch.tensor(1 / init_temperature)))),
-                                                  requires_grad=train == "adapter")
+            self.logit_scale = torch.nn.Parameter(
+                torch.tensor(float(torch.log(torch.tensor(1 / init_temperature)))),
+                requires_grad=train == "adapter",
+            )
         self._eval: dict[int, list[torch.Tensor]] = {}
         if train == "projections":
             _TEXT_MEMO.pop(backbone, None)
@@ -235,8 +284,10 @@ class CrossModalRetrieval(RetrievalModule):
         return torch.stack([self._text_memo[t] for t in texts]).to(self.device)
 
     def query_embedding(self, reference, texts):
-        raise CirlabError("method crossmodal does text<->image retrieval: use a captions dataset "
-                          "(dataset=synthetic_captions, coco, flickr30k or captions_jsonl)")
+        raise CirlabError(
+            "method crossmodal does text<->image retrieval: use a captions dataset "
+            "(dataset=synthetic_captions, coco, flickr30k or captions_jsonl)"
+        )
 
     # ---- training ---------------------------------------------------------------------------------
     def temperature_scale(self) -> torch.Tensor:
@@ -256,11 +307,17 @@ class CrossModalRetrieval(RetrievalModule):
         params = [p for p in self.parameters() if p.requires_grad]
         if not params:
             raise CirlabError("method.train=none trains nothing: set the stage's max_epochs to 0")
-        return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay)
+        return torch.optim.AdamW(
+            params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay
+        )
 
     # ---- evaluation: [images, captions] loaders per split -------------------------------------------
     def _eval_step(self, batch: dict, dataloader_idx: int) -> None:
-        emb = self.image_embedding(batch["image"]) if dataloader_idx == 0 else self.text_embedding(batch["text"])
+        emb = (
+            self.image_embedding(batch["image"])
+            if dataloader_idx == 0
+            else self.text_embedding(batch["text"])
+        )
         self._eval.setdefault(dataloader_idx, []).append(emb.float().cpu())
 
     def _score(self, split: str) -> None:
@@ -268,8 +325,10 @@ class CrossModalRetrieval(RetrievalModule):
             raise CirlabError("method crossmodal evaluates on one device: use trainer=cpu or trainer=gpu")
         images, texts = (torch.cat(self._eval[i]) for i in (0, 1))
         self._eval.clear()
-        metrics = {f"{split}/{k}": v for k, v in
-                   crossmodal_recalls(images, texts, self.eval_data.text_to_image(split)).items()}
+        metrics = {
+            f"{split}/{k}": v
+            for k, v in crossmodal_recalls(images, texts, self.eval_data.text_to_image(split)).items()
+        }
         self.metrics.update(metrics)
         self.log_dict(float64(metrics, self.device), sync_dist=False)
 

@@ -1,4 +1,5 @@
 """Losses shared across methods (docs/methods/clip4cir.md#stage-i, docs/methods/crossmodal.md#losses)."""
+
 from __future__ import annotations
 
 import torch
@@ -7,8 +8,9 @@ import torch.distributed.nn as dist_nn
 import torch.nn.functional as F
 
 
-def batch_contrastive(query: torch.Tensor, target: torch.Tensor, scale: float | torch.Tensor = 100.0,
-                      gather: bool = False) -> torch.Tensor:
+def batch_contrastive(
+    query: torch.Tensor, target: torch.Tensor, scale: float | torch.Tensor = 100.0, gather: bool = False
+) -> torch.Tensor:
     """CLIP4Cir's loss: cross-entropy of scale * normalize(q) @ normalize(t)^T against arange(B),
     one direction only (query -> target), scale fixed at 100 in the reference.
 

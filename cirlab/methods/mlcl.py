@@ -30,6 +30,7 @@ Ablations: `mccl=False` trains the high level alone with a single CE (the CLIP4C
 temperature) and retrieves with f_h alone — the untrained mid level is then not used;
 `sscl=False` drops the two SSCL terms (and the augmented views).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -60,8 +61,13 @@ log = logging.getLogger("cirlab")
 class MultiLevelCombiner(nn.Module):
     """The Combiner plus the mid-level head `combiner_proj: Linear(H, D)`; `loss_weight` sets w."""
 
-    def __init__(self, feature_dim: int, projection_dim: int | None = None, hidden_dim: int | None = None,
-                 dropout: float = 0.5):
+    def __init__(
+        self,
+        feature_dim: int,
+        projection_dim: int | None = None,
+        hidden_dim: int | None = None,
+        dropout: float = 0.5,
+    ):
         super().__init__()
         self.combiner = Combiner(feature_dim, projection_dim, hidden_dim, dropout)
         self.combiner_proj = nn.Linear(self.combiner.combiner_layer.out_features, feature_dim)
@@ -84,10 +90,13 @@ class MultiLevelCombiner(nn.Module):
         raw = torch.cat([t, v], dim=-1)
         h = c.dropout3(F.relu(c.combiner_layer(raw)))
         lam = c.dynamic_scalar(raw)
-        return {"t": t, "raw": raw,
-                "high": c.output_layer(h) + lam * text + (1 - lam) * image,
-                "mid": self.combiner_proj(F.relu(h)),  # the reference's ReLU(Dropout(p=0)(ReLU(.)))
-                "low": F.normalize(image + text, dim=-1)}
+        return {
+            "t": t,
+            "raw": raw,
+            "high": c.output_layer(h) + lam * text + (1 - lam) * image,
+            "mid": self.combiner_proj(F.relu(h)),  # the reference's ReLU(Dropout(p=0)(ReLU(.)))
+            "low": F.normalize(image + text, dim=-1),
+        }
 
     def query(self, levels: dict, multi_level: bool = True) -> torch.Tensor:
         """Inference: normalize((2 - w) * f_h + w * f_c + f_s) (reference `combine_features_weighted`)."""
@@ -112,8 +121,9 @@ def mccl_loss(levels: dict, target: torch.Tensor, scale: torch.Tensor, w: torch.
 
 def sscl_loss(clean: dict, aug: dict, scale: torch.Tensor) -> dict:
     """CE(s2 * raw @ raw_aug^T) + CE(s2 * f_h @ f_h_aug^T): positive = the same query's other view."""
-    out = {k: _ce(scale * F.normalize(clean[k], dim=-1) @ F.normalize(aug[k], dim=-1).T)
-           for k in ("raw", "high")}
+    out = {
+        k: _ce(scale * F.normalize(clean[k], dim=-1) @ F.normalize(aug[k], dim=-1).T) for k in ("raw", "high")
+    }
     out["sscl"] = out["raw"] + out["high"]
     return out
 
@@ -128,6 +138,7 @@ def _compose(*fs):
         for g in fs:
             im = g(im)
         return im
+
     return f
 
 
@@ -148,35 +159,62 @@ def augmentation(size: int, mean, std, target_ratio: float = 1.25) -> T.Compose:
     """TargetPad -> RandomResizedCrop -> RGB -> one of 7 ColorJitters -> one of 8 flips/rotations ->
     RandomAutocontrast -> RandomPerspective -> RandomGrayscale -> ToTensor -> Normalize."""
     hf, vf = T.functional.hflip, T.functional.vflip
-    geometric = [_Named(lambda im: im, "identity"), _Named(hf, "hflip"), _Named(vf, "vflip"),
-                 _Named(_rot(90), "rot90"), _Named(_rot(180), "rot180"), _Named(_rot(270), "rot270"),
-                 _Named(_compose(hf, _rot(90)), "hflip+rot90"), _Named(_compose(hf, _rot(270)), "hflip+rot270")]
-    return T.Compose([
-        TargetPad(target_ratio),
-        T.RandomResizedCrop(size),
-        _to_rgb,
-        T.RandomChoice([T.ColorJitter(brightness=0.5), T.ColorJitter(contrast=0.5), T.ColorJitter(saturation=0.5),
-                        T.ColorJitter(hue=0.5), T.ColorJitter(0.1, 0.1, 0.1, 0.1), T.ColorJitter(0.3, 0.3, 0.3, 0.3),
-                        T.ColorJitter(0.5, 0.5, 0.5, 0.5)]),
-        T.RandomChoice(geometric),
-        T.RandomAutocontrast(p=0.5),
-        T.RandomPerspective(p=0.5),
-        T.RandomGrayscale(p=0.5),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
+    geometric = [
+        _Named(lambda im: im, "identity"),
+        _Named(hf, "hflip"),
+        _Named(vf, "vflip"),
+        _Named(_rot(90), "rot90"),
+        _Named(_rot(180), "rot180"),
+        _Named(_rot(270), "rot270"),
+        _Named(_compose(hf, _rot(90)), "hflip+rot90"),
+        _Named(_compose(hf, _rot(270)), "hflip+rot270"),
+    ]
+    return T.Compose(
+        [
+            TargetPad(target_ratio),
+            T.RandomResizedCrop(size),
+            _to_rgb,
+            T.RandomChoice(
+                [
+                    T.ColorJitter(brightness=0.5),
+                    T.ColorJitter(contrast=0.5),
+                    T.ColorJitter(saturation=0.5),
+                    T.ColorJitter(hue=0.5),
+                    T.ColorJitter(0.1, 0.1, 0.1, 0.1),
+                    T.ColorJitter(0.3, 0.3, 0.3, 0.3),
+                    T.ColorJitter(0.5, 0.5, 0.5, 0.5),
+                ]
+            ),
+            T.RandomChoice(geometric),
+            T.RandomAutocontrast(p=0.5),
+            T.RandomPerspective(p=0.5),
+            T.RandomGrayscale(p=0.5),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
 
 
 def _normalize_of(preprocess) -> T.Normalize:
     for t in getattr(preprocess, "transforms", []):
         if isinstance(t, T.Normalize):
             return t
-    raise CirlabError("MLCL's SSCL needs the backbone's preprocess to end in a torchvision Normalize; "
-                      "use a CLIP-style backbone or set method.sscl=false")
+    raise CirlabError(
+        "MLCL's SSCL needs the backbone's preprocess to end in a torchvision Normalize; "
+        "use a CLIP-style backbone or set method.sscl=false"
+    )
 
 
-def augmented_features(backbone, names: list[str], paths: list[Path], views: int, seed: int, cache_dir,
-                       batch_size: int = 256, num_workers: int = 0) -> dict[str, torch.Tensor]:
+def augmented_features(
+    backbone,
+    names: list[str],
+    paths: list[Path],
+    views: int,
+    seed: int,
+    cache_dir,
+    batch_size: int = 256,
+    num_workers: int = 0,
+) -> dict[str, torch.Tensor]:
     """name -> [views, D] frozen embeddings of `views` seeded strong augmentations, cached on disk."""
     norm = _normalize_of(backbone.preprocess)
     aug = augmentation(backbone.image_size, norm.mean, norm.std)
@@ -201,8 +239,11 @@ def augmented_features(backbone, names: list[str], paths: list[Path], views: int
         for k in range(views):
             torch.manual_seed(seed * 1000 + k)
             random.seed(seed * 1000 + k)  # RandomChoice draws from Python's random
-            feats.append(encode_images(backbone, paths, batch_size, 0, transform=aug,
-                                       desc=f"MLCL augmented view {k + 1}/{views}"))
+            feats.append(
+                encode_images(
+                    backbone, paths, batch_size, 0, transform=aug, desc=f"MLCL augmented view {k + 1}/{views}"
+                )
+            )
     random.setstate(py_state)
     feats = torch.stack(feats, dim=1)  # [N, K, D]
     save_torch(path, {"names": names, "features": feats, "checksum": _checksum(feats)})
@@ -235,13 +276,28 @@ class MLCLCombiner(RetrievalModule):
     frozen_image_encoder = True
     frozen_text_encoder = True
 
-    def __init__(self, backbone, projection_dim: int | None = None, hidden_dim: int | None = None,
-                 dropout: float = 0.5, lr: float = 2e-5, loss_weight_lr: float = 1e-3, learn_t: bool = True,
-                 logit_scale: float = 100.0, mccl: bool = True, sscl: bool = True, sscl_views: int = 2,
-                 seed: int = 0, cache_dir: str | None = None, **kwargs):
+    def __init__(
+        self,
+        backbone,
+        projection_dim: int | None = None,
+        hidden_dim: int | None = None,
+        dropout: float = 0.5,
+        lr: float = 2e-5,
+        loss_weight_lr: float = 1e-3,
+        learn_t: bool = True,
+        logit_scale: float = 100.0,
+        mccl: bool = True,
+        sscl: bool = True,
+        sscl_views: int = 2,
+        seed: int = 0,
+        cache_dir: str | None = None,
+        **kwargs,
+    ):
         super().__init__(backbone, **kwargs)
         if sscl and sscl_views < 1:
-            raise CirlabError(f"method.sscl_views={sscl_views}: need at least 1 augmented view (or method.sscl=false)")
+            raise CirlabError(
+                f"method.sscl_views={sscl_views}: need at least 1 augmented view (or method.sscl=false)"
+            )
         for p in backbone.parameters():
             p.requires_grad_(False)
         self.mlc = MultiLevelCombiner(backbone.embed_dim, projection_dim, hidden_dim, dropout)
@@ -267,22 +323,36 @@ class MLCLCombiner(RetrievalModule):
     def checkpoint_layouts(self) -> list[Layout]:
         def from_reference(obj: dict) -> dict:
             ref = dict(obj["Combiner"])
-            state = {f"mlc.{k}" if k.startswith("combiner_proj.") else f"mlc.combiner.{k}": v
-                     for k, v in ref.items() if k not in self._SCALARS}
+            state = {
+                f"mlc.{k}" if k.startswith("combiner_proj.") else f"mlc.combiner.{k}": v
+                for k, v in ref.items()
+                if k not in self._SCALARS
+            }
             state["mlc.loss_weight"] = ref.get("loss_weight", torch.empty(0)).reshape(())
             for name in ("logit_scale", "logit_scale_sl"):  # absent when trained with --learn_t 0: constants
                 state[name] = ref[name].reshape(()) if name in ref else torch.tensor(self.fixed_log_scale)
             return state
 
-        return [Layout("MLCL combiner file {'epoch': int, 'Combiner': state_dict} (combiner_proj.*, loss_weight)",
-                       lambda o: isinstance(o, dict) and isinstance(o.get("Combiner"), dict)
-                       and "combiner_proj.weight" in o["Combiner"], from_reference),
-                cirlab_stage("", "its weights beside the backbone", without="backbone.")]
+        return [
+            Layout(
+                "MLCL combiner file {'epoch': int, 'Combiner': state_dict} (combiner_proj.*, loss_weight)",
+                lambda o: (
+                    isinstance(o, dict)
+                    and isinstance(o.get("Combiner"), dict)
+                    and "combiner_proj.weight" in o["Combiner"]
+                ),
+                from_reference,
+            ),
+            cirlab_stage("", "its weights beside the backbone", without="backbone."),
+        ]
 
     @classmethod
     def reference_files(cls, state: dict, epoch: int) -> dict:
-        ref = {k.removeprefix("mlc.combiner.").removeprefix("mlc."): v for k, v in state.items()
-               if k.startswith("mlc.")}
+        ref = {
+            k.removeprefix("mlc.combiner.").removeprefix("mlc."): v
+            for k, v in state.items()
+            if k.startswith("mlc.")
+        }
         ref.update({k: state[k].reshape(1) for k in ("logit_scale", "logit_scale_sl")})
         ref["loss_weight"] = ref["loss_weight"].reshape(1)
         return {"combiner.pt": {"epoch": epoch, "Combiner": ref}}
@@ -297,14 +367,28 @@ class MLCLCombiner(RetrievalModule):
             return None
         ds = dm.train_dataset()
         names = list(dict.fromkeys(q.reference for q in ds.queries))
-        aug = augmented_features(self.backbone, names, [dm.source.image_path(n) for n in names],
-                                 self.sscl_views, self.seed, self.cache_dir)
+        aug = augmented_features(
+            self.backbone,
+            names,
+            [dm.source.image_path(n) for n in names],
+            self.sscl_views,
+            self.seed,
+            self.cache_dir,
+        )
         if len(ds) < dm.batch_size:
-            raise CirlabError(f"{len(ds)} training triplets are fewer than one batch ({dm.batch_size}); "
-                              "lower method.combiner.batch_size")
+            raise CirlabError(
+                f"{len(ds)} training triplets are fewer than one batch ({dm.batch_size}); "
+                "lower method.combiner.batch_size"
+            )
         data = AugmentedTriplets(ds, aug, dm.seed)
-        return DataLoader(data, batch_size=dm.batch_size, sampler=EpochSampler(data, dm.seed), drop_last=True,
-                          num_workers=0, collate_fn=collate)
+        return DataLoader(
+            data,
+            batch_size=dm.batch_size,
+            sampler=EpochSampler(data, dm.seed),
+            drop_last=True,
+            num_workers=0,
+            collate_fn=collate,
+        )
 
     def compute_loss(self, reference, aug_reference, texts, target) -> dict:
         image, text = self.image_features(reference), self.text_features(texts)
@@ -314,13 +398,20 @@ class MLCLCombiner(RetrievalModule):
             out = mccl_loss(levels, self.image_features(target), scale, self.mlc.w)
             loss = out["mccl"]
         else:
-            out = {"high": _ce(scale * F.normalize(levels["high"], dim=-1)
-                               @ F.normalize(self.image_features(target), dim=-1).T)}
+            out = {
+                "high": _ce(
+                    scale
+                    * F.normalize(levels["high"], dim=-1)
+                    @ F.normalize(self.image_features(target), dim=-1).T
+                )
+            }
             loss = out["high"]
         if self.sscl:
             if aug_reference is None:
-                raise CirlabError("MLCL with method.sscl=true needs batches with 'reference_aug' "
-                                  "(MLCLCombiner.train_loader builds them); set method.sscl=false otherwise")
+                raise CirlabError(
+                    "MLCL with method.sscl=true needs batches with 'reference_aug' "
+                    "(MLCLCombiner.train_loader builds them); set method.sscl=false otherwise"
+                )
             aug = self.mlc.fuse(self.image_features(aug_reference), text, t=levels["t"])
             out.update(sscl_loss(levels, aug, self.logit_scale_sl.exp()))
             loss = loss + out["sscl"]
@@ -328,7 +419,9 @@ class MLCLCombiner(RetrievalModule):
         return out
 
     def training_step(self, batch, batch_idx):
-        out = self.compute_loss(batch["reference"], batch.get("reference_aug"), batch["text"], batch["target"])
+        out = self.compute_loss(
+            batch["reference"], batch.get("reference_aug"), batch["text"], batch["target"]
+        )
         n = len(batch["text"])
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=n)
         for k in ("high", "mid", "low", "sscl"):
@@ -339,8 +432,11 @@ class MLCLCombiner(RetrievalModule):
         return out["loss"]
 
     def configure_optimizers(self):
-        main = [p for n, p in self.named_parameters()
-                if p.requires_grad and not n.startswith("backbone.") and n != "mlc.loss_weight"]
+        main = [
+            p
+            for n, p in self.named_parameters()
+            if p.requires_grad and not n.startswith("backbone.") and n != "mlc.loss_weight"
+        ]
         groups = [{"params": main, "lr": self.lr}]
         if self.mccl:  # w only enters the mCCL loss
             groups.append({"params": [self.mlc.loss_weight], "lr": self.loss_weight_lr})

@@ -5,6 +5,7 @@ precision), gather them across processes by index (so DDP sampler padding never 
 twice), then rank and score on rank 0 in float32 with the dataset's protocol.
 Subclasses define `query_embedding` (and training).
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -42,7 +43,7 @@ class RetrievalModule(L.LightningModule):
 
     # ---- what a method defines ------------------------------------------------------------------
     frozen_image_encoder: bool = False  # True: batches carry cached image features [B, D], not pixels
-    frozen_text_encoder: bool = False   # True: no text gradients; eval text features memoised
+    frozen_text_encoder: bool = False  # True: no text gradients; eval text features memoised
     # batch key -> caption view (a function rewriting each raw caption, or None); "text" also builds the
     # eval queries. BLIP4CIR+Bi adds direction-marked views; see CIRDataModule.use.
     text_views: dict = {"text": None}
@@ -126,7 +127,9 @@ class RetrievalModule(L.LightningModule):
             raise CirlabError("eval.gallery_on_disk works with single-process evaluation; drop it under DDP")
         if dataloader_idx not in self._writers:
             n = len(self.eval_data.eval_sets(self._split)[dataloader_idx // 2].gallery)
-            self._writers[dataloader_idx] = EmbeddingWriter(self.gallery_on_disk / f"{self._split}-{dataloader_idx}.npy", n)
+            self._writers[dataloader_idx] = EmbeddingWriter(
+                self.gallery_on_disk / f"{self._split}-{dataloader_idx}.npy", n
+            )
         writer = self._writers[dataloader_idx]
         assert int(index[0]) == writer.written, "gallery batches arrive in order (no shuffling in eval)"
         writer.append(emb.cpu().numpy())
@@ -149,9 +152,15 @@ class RetrievalModule(L.LightningModule):
             writer = self._writers.pop(2 * s, None)
             gallery = writer.finish() if writer else self._gathered(2 * s, len(es.gallery))
             queries = self._gathered(2 * s + 1, len(es.queries))
-            results[es.group] = score_eval_set(source.protocol, es, queries, gallery,
-                                               has_answers=source.has_answers(split),
-                                               backend=self.search_backend, **self.search_options)
+            results[es.group] = score_eval_set(
+                source.protocol,
+                es,
+                queries,
+                gallery,
+                has_answers=source.has_answers(split),
+                backend=self.search_backend,
+                **self.search_options,
+            )
         self._outputs.clear()
         self.results[split] = results
         metrics = split_metrics(split, results, source.protocol)

@@ -8,6 +8,7 @@ Both work on frozen cached image features; OTI tokens are stored atomically and 
 phi files in the authors' layout (`SEARLE_ViT-B32.pt`, `phi_20.pt`: {'Phi': state_dict}) load with
 `method.phi.checkpoint` and come out of `cirlab +task=export` as `phi.pt`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,8 +32,19 @@ from cirlab.weights import Layout, cirlab_stage, strip_prefix, wrapped
 
 log = logging.getLogger("cirlab")
 
-OTI_DEFAULTS = dict(steps=350, lr=2e-2, weight_decay=0.01, ema_decay=0.99, lambda_cos=1.0, lambda_gpt=0.5,
-                    batch_size=32, top_k=15, init_std=0.02, save_every=256, seed=42)
+OTI_DEFAULTS = dict(
+    steps=350,
+    lr=2e-2,
+    weight_decay=0.01,
+    ema_decay=0.99,
+    lambda_cos=1.0,
+    lambda_gpt=0.5,
+    batch_size=32,
+    top_k=15,
+    init_std=0.02,
+    save_every=256,
+    seed=42,
+)
 
 
 class Phi(nn.Module):
@@ -40,9 +52,15 @@ class Phi(nn.Module):
 
     def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, dropout: float = 0.5):
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(input_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout),
-                                    nn.Linear(hidden_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout),
-                                    nn.Linear(hidden_dim, output_dim))
+        self.layers = nn.Sequential(
+            nn.Linear(input_dim, hidden_dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_dim, output_dim),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)
@@ -69,16 +87,22 @@ class SearleText:
     embeddings of the whole vocabulary, phrase bank of the usable concepts, tokenised PALAVRA templates."""
 
     def __init__(self, backbone, source, concepts: dict, phrases: dict):
-        vocab = (st.read_vocabulary(concepts["vocabulary"]) if concepts.get("vocabulary")
-                 else st.default_vocabulary(source))
+        vocab = (
+            st.read_vocabulary(concepts["vocabulary"])
+            if concepts.get("vocabulary")
+            else st.default_vocabulary(source)
+        )
         self.vocabulary = vocab
-        self.bank = st.PhraseBank(backbone, vocab, st.build_phrases(phrases, vocab), phrases.get("per_concept"))
+        self.bank = st.PhraseBank(
+            backbone, vocab, st.build_phrases(phrases, vocab), phrases.get("per_concept")
+        )
         # vocabulary row -> bank row; -1: a problematic concept (or one without phrases)
         self.bank_row = torch.tensor([self.bank.index.get(c, -1) for c in vocab])
         self.concept_emb = st.concept_embeddings(backbone, vocab)
         self.templates = backbone.tokenize([t.format(st.PLACEHOLDER) for t in st.TEMPLATES])
-        self.digest = hashlib.sha1(json.dumps([vocab, self.bank.digest, phrases, concepts],
-                                              sort_keys=True, default=str).encode()).hexdigest()[:12]
+        self.digest = hashlib.sha1(
+            json.dumps([vocab, self.bank.digest, phrases, concepts], sort_keys=True, default=str).encode()
+        ).hexdigest()[:12]
 
     def concepts_of(self, features: torch.Tensor, top_k: int) -> torch.Tensor:
         """Bank rows [N, k] of each image's top-k concepts, ranked over the whole vocabulary, the
@@ -87,13 +111,16 @@ class SearleText:
         rows = self.bank_row[st.associate(features, self.concept_emb, top_k)]
         empty = int((rows < 0).all(1).sum())
         if empty:
-            raise CirlabError(f"{empty} of {len(rows)} images have no usable concept among their top {top_k} (all "
-                              "dropped as problematic or without phrases): raise the top-k or check method.phrases")
+            raise CirlabError(
+                f"{empty} of {len(rows)} images have no usable concept among their top {top_k} (all "
+                "dropped as problematic or without phrases): raise the top-k or check method.phrases"
+            )
         return rows
 
 
-def oti(backbone, text: SearleText, features: torch.Tensor, cfg: dict,
-        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
+def oti(
+    backbone, text: SearleText, features: torch.Tensor, cfg: dict, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
     """Optimisation-based textual inversion of a batch of images (each its own token; the batch is only
     parallelism): AdamW, per step a random PALAVRA template (L_cos to the image) and a random phrase of
     one of the image's top-k concepts with '$' for its first occurrence (L_gpt to the plain phrase),
@@ -106,7 +133,9 @@ def oti(backbone, text: SearleText, features: torch.Tensor, cfg: dict,
     n = len(feats)
     concepts = text.concepts_of(feats, int(cfg["top_k"]))  # [n, k] bank rows, -1 = dropped
     bank = text.bank
-    token = (torch.randn(n, backbone.token_dim, generator=gen) * cfg["init_std"]).to(device).requires_grad_(True)
+    token = (
+        (torch.randn(n, backbone.token_dim, generator=gen) * cfg["init_std"]).to(device).requires_grad_(True)
+    )
     ema = token.detach().clone()
     opt = torch.optim.AdamW([token], lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     lc, lg = float(cfg["lambda_cos"]), float(cfg["lambda_gpt"])
@@ -141,19 +170,29 @@ class OTIStore:
         if self.path.is_file():
             blob = load_torch(self.path)
             if blob.get("key") != key:
-                raise CirlabError(f"OTI token file {self.path} was made with other settings; delete it or "
-                                  "choose another method.token_dir")
+                raise CirlabError(
+                    f"OTI token file {self.path} was made with other settings; delete it or "
+                    "choose another method.token_dir"
+                )
             self.names = list(blob["names"])
             self.tokens = list(blob["tokens"])
             self.ema = list(blob["ema"])
         self.row = {n: i for i, n in enumerate(self.names)}
 
     def save(self) -> None:
-        save_torch(self.path, {"key": self.key, "names": self.names,
-                               "tokens": torch.stack(self.tokens) if self.tokens else torch.empty(0),
-                               "ema": torch.stack(self.ema) if self.ema else torch.empty(0)})
+        save_torch(
+            self.path,
+            {
+                "key": self.key,
+                "names": self.names,
+                "tokens": torch.stack(self.tokens) if self.tokens else torch.empty(0),
+                "ema": torch.stack(self.ema) if self.ema else torch.empty(0),
+            },
+        )
 
-    def compute(self, names: list[str], features: torch.Tensor, invert, chunk: int, save_every: int) -> torch.Tensor:
+    def compute(
+        self, names: list[str], features: torch.Tensor, invert, chunk: int, save_every: int
+    ) -> torch.Tensor:
         """EMA tokens [len(names), d] in the order of `names`; only the missing ones are optimised,
         by `invert(features) -> (tokens, ema)` in chunks."""
         todo = [i for i, n in enumerate(dict.fromkeys(names)) if n not in self.row]
@@ -162,7 +201,7 @@ class OTIStore:
         done_since_save = 0
         start = time.time()
         for c in range(0, len(todo), chunk):
-            idx = todo[c:c + chunk]
+            idx = todo[c : c + chunk]
             tok, ema = invert(features[[pos[uniq[i]] for i in idx]])
             for j, i in enumerate(idx):
                 self.row[uniq[i]] = len(self.names)
@@ -189,11 +228,21 @@ def _oti_key(backbone, text: SearleText, oti_cfg: dict) -> str:
 class _SearleBase(RetrievalModule):
     frozen_image_encoder = True
 
-    def __init__(self, backbone, prompt: str = "a photo of $ that {}", concepts: dict | None = None,
-                 phrases: dict | None = None, oti: dict | None = None, token_dir: str | None = None, **kwargs):
+    def __init__(
+        self,
+        backbone,
+        prompt: str = "a photo of $ that {}",
+        concepts: dict | None = None,
+        phrases: dict | None = None,
+        oti: dict | None = None,
+        token_dir: str | None = None,
+        **kwargs,
+    ):
         super().__init__(backbone, **kwargs)
         if "$" not in prompt or "{}" not in prompt:
-            raise CirlabError(f"method.prompt={prompt!r} needs a '$' (the pseudo token) and a '{{}}' (the text)")
+            raise CirlabError(
+                f"method.prompt={prompt!r} needs a '$' (the pseudo token) and a '{{}}' (the text)"
+            )
         for p in backbone.parameters():
             p.requires_grad_(False)
         self.prompt = prompt
@@ -231,7 +280,9 @@ class _SearleBase(RetrievalModule):
                 tok, ema, _ = oti(self.backbone, text, feats.clone(), cfg)
             return tok, ema
 
-        return self.store(tag).compute(names, features, invert_chunk, int(cfg["batch_size"]), int(cfg["save_every"]))
+        return self.store(tag).compute(
+            names, features, invert_chunk, int(cfg["batch_size"]), int(cfg["save_every"])
+        )
 
     def prompt_tokens(self, texts: list[str]) -> torch.Tensor:
         return self.backbone.tokenize([self.prompt.format(t) for t in texts]).to(self.device)
@@ -245,7 +296,9 @@ class _SearleBase(RetrievalModule):
         k = n_texts.pop()
         with torch.no_grad():
             feats = self.backbone.encode_text_with_pseudo_tokens(
-                self.prompt_tokens([t for ts in texts for t in ts]), tokens.to(self.device).repeat_interleave(k, 0))
+                self.prompt_tokens([t for ts in texts for t in ts]),
+                tokens.to(self.device).repeat_interleave(k, 0),
+            )
             feats = F.normalize(feats.float(), dim=-1).view(len(texts), k, -1).mean(1)
         return F.normalize(feats, dim=-1)
 
@@ -316,24 +369,43 @@ class Searle(_SearleBase):
     """SEARLE: phi maps a raw image feature to its pseudo token; trained by distillation from OTI tokens
     of unlabeled images (plus the phrase regulariser), then zero-shot CIR with the prompt."""
 
-    def __init__(self, backbone, dropout: float = 0.5, lr: float = 1e-4, weight_decay: float = 0.01,
-                 temperature: float = 0.25, lambda_distil: float = 1.0, lambda_gpt: float = 0.75,
-                 top_k_concepts: int = 150, max_images: int | None = None, cache_dir: str | None = None,
-                 image_splits: tuple = ("train",), unlabeled_source=None, batch_size: int = 256, seed: int = 0,
-                 token_norm: float | str | None = None, **kwargs):
+    def __init__(
+        self,
+        backbone,
+        dropout: float = 0.5,
+        lr: float = 1e-4,
+        weight_decay: float = 0.01,
+        temperature: float = 0.25,
+        lambda_distil: float = 1.0,
+        lambda_gpt: float = 0.75,
+        top_k_concepts: int = 150,
+        max_images: int | None = None,
+        cache_dir: str | None = None,
+        image_splits: tuple = ("train",),
+        unlabeled_source=None,
+        batch_size: int = 256,
+        seed: int = 0,
+        token_norm: float | str | None = None,
+        **kwargs,
+    ):
         super().__init__(backbone, **kwargs)
         d = backbone.embed_dim
         self.phi = Phi(d, 4 * d, backbone.token_dim, dropout)
         self.lr, self.weight_decay, self.temperature = lr, weight_decay, temperature
         self.lambda_distil, self.lambda_gpt, self.top_k_concepts = lambda_distil, lambda_gpt, top_k_concepts
         self.max_images, self.cache_dir, self.image_splits = max_images, cache_dir, tuple(image_splits)
-        self.unlabeled_source = unlabeled_source  # e.g. dataset=imagenet's source; None: the evaluated dataset
+        self.unlabeled_source = (
+            unlabeled_source  # e.g. dataset=imagenet's source; None: the evaluated dataset
+        )
         if not (token_norm is None or token_norm == "oti" or isinstance(token_norm, (int, float))):
-            raise CirlabError(f"method.phi.module.token_norm={token_norm!r}: use null (reference), oti or a number")
+            raise CirlabError(
+                f"method.phi.module.token_norm={token_norm!r}: use null (reference), oti or a number"
+            )
         self.token_norm = token_norm
         # the norm phi's tokens are scaled to (token_norm=oti: the OTI targets' mean norm; a checkpoint keeps it)
-        self.register_buffer("target_norm", torch.tensor(float(token_norm) if isinstance(token_norm, (int, float))
-                                                         else 0.0))
+        self.register_buffer(
+            "target_norm", torch.tensor(float(token_norm) if isinstance(token_norm, (int, float)) else 0.0)
+        )
         self.batch_size, self.seed = batch_size, seed
         self._concepts: torch.Tensor | None = None
 
@@ -373,11 +445,18 @@ class Searle(_SearleBase):
         log.info("phi: OTI targets for %d unlabeled images ready in %.0f s", len(names), time.time() - start)
         self._concepts = text.concepts_of(x, self.top_k_concepts)
         if len(x) < self.batch_size:
-            raise CirlabError(f"{len(x)} unlabeled images are fewer than one batch ({self.batch_size}): "
-                              "lower method.phi.batch_size")
+            raise CirlabError(
+                f"{len(x)} unlabeled images are fewer than one batch ({self.batch_size}): "
+                "lower method.phi.batch_size"
+            )
         gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(TensorDataset(x, tokens, torch.arange(len(x))), batch_size=self.batch_size,
-                          shuffle=True, drop_last=True, generator=gen)
+        return DataLoader(
+            TensorDataset(x, tokens, torch.arange(len(x))),
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            generator=gen,
+        )
 
     def tokens(self, features: torch.Tensor) -> torch.Tensor:
         """phi's pseudo tokens. The reference uses phi's raw output; the distillation loss only sees its
@@ -422,12 +501,19 @@ class Searle(_SearleBase):
 
     def checkpoint_layouts(self) -> list[Layout]:
         if self.token_norm == "oti":
-            raise CirlabError("method.phi.module.token_norm=oti takes the norm of the OTI targets while training, "
-                              "which a phi file does not carry: give that number (method.phi.module.token_norm=X; "
-                              "cirlab's exported phi.pt holds it under 'token_norm') or null, the reference")
-        return [wrapped("Phi", "SEARLE phi file {'Phi': state_dict} (release SEARLE_ViT-B32.pt / SEARLE_ViT-L14.pt, "
-                               "training phi_<epoch>.pt, cirlab's exported phi.pt)"),
-                cirlab_stage("phi.", "its phi.* weights")]
+            raise CirlabError(
+                "method.phi.module.token_norm=oti takes the norm of the OTI targets while training, "
+                "which a phi file does not carry: give that number (method.phi.module.token_norm=X; "
+                "cirlab's exported phi.pt holds it under 'token_norm') or null, the reference"
+            )
+        return [
+            wrapped(
+                "Phi",
+                "SEARLE phi file {'Phi': state_dict} (release SEARLE_ViT-B32.pt / SEARLE_ViT-L14.pt, "
+                "training phi_<epoch>.pt, cirlab's exported phi.pt)",
+            ),
+            cirlab_stage("phi.", "its phi.* weights"),
+        ]
 
     @classmethod
     def reference_files(cls, state: dict, epoch: int) -> dict:

@@ -12,6 +12,7 @@
   downloaded here), or a HF causal LM with the reference sampling settings.
 - A concept is "problematic" (dropped) if any of its phrases does not contain it verbatim.
 """
+
 from __future__ import annotations
 
 import csv
@@ -31,32 +32,78 @@ PLACEHOLDER = " $ "
 
 # PALAVRA templates, verbatim from miccunifi/SEARLE src/utils.py get_templates (docs/methods/searle.md#templates)
 TEMPLATES = [
-    "This is a photo of a {}", "This photo contains a {}", "A photo of a {}", "This is an illustration of a {}",
-    "This illustration contains a {}", "An illustrations of a {}", "This is a sketch of a {}",
-    "This sketch contains a {}", "A sketch of a {}", "This is a diagram of a {}", "This diagram contains a {}",
-    "A diagram of a {}", "A {}", "We see a {}", "{}", "We see a {} in this photo", "We see a {} in this image",
-    "We see a {} in this illustration", "We see a {} photo", "We see a {} image", "We see a {} illustration",
-    "{} photo", "{} image", "{} illustration",
+    "This is a photo of a {}",
+    "This photo contains a {}",
+    "A photo of a {}",
+    "This is an illustration of a {}",
+    "This illustration contains a {}",
+    "An illustrations of a {}",
+    "This is a sketch of a {}",
+    "This sketch contains a {}",
+    "A sketch of a {}",
+    "This is a diagram of a {}",
+    "This diagram contains a {}",
+    "A diagram of a {}",
+    "A {}",
+    "We see a {}",
+    "{}",
+    "We see a {} in this photo",
+    "We see a {} in this image",
+    "We see a {} in this illustration",
+    "We see a {} photo",
+    "We see a {} image",
+    "We see a {} illustration",
+    "{} photo",
+    "{} image",
+    "{} illustration",
 ]
 
 # template generator (deviation, docs/methods/searle.md#cirlab-vs-the-reference): "a photo of {c} that " + a clause
 CLAUSES = [
-    "is on the table", "is in the street", "was taken outdoors", "was taken indoors", "is on the left",
-    "is on the right", "is in the middle", "has nothing on the left", "has nothing on the right",
-    "has nothing in the middle", "is next to another object", "is alone", "is small", "is large",
-    "is in the center of the image", "is on a plain background", "is drawn with sharp edges",
-    "is slightly blurred", "is shown from the front", "appears twice", "is bright", "is dark",
-    "is partly hidden", "is close to the camera", "is far away", "is the only thing in the picture",
-    "has a simple shape", "is colourful", "is seen from above", "is in a corner", "stands out",
+    "is on the table",
+    "is in the street",
+    "was taken outdoors",
+    "was taken indoors",
+    "is on the left",
+    "is on the right",
+    "is in the middle",
+    "has nothing on the left",
+    "has nothing on the right",
+    "has nothing in the middle",
+    "is next to another object",
+    "is alone",
+    "is small",
+    "is large",
+    "is in the center of the image",
+    "is on a plain background",
+    "is drawn with sharp edges",
+    "is slightly blurred",
+    "is shown from the front",
+    "appears twice",
+    "is bright",
+    "is dark",
+    "is partly hidden",
+    "is close to the camera",
+    "is far away",
+    "is the only thing in the picture",
+    "has a simple shape",
+    "is colourful",
+    "is seen from above",
+    "is in a corner",
+    "stands out",
     "is easy to recognise",
 ]
 
 # the reference's sampling settings for GPT phrases (docs/methods/searle.md#phrases)
-LM_SETTINGS = dict(do_sample=True, max_length=35, num_return_sequences=256, temperature=0.5, no_repeat_ngram_size=2)
+LM_SETTINGS = dict(
+    do_sample=True, max_length=35, num_return_sequences=256, temperature=0.5, no_repeat_ngram_size=2
+)
 
 
-VOCABULARY_SOURCE = ("SEARLE's vocabulary is the Open Images V7 class list data/oidv7-class-descriptions.csv "
-                     "of github.com/miccunifi/SEARLE")
+VOCABULARY_SOURCE = (
+    "SEARLE's vocabulary is the Open Images V7 class list data/oidv7-class-descriptions.csv "
+    "of github.com/miccunifi/SEARLE"
+)
 
 
 def read_vocabulary(path: str | Path) -> list[str]:
@@ -64,15 +111,19 @@ def read_vocabulary(path: str | Path) -> list[str]:
     that header (names may hold quoted commas), else one name per line."""
     path = Path(path)
     if not path.is_file():
-        raise CirlabError(f"concept vocabulary {path} not found (method.concepts.vocabulary). {VOCABULARY_SOURCE}: "
-                          "download it there, or give a text file with one concept name per line")
+        raise CirlabError(
+            f"concept vocabulary {path} not found (method.concepts.vocabulary). {VOCABULARY_SOURCE}: "
+            "download it there, or give a text file with one concept name per line"
+        )
     text = path.read_text(encoding="utf-8-sig")
     header = next(csv.reader(io.StringIO(text)), [])
     if "DisplayName" in header:
         names = [row["DisplayName"] or "" for row in csv.DictReader(io.StringIO(text))]
     elif path.suffix.lower() == ".csv":
-        raise CirlabError(f"concept vocabulary {path} is a CSV without a DisplayName column (header {header}): "
-                          "give the Open Images class list (LabelName,DisplayName) or a text file, one name per line")
+        raise CirlabError(
+            f"concept vocabulary {path} is a CSV without a DisplayName column (header {header}): "
+            "give the Open Images class list (LabelName,DisplayName) or a text file, one name per line"
+        )
     else:
         names = text.splitlines()
     names = list(dict.fromkeys(n.strip() for n in names if n.strip()))
@@ -87,13 +138,19 @@ def default_vocabulary(source) -> list[str]:
     root = getattr(source, "root", None)
     if root is not None and (Path(root) / "vocabulary.txt").is_file():
         return read_vocabulary(Path(root) / "vocabulary.txt")
-    if root is not None and getattr(source, "name", "") == "synthetic" and (Path(root) / "spec.json").is_file():
+    if (
+        root is not None
+        and getattr(source, "name", "") == "synthetic"
+        and (Path(root) / "spec.json").is_file()
+    ):
         from cirlab.data.synthetic import Generator, SyntheticSpec
 
         gen = Generator(SyntheticSpec(**json.loads((Path(root) / "spec.json").read_text())))
         return [f"{c} {s}" for c, s in gen.objects]
-    raise CirlabError(f"dataset {getattr(source, 'name', '?')!r} ships no concept vocabulary: give "
-                      "method.concepts.vocabulary=PATH (one concept name per line, e.g. the Open Images class names)")
+    raise CirlabError(
+        f"dataset {getattr(source, 'name', '?')!r} ships no concept vocabulary: give "
+        "method.concepts.vocabulary=PATH (one concept name per line, e.g. the Open Images class names)"
+    )
 
 
 def clean_phrase(text: str) -> str:
@@ -111,12 +168,16 @@ def check_per_concept(per_concept) -> int | None:
     if per_concept is None:
         return None
     if isinstance(per_concept, bool) or not isinstance(per_concept, int) or per_concept < 1:
-        raise CirlabError(f"method.phrases.per_concept={per_concept!r}: a positive integer, or null for all phrases")
+        raise CirlabError(
+            f"method.phrases.per_concept={per_concept!r}: a positive integer, or null for all phrases"
+        )
     return per_concept
 
 
 @torch.no_grad()
-def lm_phrases(model, tokenizer, concepts: list[str], batch_concepts: int = 1, **overrides) -> dict[str, list[str]]:
+def lm_phrases(
+    model, tokenizer, concepts: list[str], batch_concepts: int = 1, **overrides
+) -> dict[str, list[str]]:
     """Phrases from a HF causal LM: prompt 'a photo of {c} that', the reference's generate() settings
     (sampling, max_length 35, 256 sequences, temperature 0.5, no_repeat_ngram_size 2); the decoded text
     keeps the prompt."""
@@ -145,8 +206,10 @@ class _PlainUnpickler(pickle.Unpickler):
         raise _Refused(f"it references {module}.{name}")
 
 
-PHRASES_FORMAT = ("the reference's concept_to_phrases.pkl (release asset GPTNeo27B.zip of github.com/miccunifi/SEARLE) "
-                  "or a JSON object {concept: [phrase, ...]}")
+PHRASES_FORMAT = (
+    "the reference's concept_to_phrases.pkl (release asset GPTNeo27B.zip of github.com/miccunifi/SEARLE) "
+    "or a JSON object {concept: [phrase, ...]}"
+)
 
 
 def load_phrases(path: str | Path) -> dict[str, list[str]]:
@@ -159,17 +222,23 @@ def load_phrases(path: str | Path) -> dict[str, list[str]]:
         try:
             obj = _PlainUnpickler(io.BytesIO(raw)).load()
         except _Refused as err:
-            raise CirlabError(f"phrases file {path} refused: a phrases pickle holds only a dict of lists of strings, "
-                              f"but {err}. Use the authors' file or a JSON object {{concept: [phrase, ...]}}") from err
+            raise CirlabError(
+                f"phrases file {path} refused: a phrases pickle holds only a dict of lists of strings, "
+                f"but {err}. Use the authors' file or a JSON object {{concept: [phrase, ...]}}"
+            ) from err
         except Exception as err:  # truncated or not a pickle
-            raise CirlabError(f"phrases file {path} is not a readable pickle ({type(err).__name__}: {err})") from err
+            raise CirlabError(
+                f"phrases file {path} is not a readable pickle ({type(err).__name__}: {err})"
+            ) from err
     else:
         try:
             obj = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise CirlabError(f"phrases file {path} is not valid JSON: {err}") from err
     if not isinstance(obj, dict) or not all(isinstance(v, list) for v in obj.values()):
-        raise CirlabError(f"phrases file {path} must map each concept to a list of phrases ({PHRASES_FORMAT})")
+        raise CirlabError(
+            f"phrases file {path} must map each concept to a list of phrases ({PHRASES_FORMAT})"
+        )
     return {str(k).strip(): [str(p) for p in v] for k, v in obj.items()}
 
 
@@ -182,18 +251,26 @@ def usable_concepts(phrases: dict[str, list[str]]) -> set[str]:
 def concept_embeddings(backbone, concepts: list[str], batch: int = 512) -> torch.Tensor:
     """Prompt-ensembled, normalised concept text features [C, D]."""
     texts = [t.format(f" {c} ") for c in concepts for t in TEMPLATES]
-    feats = torch.cat([backbone.encode_texts(texts[i:i + batch]).float() for i in range(0, len(texts), batch)])
+    feats = torch.cat(
+        [backbone.encode_texts(texts[i : i + batch]).float() for i in range(0, len(texts), batch)]
+    )
     feats = F.normalize(feats, dim=-1).view(len(concepts), len(TEMPLATES), -1).mean(1)
     return F.normalize(feats, dim=-1)
 
 
-def associate(image_features: torch.Tensor, concept_emb: torch.Tensor, top_k: int, chunk: int = 4096) -> torch.Tensor:
+def associate(
+    image_features: torch.Tensor, concept_emb: torch.Tensor, top_k: int, chunk: int = 4096
+) -> torch.Tensor:
     """Indices [N, k] of the top-k concepts per image by cosine similarity, best first (in chunks of
     images: 100k images x 20k concepts would not fit in memory at once)."""
     emb = concept_emb.T.to(image_features.device)
     k = min(top_k, concept_emb.shape[0])
-    return torch.cat([(F.normalize(image_features[i:i + chunk].float(), dim=-1) @ emb).topk(k, dim=-1).indices.cpu()
-                      for i in range(0, len(image_features), chunk)])
+    return torch.cat(
+        [
+            (F.normalize(image_features[i : i + chunk].float(), dim=-1) @ emb).topk(k, dim=-1).indices.cpu()
+            for i in range(0, len(image_features), chunk)
+        ]
+    )
 
 
 class PhraseBank:
@@ -202,13 +279,17 @@ class PhraseBank:
     Concepts may have different phrase counts: phrases are stored flat, concept c owning rows
     start[c] .. start[c] + count[c] - 1."""
 
-    def __init__(self, backbone, vocabulary: list[str], phrases: dict[str, list[str]], per_concept: int | None):
+    def __init__(
+        self, backbone, vocabulary: list[str], phrases: dict[str, list[str]], per_concept: int | None
+    ):
         n = check_per_concept(per_concept)
         ok = usable_concepts(phrases)
         self.concepts = [c for c in vocabulary if c in ok]
         if not self.concepts:
-            raise CirlabError("no concept of the vocabulary has usable phrases (each phrase must contain its "
-                              "concept verbatim): check method.phrases")
+            raise CirlabError(
+                "no concept of the vocabulary has usable phrases (each phrase must contain its "
+                "concept verbatim): check method.phrases"
+            )
         self.index = {c: i for i, c in enumerate(self.concepts)}
         lists = [phrases[c][:n] for c in self.concepts]
         self.count = torch.tensor([len(ps) for ps in lists])
@@ -220,12 +301,15 @@ class PhraseBank:
             digest.update(json.dumps([c, ps]).encode())
         self.digest = digest.hexdigest()
         with torch.no_grad():
-            self.features = torch.cat([backbone.encode_texts(flat[i:i + 512]).float()
-                                       for i in range(0, len(flat), 512)]).cpu()  # [P, D]
-        self.tokens_first = backbone.tokenize([p.replace(c, PLACEHOLDER, 1) for c, ps in zip(self.concepts, lists)
-                                               for p in ps])
-        self.tokens_all = backbone.tokenize([p.replace(c, PLACEHOLDER) for c, ps in zip(self.concepts, lists)
-                                             for p in ps])
+            self.features = torch.cat(
+                [backbone.encode_texts(flat[i : i + 512]).float() for i in range(0, len(flat), 512)]
+            ).cpu()  # [P, D]
+        self.tokens_first = backbone.tokenize(
+            [p.replace(c, PLACEHOLDER, 1) for c, ps in zip(self.concepts, lists) for p in ps]
+        )
+        self.tokens_all = backbone.tokenize(
+            [p.replace(c, PLACEHOLDER) for c, ps in zip(self.concepts, lists) for p in ps]
+        )
 
     def sample(self, candidates: torch.Tensor, generator: torch.Generator, pooled: bool) -> torch.Tensor:
         """One phrase row per image from its candidate concepts [N, k] (bank indices, -1 = dropped).
@@ -266,8 +350,10 @@ def build_phrases(cfg: dict, vocabulary: list[str]) -> dict[str, list[str]]:
             tok = AutoTokenizer.from_pretrained(name)
             model = AutoModelForCausalLM.from_pretrained(name)
         except OSError as err:
-            raise CirlabError(f"cannot load the phrase LM {name!r} ({err}); use method.phrases.generator=template "
-                              "or a pregenerated method.phrases.file=PATH") from err
+            raise CirlabError(
+                f"cannot load the phrase LM {name!r} ({err}); use method.phrases.generator=template "
+                "or a pregenerated method.phrases.file=PATH"
+            ) from err
         n = check_per_concept(cfg.get("per_concept")) or LM_SETTINGS["num_return_sequences"]
         return lm_phrases(model, tok, vocabulary, num_return_sequences=n)
     raise CirlabError(f"unknown method.phrases.generator={kind!r}; choose template or lm")

@@ -1,4 +1,5 @@
 """Zero-shot baselines every CIR paper reports: no training, rank with the frozen backbone."""
+
 from __future__ import annotations
 
 import torch

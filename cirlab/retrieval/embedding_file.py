@@ -4,10 +4,11 @@ A `.npy` file read with explicit seeks, not a memory map: mapped pages would sta
 count as process memory, while chunked reads keep peak memory at one chunk whatever the gallery
 size (web-scale galleries of millions of images). `exact_search` accepts it like an array.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
@@ -19,7 +20,9 @@ class EmbeddingFile:
         self.path = Path(path)
         with open(self.path, "rb") as fh:
             major, _ = np.lib.format.read_magic(fh)
-            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            read_header = (
+                np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            )
             shape, fortran, dtype = read_header(fh)
             self.offset = fh.tell()
         assert not fortran and len(shape) == 2
@@ -45,7 +48,7 @@ class EmbeddingFile:
         return out.reshape(-1, d)
 
     @classmethod
-    def write(cls, path: str | Path, chunks: Iterable[np.ndarray], n: int, dim: int) -> "EmbeddingFile":
+    def write(cls, path: str | Path, chunks: Iterable[np.ndarray], n: int, dim: int) -> EmbeddingFile:
         """Write `n` rows arriving in chunks; atomic like every cirlab file."""
         writer = EmbeddingWriter(path, n)
         for chunk in chunks:
@@ -68,7 +71,8 @@ class EmbeddingWriter:
         if self._fh is None:
             self._fh = open(self._tmp, "wb")
             np.lib.format.write_array_header_1_0(
-                self._fh, {"descr": "<f4", "fortran_order": False, "shape": (self.n, rows.shape[1])})
+                self._fh, {"descr": "<f4", "fortran_order": False, "shape": (self.n, rows.shape[1])}
+            )
         self._fh.write(rows.tobytes())
         self.written += len(rows)
 

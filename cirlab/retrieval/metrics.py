@@ -10,6 +10,7 @@ Written by hand because torchmetrics' RetrievalMAP divides by the relevant items
 min(K, |GT|), and has no reference exclusion or subset ranking; the unit tests cross-check the
 cases where the definitions coincide.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -81,8 +82,15 @@ class SetResult:
     subset_predictions: dict[str, list[str]]
 
 
-def score_eval_set(protocol: Protocol, eval_set: EvalSet, query_emb: torch.Tensor, gallery_emb,
-                   has_answers: bool = True, backend: str = "exact", **search_options) -> SetResult:
+def score_eval_set(
+    protocol: Protocol,
+    eval_set: EvalSet,
+    query_emb: torch.Tensor,
+    gallery_emb,
+    has_answers: bool = True,
+    backend: str = "exact",
+    **search_options,
+) -> SetResult:
     """Rank one eval set; metrics only where answers exist (never a fake test score)."""
     names = eval_set.gallery
     index = {n: i for i, n in enumerate(names)}
@@ -103,24 +111,31 @@ def score_eval_set(protocol: Protocol, eval_set: EvalSet, query_emb: torch.Tenso
         members = torch.full((len(queries), width), -1, dtype=torch.long)
         for row, q in enumerate(queries):
             ids = [index[m] for m in q.subset if m != q.reference and m in index]
-            members[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        gallery_t = torch.as_tensor(gallery_emb[:]) if not isinstance(gallery_emb, torch.Tensor) else gallery_emb
+            members[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        gallery_t = (
+            torch.as_tensor(gallery_emb[:]) if not isinstance(gallery_emb, torch.Tensor) else gallery_emb
+        )
         ranked_subset = subset_ranking(query_emb, gallery_t, members)
         for q, row, m in zip(queries, ranked_subset.tolist(), members.tolist()):
             n_valid = sum(x >= 0 for x in m)
-            subset_predictions[q.qid] = [names[i] for i in row[:min(3, n_valid)]]
+            subset_predictions[q.qid] = [names[i] for i in row[: min(3, n_valid)]]
 
     metrics: dict[str, float] = {}
     if has_answers:
         missing = [q for q in queries if not q.targets or q.targets[0] not in index]
         if missing:
-            raise CirlabError(f"query {missing[0].qid}: target {missing[0].targets[:1]} is not in the gallery "
-                              f"({len(missing)} such queries); the gallery must contain every target")
+            raise CirlabError(
+                f"query {missing[0].qid}: target {missing[0].targets[:1]} is not in the gallery "
+                f"({len(missing)} such queries); the gallery must contain every target"
+            )
         target = torch.tensor([index[q.targets[0]] for q in queries])
         metrics.update(recall_at_k(topk, target, protocol.recall_ks))
         if protocol.map_ks:
-            metrics.update(map_at_k(topk, [[index[t] for t in q.targets if t in index] for q in queries],
-                                    protocol.map_ks))
+            metrics.update(
+                map_at_k(
+                    topk, [[index[t] for t in q.targets if t in index] for q in queries], protocol.map_ks
+                )
+            )
         if ranked_subset is not None:
             hits = hit_percent(ranked_subset == target[:, None], protocol.subset_ks)
             metrics.update({f"recall_subset_at_{k}": v for k, v in hits.items()})

@@ -6,13 +6,13 @@ descending, ties by gallery index ascending, which equals a stable sort of the f
 Per chunk, group maxima rule out most items without sorting them (`_chunk_candidates`); only the
 few candidates left are ordered, with exact tie handling at the k-th score (`_select`).
 """
+
 from __future__ import annotations
 
 import numpy as np
 import torch
 
 from cirlab.errors import CirlabError
-
 
 _GROUP = 32  # columns per group in the chunk pre-selection (see _chunk_candidates)
 _PAD = 2**62  # gallery index of padding candidates (score -inf): loses every tie, never kept
@@ -37,7 +37,7 @@ def _select(scores: torch.Tensor, index: torch.Tensor, keep: int) -> tuple[torch
     if scores.shape[1] <= 4 * keep + 16:
         return _order(scores, index, keep)
     top, pos = torch.topk(scores, keep + 1, dim=1)
-    tied = ~(top[:, keep] < top[:, keep - 1])   # NaN ranks first, as in a sort: count it as a tie
+    tied = ~(top[:, keep] < top[:, keep - 1])  # NaN ranks first, as in a sort: count it as a tie
     out_s, out_i = _order(top[:, :keep], index.gather(1, pos[:, :keep]), keep)
     if tied.any():
         rows = tied.nonzero().squeeze(1)
@@ -45,8 +45,9 @@ def _select(scores: torch.Tensor, index: torch.Tensor, keep: int) -> tuple[torch
     return out_s, out_i
 
 
-def _chunk_candidates(s: torch.Tensor, start: int, k: int, bound: torch.Tensor | None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_candidates(
+    s: torch.Tensor, start: int, k: int, bound: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The items of the score chunk `s` that may enter the top-k, as (scores, gallery indices), one
     row per query, padded with (-inf, _PAD) to the longest row.
 
@@ -59,22 +60,22 @@ def _chunk_candidates(s: torch.Tensor, start: int, k: int, bound: torch.Tensor |
     "not below" so that NaN, which sorts first, is always a candidate."""
     q, c = s.shape
     g = c // _GROUP
-    if g < 4 * (k + 1):            # small chunk: every column is a candidate
+    if g < 4 * (k + 1):  # small chunk: every column is a candidate
         return s, torch.arange(start, start + c, device=s.device).expand(q, c)
-    maxima = s[:, :g * _GROUP].unflatten(1, (_GROUP, g)).amax(1)         # [q, g]
+    maxima = s[:, : g * _GROUP].unflatten(1, (_GROUP, g)).amax(1)  # [q, g]
     if bound is None:
         lo = torch.topk(maxima, k, dim=1).values[:, -1]
-        rows, group = (~(maxima < lo[:, None])).nonzero().unbind(1)     # row-major
+        rows, group = (~(maxima < lo[:, None])).nonzero().unbind(1)  # row-major
     else:
         lo = bound
         rows, group = (~(maxima <= lo[:, None])).nonzero().unbind(1)
-    if len(rows) > q * g // 8:     # little to prune (ties, adversarial order): keep every column,
-        return s, torch.arange(start, start + c, device=s.device).expand(q, c)   # bounded memory
+    if len(rows) > q * g // 8:  # little to prune (ties, adversarial order): keep every column,
+        return s, torch.arange(start, start + c, device=s.device).expand(q, c)  # bounded memory
     cols = group[:, None] + g * torch.arange(_GROUP, device=s.device)  # [pairs, _GROUP]
     cols = cols.flatten()
     vals = s.view(-1).index_select(0, (rows * c).repeat_interleave(_GROUP) + cols)
     lo = lo.index_select(0, rows).repeat_interleave(_GROUP)
-    hit = (~(vals < lo) if bound is None else ~(vals <= lo)).nonzero().squeeze(1)   # still row-major
+    hit = (~(vals < lo) if bound is None else ~(vals <= lo)).nonzero().squeeze(1)  # still row-major
     rows = rows.index_select(0, hit // _GROUP)
     cols, vals = cols.index_select(0, hit), vals.index_select(0, hit)
     counts = torch.bincount(rows, minlength=q)
@@ -84,15 +85,16 @@ def _chunk_candidates(s: torch.Tensor, start: int, k: int, bound: torch.Tensor |
     cand_i = torch.full((q, width), _PAD, dtype=torch.long, device=s.device)
     cand_s[rows, slot] = vals
     cand_i[rows, slot] = cols + start
-    if g * _GROUP < c:             # the last few columns of a ragged chunk: all candidates
+    if g * _GROUP < c:  # the last few columns of a ragged chunk: all candidates
         rest = torch.arange(start + g * _GROUP, start + c, device=s.device)
-        cand_s = torch.cat([cand_s, s[:, g * _GROUP:]], 1)
+        cand_s = torch.cat([cand_s, s[:, g * _GROUP :]], 1)
         cand_i = torch.cat([cand_i, rest.expand(q, -1)], 1)
     return cand_s, cand_i
 
 
-def exact_search(queries: torch.Tensor, gallery, k: int, exclude: torch.Tensor | None = None,
-                 chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+def exact_search(
+    queries: torch.Tensor, gallery, k: int, exclude: torch.Tensor | None = None, chunk: int = 16384
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k inner products. `gallery` is a tensor or a (memory-mapped) numpy array [N, D].
 
     `exclude[q]` is a gallery index removed from query q's ranking (-1 for none): CIRR and Shoes
@@ -111,7 +113,7 @@ def exact_search(queries: torch.Tensor, gallery, k: int, exclude: torch.Tensor |
     if exclude is not None:
         exclude = exclude.to(device)
     for start in range(0, n, chunk):
-        block = gallery[start:start + chunk]
+        block = gallery[start : start + chunk]
         block = torch.from_numpy(np.asarray(block)) if not isinstance(block, torch.Tensor) else block
         s = queries @ block.to(device).float().T
         if exclude is not None:
@@ -120,13 +122,21 @@ def exact_search(queries: torch.Tensor, gallery, k: int, exclude: torch.Tensor |
             s[rows, local[rows]] = float("-inf")
         full = best_s.shape[1] == k
         cand_s, cand_i = _chunk_candidates(s, start, k, best_s[:, -1] if full else None)
-        best_s, best_i = _select(torch.cat([best_s, cand_s], 1), torch.cat([best_i, cand_i], 1),
-                                 min(k, start + s.shape[1]))
+        best_s, best_i = _select(
+            torch.cat([best_s, cand_s], 1), torch.cat([best_i, cand_i], 1), min(k, start + s.shape[1])
+        )
     return best_s.cpu(), best_i.cpu()
 
 
-def faiss_search(queries: torch.Tensor, gallery, k: int, exclude: torch.Tensor | None = None,
-                 index_type: str = "flat", nlist: int = 1024, nprobe: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+def faiss_search(
+    queries: torch.Tensor,
+    gallery,
+    k: int,
+    exclude: torch.Tensor | None = None,
+    index_type: str = "flat",
+    nlist: int = 1024,
+    nprobe: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """faiss inner-product search. `flat` is exact; `ivf` and `hnsw` trade recall for speed."""
     try:
         import faiss
@@ -156,10 +166,18 @@ def faiss_search(queries: torch.Tensor, gallery, k: int, exclude: torch.Tensor |
     return _order(s, i, min(k, len(xb) - extra))
 
 
-def search(queries: torch.Tensor, gallery, k: int, exclude: torch.Tensor | None = None,
-           backend: str = "exact", **options) -> tuple[torch.Tensor, torch.Tensor]:
+def search(
+    queries: torch.Tensor,
+    gallery,
+    k: int,
+    exclude: torch.Tensor | None = None,
+    backend: str = "exact",
+    **options,
+) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "exact":
         return exact_search(queries, gallery, k, exclude, chunk=options.get("chunk", 16384))
     if backend == "faiss":
-        return faiss_search(queries, gallery, k, exclude, **{k_: v for k_, v in options.items() if k_ != "chunk"})
+        return faiss_search(
+            queries, gallery, k, exclude, **{k_: v for k_, v in options.items() if k_ != "chunk"}
+        )
     raise CirlabError(f"unknown retrieval.search={backend!r}; choose exact or faiss")

@@ -5,6 +5,7 @@ sorted keys, {"version": "rc2", "metric": "recall", "<pairid>": [top-50 names]} 
 "recall_subset" and the top-3 within the query's img_set. CIRCO (miccunifi/CIRCO): {"<query id>":
 [50 unique COCO image ids as ints]}.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

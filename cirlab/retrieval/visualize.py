@@ -7,6 +7,7 @@ outlined green wherever it appears in the top-k (the reference is outlined grey)
 carries its rank (and score when known) in its corner; a small copy of the target sits in the
 bottom-right corner of the text column, so a miss shows what should have been found.
 """
+
 from __future__ import annotations
 
 import base64
@@ -14,9 +15,9 @@ import html
 import io
 import logging
 import textwrap
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -37,8 +38,8 @@ class QueryView:
     reference: str
     text: str
     targets: tuple[str, ...]
-    ranked: list[str]                      # top-k gallery names, best first
-    scores: list[float] | None = None      # similarity of each ranked name (None: unknown)
+    ranked: list[str]  # top-k gallery names, best first
+    scores: list[float] | None = None  # similarity of each ranked name (None: unknown)
 
 
 def grid_size(n: int, k: int, tile: int = 96, pad: int = 4, text_width: int = TEXT_WIDTH) -> tuple[int, int]:
@@ -69,8 +70,14 @@ def _thumb(path: Path, tile: int) -> Image.Image:
     return canvas
 
 
-def render_grid(views: Sequence[QueryView], path_of: Callable[[str], Path], k: int, tile: int = 96,
-                pad: int = 4, text_width: int = TEXT_WIDTH) -> Image.Image:
+def render_grid(
+    views: Sequence[QueryView],
+    path_of: Callable[[str], Path],
+    k: int,
+    tile: int = 96,
+    pad: int = 4,
+    text_width: int = TEXT_WIDTH,
+) -> Image.Image:
     width, height = grid_size(len(views), k, tile, pad, text_width)
     cell = tile + 2 * pad
     grid = Image.new("RGB", (width, height), (255, 255, 255))
@@ -89,7 +96,9 @@ def render_grid(views: Sequence[QueryView], path_of: Callable[[str], Path], k: i
             draw.rectangle([x + 1, y + 1, x + cell - 2, y + cell - 2], outline=outline, width=pad - 1 or 1)
         if label:
             box = draw.textbbox((0, 0), label, font=small)
-            draw.rectangle([x + pad, y + pad, x + pad + box[2] + 3, y + pad + box[3] + 2], fill=(255, 255, 255))
+            draw.rectangle(
+                [x + pad, y + pad, x + pad + box[2] + 3, y + pad + box[3] + 2], fill=(255, 255, 255)
+            )
             draw.text((x + pad + 2, y + pad + 1), label, fill=(0, 0, 0), font=small)
 
     chars = max(8, (text_width - 10) // 7)
@@ -101,7 +110,7 @@ def render_grid(views: Sequence[QueryView], path_of: Callable[[str], Path], k: i
         lines = textwrap.wrap(v.text, chars)
         max_lines = max(1, (cell - 8) // 15)
         if len(lines) > max_lines:
-            lines = lines[:max_lines - 1] + [lines[max_lines - 1][:chars - 3] + "..."]
+            lines = lines[: max_lines - 1] + [lines[max_lines - 1][: chars - 3] + "..."]
         hit = next((i + 1 for i, n in enumerate(v.ranked) if n in v.targets), None)
         status = f"target at rank {hit}" if hit else (f"target not in top {k}" if v.targets else "no answer")
         draw.multiline_text((cell + 5, y + 4), "\n".join(lines), fill=(0, 0, 0), font=font, spacing=2)
@@ -135,15 +144,19 @@ def _data_uri(path: Path, size: int = 96) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def render_html(views: Sequence[QueryView], path_of: Callable[[str], Path], title: str, size: int = 96) -> str:
+def render_html(
+    views: Sequence[QueryView], path_of: Callable[[str], Path], title: str, size: int = 96
+) -> str:
     """A self-contained page (thumbnails embedded as base64): every query, its top-k, scores, target."""
     uris: dict[str, str] = {}
 
     def img(name: str, cls: str, caption: str) -> str:
         if name not in uris:
             uris[name] = _data_uri(path_of(name), size)
-        return (f'<figure class="{cls}"><img src="{uris[name]}" alt="{html.escape(name)}" title="{html.escape(name)}">'
-                f"<figcaption>{caption}</figcaption></figure>")
+        return (
+            f'<figure class="{cls}"><img src="{uris[name]}" alt="{html.escape(name)}" title="{html.escape(name)}">'
+            f"<figcaption>{caption}</figcaption></figure>"
+        )
 
     rows = []
     hits = 0
@@ -151,18 +164,29 @@ def render_html(views: Sequence[QueryView], path_of: Callable[[str], Path], titl
         hit = next((i + 1 for i, n in enumerate(v.ranked) if n in v.targets), None)
         hits += hit is not None
         cells = [img(v.reference, "ref", "reference")]
-        cells.append(f'<div class="text"><b>{html.escape(v.text)}</b><br><span class="{"ok" if hit else "miss"}">'
-                     + (f"target at rank {hit}" if hit else
-                        (f"target {html.escape(', '.join(v.targets))} not in top {len(v.ranked)}"
-                         if v.targets else "no public answer")) + "</span></div>")
+        cells.append(
+            f'<div class="text"><b>{html.escape(v.text)}</b><br><span class="{"ok" if hit else "miss"}">'
+            + (
+                f"target at rank {hit}"
+                if hit
+                else (
+                    f"target {html.escape(', '.join(v.targets))} not in top {len(v.ranked)}"
+                    if v.targets
+                    else "no public answer"
+                )
+            )
+            + "</span></div>"
+        )
         if v.targets:
             cells.append(img(v.targets[0], "tgt", "target"))
         for i, name in enumerate(v.ranked):
             score = f" &middot; {v.scores[i]:.3f}" if v.scores is not None else ""
             mark = " &#10003; target" if name in v.targets else ""
             cells.append(img(name, "hit" if name in v.targets else "res", f"#{i + 1}{score}{mark}"))
-        rows.append(f'<tr data-hit="{int(hit is not None)}"><td class="qid">{html.escape(v.qid)}</td>'
-                    f'<td><div class="row">{"".join(cells)}</div></td></tr>')
+        rows.append(
+            f'<tr data-hit="{int(hit is not None)}"><td class="qid">{html.escape(v.qid)}</td>'
+            f'<td><div class="row">{"".join(cells)}</div></td></tr>'
+        )
     summary = f"{len(views)} queries, target in the shown top-k for {hits}"
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -193,12 +217,23 @@ document.getElementById('miss').addEventListener('change', e => {{
 """
 
 
-def write_visualization(folder: Path, split: str, views: Sequence[QueryView], path_of: Callable[[str], Path],
-                        n: int = 8, k: int = 5, title: str | None = None) -> tuple[Path, Path]:
+def write_visualization(
+    folder: Path,
+    split: str,
+    views: Sequence[QueryView],
+    path_of: Callable[[str], Path],
+    n: int = 8,
+    k: int = 5,
+    title: str | None = None,
+) -> tuple[Path, Path]:
     """retrieval_<split>.png (first n queries) and retrieval_<split>.html (all queries) in `folder`."""
     folder = Path(folder)
-    views = [QueryView(v.qid, v.reference, v.text, v.targets, v.ranked[:k],
-                       None if v.scores is None else v.scores[:k]) for v in views]
+    views = [
+        QueryView(
+            v.qid, v.reference, v.text, v.targets, v.ranked[:k], None if v.scores is None else v.scores[:k]
+        )
+        for v in views
+    ]
     png = folder / f"retrieval_{split}.png"
     grid = render_grid(views[:n], path_of, k)
     write_atomic(png, lambda tmp: grid.save(tmp, format="PNG"))
@@ -221,16 +256,25 @@ def _eval_set_scores(module, dm, es, ranked: list[list[str]]) -> list[list[float
     was_training = module.training
     module.eval()
     with torch.no_grad():
-        gal = torch.cat([module.gallery_embedding(b["image"].to(module.device)).float().cpu()
-                         for b in loader(GalleryDataset(needed, lookup))])
-        qry = torch.cat([module.query_embedding(b["reference"].to(module.device), b["text"]).float().cpu()
-                         for b in loader(QueryDataset(es.queries, dm.source, lookup, dm.text_views.get("text")))])
+        gal = torch.cat(
+            [
+                module.gallery_embedding(b["image"].to(module.device)).float().cpu()
+                for b in loader(GalleryDataset(needed, lookup))
+            ]
+        )
+        qry = torch.cat(
+            [
+                module.query_embedding(b["reference"].to(module.device), b["text"]).float().cpu()
+                for b in loader(QueryDataset(es.queries, dm.source, lookup, dm.text_views.get("text")))
+            ]
+        )
     module.train(was_training)
     return [[float(qry[i] @ gal[row_of[n]]) for n in row] for i, row in enumerate(ranked)]
 
 
-def visualize_split(module, dm, split: str, folder: Path, n: int = 8, k: int = 5,
-                    logger=None) -> tuple[Path, Path] | None:
+def visualize_split(
+    module, dm, split: str, folder: Path, n: int = 8, k: int = 5, logger=None
+) -> tuple[Path, Path] | None:
     """Write the PNG + HTML of one evaluated split of a stage; log the PNG to wandb if that is the logger."""
     results = module.results.get(split)
     if not results:
@@ -251,8 +295,15 @@ def visualize_split(module, dm, split: str, folder: Path, n: int = 8, k: int = 5
             views.append(QueryView(qid, q.reference, dm.source.eval_text(q), tuple(q.targets), row, sc))
     if not views:
         return None
-    png, page = write_visualization(folder, split, views, dm.source.image_path, n=n, k=k,
-                                    title=f"{folder.name}: {split} ({len(views)} queries)")
+    png, page = write_visualization(
+        folder,
+        split,
+        views,
+        dm.source.image_path,
+        n=n,
+        k=k,
+        title=f"{folder.name}: {split} ({len(views)} queries)",
+    )
     if logger and type(logger).__name__ == "WandbLogger":
         logger.log_image(key=f"retrieval/{split}", images=[str(png)])
     log.info("retrieval visualisation: %s, %s", png, page)

@@ -1,4 +1,5 @@
 """What a dataset source provides: an image index, CIR splits in common records, and its protocol."""
+
 from __future__ import annotations
 
 import random
@@ -65,14 +66,22 @@ class CIRSource:
     # ---- helpers for subclasses -----------------------------------------------------------------
     def layout_help(self) -> str:
         """The accepted tree(s) and what was found, so a wrong root or folder is fixed in one go."""
-        return (f"Expected layout under dataset.root:\n{self.layout}"
-                + (f"\nDetected: {self.detected}" if self.detected else "")
-                + (f"\nWhere to get the data: README section '{self.readme_section}'." if self.readme_section else ""))
+        return (
+            f"Expected layout under dataset.root:\n{self.layout}"
+            + (f"\nDetected: {self.detected}" if self.detected else "")
+            + (
+                f"\nWhere to get the data: README section '{self.readme_section}'."
+                if self.readme_section
+                else ""
+            )
+        )
 
     def missing_image(self, what: str) -> ImageNotFound:
         """The error for an absent image: where it was looked for, the accepted layouts, how to list them all."""
-        return ImageNotFound(f"{self.name}: {what}\n{self.layout_help()}\n`cirlab +task=check_data "
-                             f"dataset={self.name} dataset.root=...` lists every missing image.")
+        return ImageNotFound(
+            f"{self.name}: {what}\n{self.layout_help()}\n`cirlab +task=check_data "
+            f"dataset={self.name} dataset.root=...` lists every missing image."
+        )
 
     def require_dir(self, path: Path, what: str) -> Path:
         if not path.is_dir():

@@ -11,6 +11,7 @@ Builders:
   * `synthetic_captions` (the bundled benchmark) and `jsonl_captions` (own data, captions.jsonl).
 Facts: docs/methods/crossmodal.md#data, docs/benchmarks.md#coco-and-flickr30k.
 """
+
 from __future__ import annotations
 
 import json
@@ -86,15 +87,18 @@ def read_karpathy(path: str | Path) -> dict[str, list[tuple[str, list[str]]]]:
             name = f"{img['filepath']}/{img['filename']}" if img.get("filepath") else img["filename"]
             caps = [s["raw"].strip() for s in img["sentences"]][:MAX_CAPTIONS]
         except KeyError as err:
-            raise CirlabError(f"{path}: image entry {i} lacks field {err} (or has an unknown split "
-                              f"{img.get('split')!r}; expected train/restval/val/test)") from err
+            raise CirlabError(
+                f"{path}: image entry {i} lacks field {err} (or has an unknown split "
+                f"{img.get('split')!r}; expected train/restval/val/test)"
+            ) from err
         if caps:
             out[split].append((name, caps))
     return out
 
 
-def karpathy_source(root: str | Path, annotation: str, image_dir: str = "", name: str = "karpathy",
-                    layout: str = "") -> CaptionSource:
+def karpathy_source(
+    root: str | Path, annotation: str, image_dir: str = "", name: str = "karpathy", layout: str = ""
+) -> CaptionSource:
     root = Path(root)
     pairs = read_karpathy(_require(root / annotation, "Karpathy split file", layout))
     return CaptionSource(root / image_dir if image_dir else root, pairs, name)
@@ -105,13 +109,14 @@ def _random_split(items: list, sizes: dict[str, int], seed: int) -> dict[str, li
     random.Random(seed).shuffle(items)
     out, start = {}, 0
     for split, n in sizes.items():
-        out[split] = items[start:start + n]
+        out[split] = items[start : start + n]
         start += n
     return out
 
 
-def coco_source(root: str | Path, split_scheme: str = "karpathy", seed: int = 0,
-                val_fraction: float = 0.05) -> CaptionSource:
+def coco_source(
+    root: str | Path, split_scheme: str = "karpathy", seed: int = 0, val_fraction: float = 0.05
+) -> CaptionSource:
     root = Path(root)
     if split_scheme == "karpathy":
         return karpathy_source(root, "dataset_coco.json", name="coco", layout=COCO_LAYOUT)
@@ -119,13 +124,18 @@ def coco_source(root: str | Path, split_scheme: str = "karpathy", seed: int = 0,
         raise CirlabError(f"unknown dataset.split_scheme={split_scheme!r}; choose karpathy or reference")
 
     def read(split: str) -> list[tuple[str, list[str]]]:
-        path = _require(root / "annotations" / f"captions_{split}2017.json", "COCO 2017 captions", COCO_LAYOUT)
+        path = _require(
+            root / "annotations" / f"captions_{split}2017.json", "COCO 2017 captions", COCO_LAYOUT
+        )
         data = _load_json(path)
         caps: dict[int, list[str]] = {}
         for ann in data["annotations"]:
             caps.setdefault(ann["image_id"], []).append(ann["caption"].strip())
-        return [(f"{split}2017/{img['file_name']}", caps[img["id"]][:MAX_CAPTIONS])
-                for img in data["images"] if img["id"] in caps]
+        return [
+            (f"{split}2017/{img['file_name']}", caps[img["id"]][:MAX_CAPTIONS])
+            for img in data["images"]
+            if img["id"] in caps
+        ]
 
     train = read("train")
     n_val = round(len(train) * val_fraction)
@@ -148,12 +158,18 @@ def read_flickr_kaggle(path: Path, max_words: int = 50) -> list[tuple[str, list[
     return [(f"flickr30k-images/{n}", c[:MAX_CAPTIONS]) for n, c in caps.items()]
 
 
-def flickr30k_source(root: str | Path, split_scheme: str = "karpathy", seed: int = 0,
-                     n_val: int = 1000, n_test: int = 1000) -> CaptionSource:
+def flickr30k_source(
+    root: str | Path, split_scheme: str = "karpathy", seed: int = 0, n_val: int = 1000, n_test: int = 1000
+) -> CaptionSource:
     root = Path(root)
     if split_scheme == "karpathy":
-        return karpathy_source(root, "dataset_flickr30k.json", image_dir="flickr30k-images", name="flickr30k",
-                               layout=FLICKR_LAYOUT)
+        return karpathy_source(
+            root,
+            "dataset_flickr30k.json",
+            image_dir="flickr30k-images",
+            name="flickr30k",
+            layout=FLICKR_LAYOUT,
+        )
     if split_scheme != "reference":
         raise CirlabError(f"unknown dataset.split_scheme={split_scheme!r}; choose karpathy or reference")
     pairs = read_flickr_kaggle(_require(root / "captions.txt", "Flickr30k captions.txt", FLICKR_LAYOUT))

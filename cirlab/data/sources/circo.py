@@ -1,4 +1,5 @@
 """CIRCO in its official layout (miccunifi/CIRCO), read as SEARLE reads it: val/test only, many targets."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,8 +26,9 @@ class CIRCOSource(CIRSource):
     name = "circo"
     layout = LAYOUT
     readme_section = "CIRCO"
-    protocol = Protocol(recall_ks=(5, 10, 25, 50), map_ks=(5, 10, 25, 50), exclude_reference=False,
-                        main_metric="map_at_10")
+    protocol = Protocol(
+        recall_ks=(5, 10, 25, 50), map_ks=(5, 10, 25, 50), exclude_reference=False, main_metric="map_at_10"
+    )
 
     def __init__(self, root: str | Path):
         self.root = self.require_dir(Path(root), "dataset root")
@@ -39,7 +41,9 @@ class CIRCOSource(CIRSource):
         if self._files is None:
             info = read_json(self.require_file(self.info_file, "COCO unlabeled2017 image info"))
             if not isinstance(info, dict) or not isinstance(info.get("images"), list):
-                raise CirlabError(f"{self.info_file}: expected a COCO image-info object with an 'images' list")
+                raise CirlabError(
+                    f"{self.info_file}: expected a COCO image-info object with an 'images' list"
+                )
             self._files = {image_name(im["id"]): im["file_name"] for im in info["images"]}
         return self._files
 
@@ -54,10 +58,15 @@ class CIRCOSource(CIRSource):
         keys = ("id", "reference_img_id", "relative_caption", "shared_concept")
         rows = read_records(path, keys + (() if split == "test" else ("gt_img_ids",)))
         self._concepts[split] = {str(r["id"]): r["shared_concept"] for r in rows}
-        return [CIRQuery(qid=str(r["id"]), reference=image_name(r["reference_img_id"]),
-                         captions=(r["relative_caption"],),
-                         targets=tuple(image_name(i) for i in r.get("gt_img_ids", ())))
-                for r in rows]
+        return [
+            CIRQuery(
+                qid=str(r["id"]),
+                reference=image_name(r["reference_img_id"]),
+                captions=(r["relative_caption"],),
+                targets=tuple(image_name(i) for i in r.get("gt_img_ids", ())),
+            )
+            for r in rows
+        ]
 
     def shared_concepts(self, split: str) -> dict[str, str]:
         """qid -> shared_concept (used by some zero-shot prompts; not by SEARLE)."""
@@ -66,8 +75,10 @@ class CIRCOSource(CIRSource):
         return self._concepts[split]
 
     def train_queries(self) -> list[CIRQuery]:
-        raise CirlabError("CIRCO has no training split (only val and test); train on another dataset "
-                          "or use a zero-shot method")
+        raise CirlabError(
+            "CIRCO has no training split (only val and test); train on another dataset "
+            "or use a zero-shot method"
+        )
 
     def eval_sets(self, split: str) -> list[EvalSet]:
         queries = self.queries(split)

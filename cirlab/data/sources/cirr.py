@@ -1,5 +1,6 @@
 """CIRR rc2 in its official layout (Cuberick-Orion/CIRR, branch cirr_dataset) or the one CLIP4Cir and SEARLE
 use (images beside cirr/), read as CLIP4Cir reads it."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,8 +38,12 @@ class CIRRSource(CIRSource):
     name = "cirr"
     layout = LAYOUT
     readme_section = "CIRR"
-    protocol = Protocol(recall_ks=(1, 5, 10, 50), subset_ks=(1, 2, 3), exclude_reference=True,
-                        main_metric="avg_recall_at_5_subset_at_1")
+    protocol = Protocol(
+        recall_ks=(1, 5, 10, 50),
+        subset_ks=(1, 2, 3),
+        exclude_reference=True,
+        main_metric="avg_recall_at_5_subset_at_1",
+    )
 
     def __init__(self, root: str | Path, image_root: str | Path | None = None):
         """Either layout from `root` alone: the READMEs of CLIP4Cir/SEARLE and of CIRR name different
@@ -47,8 +52,10 @@ class CIRRSource(CIRSource):
         # `root` may also be the cirr/ folder of the CLIP4Cir/SEARLE layout: its images are then beside it
         ann = root / "cirr" if _has_annotations(root / "cirr") else root if _has_annotations(root) else None
         if ann is None:
-            raise CirlabError(f"cirr: no captions/ or image_splits/ folder in {root} or in {root / 'cirr'}: "
-                              f"set dataset.root to the CIRR folder.\n{self.layout_help()}")
+            raise CirlabError(
+                f"cirr: no captions/ or image_splits/ folder in {root} or in {root / 'cirr'}: "
+                f"set dataset.root to the CIRR folder.\n{self.layout_help()}"
+            )
         if (ann / "img_raw").is_dir():
             layout, images = OFFICIAL, ann / "img_raw"
         elif ann != root or any((root.parent / d).is_dir() for d in IMAGE_DIRS):
@@ -57,15 +64,18 @@ class CIRRSource(CIRSource):
             layout, images = OFFICIAL, ann / "img_raw"
         self.root = ann
         self.image_root = Path(image_root) if image_root is not None else images
-        self.detected = (f"{layout}: annotations in {ann}, images in {self.image_root}"
-                         + (" (dataset.image_root)" if image_root is not None else ""))
+        self.detected = f"{layout}: annotations in {ann}, images in {self.image_root}" + (
+            " (dataset.image_root)" if image_root is not None else ""
+        )
         self._splits: dict[str, dict[str, str]] = {}
 
     def split_file(self, split: str) -> dict[str, str]:
         """name -> path relative to image_root, in file order (the gallery order)."""
         split = self._official(split)
         if split not in self._splits:
-            path = self.require_file(self.root / "image_splits" / f"split.rc2.{split}.json", f"{split} image split")
+            path = self.require_file(
+                self.root / "image_splits" / f"split.rc2.{split}.json", f"{split} image split"
+            )
             mapping = read_json(path)
             if not isinstance(mapping, dict):
                 raise CirlabError(f"{path}: expected a JSON object mapping image name to path")
@@ -80,19 +90,29 @@ class CIRRSource(CIRSource):
                 if rel is not None:
                     path = self.image_root / rel
                     if not path.is_file():
-                        absent = "" if self.image_root.is_dir() else f" (there is no folder {self.image_root})"
+                        absent = (
+                            "" if self.image_root.is_dir() else f" (there is no folder {self.image_root})"
+                        )
                         raise self.missing_image(f"image {name} not found: {path}{absent}")
                     return path
-        raise CirlabError(f"cirr: image {name!r} is in none of the split files under {self.root / 'image_splits'}")
+        raise CirlabError(
+            f"cirr: image {name!r} is in none of the split files under {self.root / 'image_splits'}"
+        )
 
     def queries(self, split: str) -> list[CIRQuery]:
         split = self._official(split)
         path = self.require_file(self.root / "captions" / f"cap.rc2.{split}.json", f"{split} captions")
         keys = ("pairid", "reference", "caption", "img_set") + (() if split == "test1" else ("target_hard",))
-        return [CIRQuery(qid=str(r["pairid"]), reference=r["reference"], captions=(r["caption"],),
-                         targets=() if split == "test1" else (r["target_hard"],),
-                         subset=tuple(r["img_set"]["members"]))
-                for r in read_records(path, keys)]
+        return [
+            CIRQuery(
+                qid=str(r["pairid"]),
+                reference=r["reference"],
+                captions=(r["caption"],),
+                targets=() if split == "test1" else (r["target_hard"],),
+                subset=tuple(r["img_set"]["members"]),
+            )
+            for r in read_records(path, keys)
+        ]
 
     def train_queries(self) -> list[CIRQuery]:
         return self.queries("train")

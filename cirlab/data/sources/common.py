@@ -1,4 +1,5 @@
 """Checks shared by the official-benchmark sources, so every one reports bad files the same way."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,12 +21,20 @@ def read_records(path: Path, keys: tuple[str, ...]) -> list[dict]:
     return rows
 
 
-def check_targets(name: str, split: str, queries: list[CIRQuery], gallery: list[str], gallery_file: Path,
-                  hint: str = "The annotation files do not match each other.") -> None:
+def check_targets(
+    name: str,
+    split: str,
+    queries: list[CIRQuery],
+    gallery: list[str],
+    gallery_file: Path,
+    hint: str = "The annotation files do not match each other.",
+) -> None:
     """Every target must be rankable, else recall is silently wrong."""
     names = set(gallery)
     for q in queries:
         absent = [t for t in q.targets if t not in names]
         if absent:
-            raise CirlabError(f"{name}: query {q.qid} of split {split} has target {absent[0]} that is not in "
-                              f"the gallery file {gallery_file}. {hint}")
+            raise CirlabError(
+                f"{name}: query {q.qid} of split {split} has target {absent[0]} that is not in "
+                f"the gallery file {gallery_file}. {hint}"
+            )

@@ -1,4 +1,5 @@
 """FashionIQ in its official layout (XiaoxiaoGuo/fashion-iq), read as CLIP4Cir reads it."""
+
 from __future__ import annotations
 
 import random
@@ -23,8 +24,9 @@ class FashionIQSource(CIRSource):
     name = "fashioniq"
     layout = LAYOUT
     readme_section = "FashionIQ"
-    protocol = Protocol(recall_ks=(10, 50), exclude_reference=False, group_average=True,
-                        main_metric="average_recall")
+    protocol = Protocol(
+        recall_ks=(10, 50), exclude_reference=False, group_average=True, main_metric="average_recall"
+    )
 
     def __init__(self, root: str | Path, categories=CATEGORIES, image_ext: str = "auto"):
         self.root = self.require_dir(Path(root), "dataset root")
@@ -56,8 +58,14 @@ class FashionIQSource(CIRSource):
             if len(r["captions"]) != 2:
                 raise CirlabError(f"{path}, record {i}: expected 2 captions, got {len(r['captions'])}")
             targets = () if split == "test" else (r["target"],)
-            out.append(CIRQuery(qid=f"{category}/{i}", reference=r["candidate"], captions=tuple(r["captions"]),
-                                targets=targets))
+            out.append(
+                CIRQuery(
+                    qid=f"{category}/{i}",
+                    reference=r["candidate"],
+                    captions=tuple(r["captions"]),
+                    targets=targets,
+                )
+            )
         return out
 
     def train_queries(self) -> list[CIRQuery]:
@@ -68,7 +76,9 @@ class FashionIQSource(CIRSource):
             raise CirlabError(f"fashioniq: unknown eval split {split!r}; use val or test")
         sets = []
         for cat in self.categories:
-            path = self.require_file(self.root / "image_splits" / f"split.{cat}.{split}.json", f"{split} image split")
+            path = self.require_file(
+                self.root / "image_splits" / f"split.{cat}.{split}.json", f"{split} image split"
+            )
             gallery = read_json(path)
             if not isinstance(gallery, list) or not all(isinstance(n, str) for n in gallery):
                 raise CirlabError(f"{path}: expected a JSON list of image names")

@@ -5,6 +5,7 @@ and naming each image by its file name; this source does the same (names are pat
 split folder, so sub-folders cannot collide). It has no CIR queries: use it as phi's image source,
 `cirlab +method=searle dataset=cirr +dataset@method.unlabeled=imagenet`.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,7 +16,9 @@ from cirlab.errors import CirlabError
 LAYOUT = """  <root>/                         (e.g. ImageNet1K/)
     <split>/ILSVRC2012_test_00000001.JPEG ...   (split: test; sub-folders allowed, searched recursively)"""
 
-USE = "use it as SEARLE's phi images: +method=searle dataset=<a CIR dataset> +dataset@method.unlabeled=imagenet"
+USE = (
+    "use it as SEARLE's phi images: +method=searle dataset=<a CIR dataset> +dataset@method.unlabeled=imagenet"
+)
 
 
 class ImageFolderSource(CIRSource):
@@ -33,11 +36,16 @@ class ImageFolderSource(CIRSource):
     def unlabeled_images(self) -> list[str]:
         if self._names is None:
             folder = self.require_dir(self.root / self.split, f"{self.split} images")
-            self._names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                                 if p.suffix in self.extensions and p.is_file())
+            self._names = sorted(
+                p.relative_to(folder).as_posix()
+                for p in folder.rglob("*")
+                if p.suffix in self.extensions and p.is_file()
+            )
             if not self._names:
-                raise CirlabError(f"{self.name}: no {'/'.join(self.extensions)} images under {folder}\n"
-                                  f"Expected layout under dataset.root:\n{self.layout}")
+                raise CirlabError(
+                    f"{self.name}: no {'/'.join(self.extensions)} images under {folder}\n"
+                    f"Expected layout under dataset.root:\n{self.layout}"
+                )
         return self._names
 
     def _no_queries(self, *_):

@@ -7,6 +7,7 @@
 
 Image names are paths relative to <root>. Splits: train, val, test.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,9 @@ def read_jsonl(path: Path) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise CirlabError(f"{path}, line {lineno}: not valid JSON ({err.msg} at column {err.colno})") from err
+                raise CirlabError(
+                    f"{path}, line {lineno}: not valid JSON ({err.msg} at column {err.colno})"
+                ) from err
             if not isinstance(row, dict):
                 raise CirlabError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
             rows.append(row | {"_line": lineno})
@@ -70,8 +73,15 @@ class JsonlSource(CIRSource):
                     raise CirlabError(f"{path}, line {row['_line']}: empty modification text")
                 target = row.get("target", [])
                 targets = tuple(target) if isinstance(target, list) else (target,)
-                out.append(CIRQuery(qid=str(row.get("id", row["_line"])), reference=row["reference"],
-                                    captions=(text,), targets=targets, subset=tuple(row.get("subset", ()))))
+                out.append(
+                    CIRQuery(
+                        qid=str(row.get("id", row["_line"])),
+                        reference=row["reference"],
+                        captions=(text,),
+                        targets=targets,
+                        subset=tuple(row.get("subset", ())),
+                    )
+                )
             if not out:
                 raise CirlabError(f"{path} has no triplets")
             self._queries[split] = out
@@ -103,5 +113,8 @@ class JsonlSource(CIRSource):
         """(image, captions) of a split; `edits` adds the synthetic benchmark's edit captions."""
         path = self.root / "captions.jsonl"
         splits = {"train": ("train", "pretrain")}.get(split, (split,))
-        return [(r["image"], list(r["captions"]) + (list(r.get("edit_captions", [])) if edits else []))
-                for r in read_jsonl(path) if r.get("split", "train") in splits]
+        return [
+            (r["image"], list(r["captions"]) + (list(r.get("edit_captions", [])) if edits else []))
+            for r in read_jsonl(path)
+            if r.get("split", "train") in splits
+        ]

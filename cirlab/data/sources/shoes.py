@@ -1,4 +1,5 @@
 """Shoes relative captions (XiaoxiaoGuo/fashion-retrieval dataset/), split as MLCL and the CIR papers do."""
+
 from __future__ import annotations
 
 import os
@@ -41,8 +42,10 @@ class ShoesSource(CIRSource):
             self._index_images()
         if name in self._clashes:
             paths = "\n".join(f"  {p}" for p in self._clashes[name])
-            raise CirlabError(f"shoes: image file name {name} occurs more than once under {self.root}:\n{paths}\n"
-                              "Images are found by file name: keep one copy (or point dataset.root at one tree).")
+            raise CirlabError(
+                f"shoes: image file name {name} occurs more than once under {self.root}:\n{paths}\n"
+                "Images are found by file name: keep one copy (or point dataset.root at one tree)."
+            )
         if name not in self._index:
             none = "" if self._index else " (no .jpg/.jpeg/.png file at all there)"
             raise self.missing_image(f"image {name} not found under {self.root}{none}")
@@ -73,15 +76,23 @@ class ShoesSource(CIRSource):
             return ""
         if not self._index:
             return f"no images under {self.root}"
-        tops = sorted({p.relative_to(self.root).parts[0] if p.parent != self.root else "."
-                       for p in self._index.values()})
+        tops = sorted(
+            {
+                p.relative_to(self.root).parts[0] if p.parent != self.root else "."
+                for p in self._index.values()
+            }
+        )
         kind = "gathered in images/" if tops == ["images"] else "as unpacked"
-        shown = ", ".join(f"{t}/" for t in tops[:4]) + (f" and {len(tops) - 4} more folders" if len(tops) > 4 else "")
+        shown = ", ".join(f"{t}/" for t in tops[:4]) + (
+            f" and {len(tops) - 4} more folders" if len(tops) > 4 else ""
+        )
         return f"images {kind}: {len(self._index)} under {self.root}, in {shown}"
 
     def image_names(self, split: str) -> list[str]:
         if split not in LISTS:
-            raise CirlabError(f"shoes: unknown split {split!r}; use train, val or test (val and test are both eval)")
+            raise CirlabError(
+                f"shoes: unknown split {split!r}; use train, val or test (val and test are both eval)"
+            )
         path = self.require_file(self.root / LISTS[split], f"{split} image list")
         return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
@@ -91,8 +102,15 @@ class ShoesSource(CIRSource):
         path = self.require_file(self.root / "relative_captions_shoes.json", "relative captions")
         rows = read_records(path, ("ImageName", "ReferenceImageName", "RelativeCaption"))
         rows = [r for r in rows if r["ImageName"] in names and r["ReferenceImageName"] in names]
-        return [CIRQuery(qid=str(i), reference=r["ReferenceImageName"], captions=(r["RelativeCaption"],),
-                         targets=(r["ImageName"],)) for i, r in enumerate(rows)]
+        return [
+            CIRQuery(
+                qid=str(i),
+                reference=r["ReferenceImageName"],
+                captions=(r["RelativeCaption"],),
+                targets=(r["ImageName"],),
+            )
+            for i, r in enumerate(rows)
+        ]
 
     def train_queries(self) -> list[CIRQuery]:
         return self.queries("train")
