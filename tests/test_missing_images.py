@@ -81,7 +81,9 @@ def test_skip_drops_unreadable_images_of_a_captions_dataset(tmp_path):
 
 def test_error_is_the_default_and_names_skip(cli, tmp_path):
     root, _ = broken_fashioniq(tmp_path / "fiq")
-    code, out, err = cli("+method=zeroshot", "dataset=fashioniq", f"dataset.root={root}", "eval.visualize=false")
+    code, out, err = cli(
+        "+method=zeroshot", "dataset=fashioniq", f"dataset.root={root}", "eval.visualize=false"
+    )
     assert code == 2 and "Traceback" not in err
     assert "dataset.missing_images=skip" in err
 

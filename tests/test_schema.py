@@ -55,7 +55,7 @@ def test_every_conf_key_has_a_schema_entry_and_every_default_is_valid(configs):
 
 
 # Either rules: (wrong type, out of range), written out as their alternatives make generic values ambiguous
-EITHER_BAD = {"trainer.devices": (["x"], 0), "method.*.module.token_norm": ([1.0], -1.0)}
+EITHER_BAD = {"trainer.devices": (["x"], 0), "method.**.token_norm": ([1.0], -1.0)}
 
 
 def bad_values(pattern: str, rule) -> tuple[object, object | None]:
@@ -81,19 +81,10 @@ def bad_values(pattern: str, rule) -> tuple[object, object | None]:
     raise AssertionError(f"no bad values for {type(rule).__name__}: teach this test the new rule kind")
 
 
-def concrete_keys(configs) -> dict[str, tuple]:
-    """pattern -> (config, key) where the key occurs, or a plain key added to the first config."""
-    found = {}
-    for _, cfg in configs:
-        for key, _ in leaves(cfg):
-            found.setdefault(pattern_of(key), (cfg, key))
-    for pattern in SCHEMA:
-        if pattern not in found and "*" not in pattern:
-            found[pattern] = (
-                next(c for o, c in configs if "+dataset@method.unlabeled=imagenet" in o),
-                pattern,
-            )
-    return found
+def concrete_keys(configs) -> dict[str, str]:
+    """pattern -> a key of conf/ it matches; a pattern without wildcards is its own key."""
+    found = {pattern_of(key): key for _, cfg in configs for key, _ in leaves(cfg)}
+    return found | {p: p for p in SCHEMA if "*" not in p and p not in found}
 
 
 def test_every_schema_entry_refuses_a_wrong_type_and_an_out_of_range_value(configs):
@@ -101,12 +92,12 @@ def test_every_schema_entry_refuses_a_wrong_type_and_an_out_of_range_value(confi
     unused = [p for p in SCHEMA if p not in found]
     assert not unused, f"schema entries that match no key of conf/: {unused}"
     for pattern, rule in SCHEMA.items():
-        cfg, key = found[pattern]
+        key = found[pattern]
         for value in bad_values(pattern, rule):
             if value is None:
                 continue
-            bad = copy.deepcopy(cfg)
-            OmegaConf.update(bad, key, value, merge=False, force_add=True)
+            bad = OmegaConf.create()  # the key alone: the patterns match keys, not their neighbours
+            OmegaConf.update(bad, key, value, force_add=True)
             with pytest.raises(CirlabError) as err:
                 validate(bad)
             message = str(err.value)
@@ -142,7 +133,7 @@ def test_aliases_and_unknown_extras_are_not_checked(configs):
     cfg = copy.deepcopy(configs[0][1])
     OmegaConf.update(cfg, "task_argument", [1, "x"], force_add=True)  # +key=value extras of tasks
     validate(cfg)
-    assert pattern_of("method.finetune.module.lr") == "method.*.module.lr"
+    assert pattern_of("method.finetune.module.lr") == pattern_of("method.oti.lr") == "method.**.lr"
     assert pattern_of("backbone.model.model_cfg.vision_config.patch_size") == (
         "backbone.**.vision_config.patch_size"
     )
