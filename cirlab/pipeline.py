@@ -315,7 +315,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if isinstance(source, ReadableOnly):  # the numbers are over fewer queries than the full benchmark's
         results["skipped_images"] = source.skipped
         log.info(
-            "dataset.missing_images=skip: skipped (of) %s; `cirlab +task=check_data` lists the images",
+            "dataset.missing_images=skip, skipped/all: %s (`cirlab +task=check_data` lists the images)",
             describe(source.skipped),
         )
     if rank_zero_only.rank == 0:
