@@ -21,6 +21,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
 from cirlab.errors import CirlabError
+from cirlab.schema import validate
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -64,6 +65,10 @@ def print_table(results: dict) -> None:
             " (the reported split: not held out)" if reported and how.startswith(f"best {reported}/") else ""
         )
         print(f"  stage {stage}: weights = {how}{note}")
+    if "skipped_images" in results:
+        from cirlab.data.sources.readable import describe
+
+        print(f"  skipped (dataset.missing_images=skip), skipped/all: {describe(results['skipped_images'])}")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
@@ -84,6 +89,7 @@ def _dispatch(cfg: DictConfig) -> float | None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     # Lightning prints through its own handler; without this Hydra's root handler repeats every line
     logging.getLogger("lightning.pytorch").propagate = False
+    validate(cfg)  # every bad value at once, before any data or model is touched
     task = cfg.get("task")
     if task:
         from cirlab.tasks import run_task
