@@ -20,8 +20,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
+from cirlab.distributed import rank_overrides
 from cirlab.errors import CirlabError
 from cirlab.schema import validate
+
+# conf/hydra/launcher/submitit_*.yaml set the submitit plugin's keys under its names, on its schema (wanted)
+warnings.filterwarnings("ignore", message=r"(?s).*validated against ConfigStore schema with the same name")
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -114,7 +118,11 @@ def main() -> None:
         print(usage())
         return
     try:
+        sys.argv += rank_overrides(sys.argv[1:])  # torchrun/srun: one run folder, written by rank 0
         _main()
+    except CirlabError as err:
+        print(f"cirlab error: {err}", file=sys.stderr)
+        sys.exit(2)
     except SystemExit as exc:  # Hydra reports config errors (unknown option, bad type) with exit 1
         sys.exit(2 if exc.code == 1 else exc.code)
 

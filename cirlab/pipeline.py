@@ -29,6 +29,7 @@ from cirlab.data.caption_datamodule import CaptionDataModule
 from cirlab.data.datamodule import CIRDataModule
 from cirlab.data.features import FeatureCache
 from cirlab.data.sources.readable import ReadableOnly, describe
+from cirlab.distributed import connect
 from cirlab.errors import CirlabError
 from cirlab.io import read_json, write_json
 from cirlab.methods.retrieval_module import RetrievalModule
@@ -193,6 +194,7 @@ def run_stage(
         ckpt_path = str(last) if resume and last.is_file() else None
         if ckpt_path:
             log.info("stage %s: resuming from %s", name, ckpt_path)
+        connect(trainer)  # torchrun/srun: the ranks share the work of train_loader (SEARLE's OTI)
         loader = module.train_loader(dm)
         if loader is None:
             trainer.fit(module, dm, ckpt_path=ckpt_path)
