@@ -218,7 +218,7 @@ class OTIStore:
             for n in todo:
                 if n not in self.row:
                     self._add(n, *merged[n])
-            if rank == 0:
+            if rank == 0 and todo:
                 self.save()
             shard.path.unlink(missing_ok=True)
         return torch.stack([self.ema[self.row[n]] for n in names])
