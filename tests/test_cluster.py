@@ -44,16 +44,11 @@ def free_port() -> int:
 def test_torchrun_two_nodes_evaluate_as_one_process(tmp_path):
     run = tmp_path / "ddp"
     port = free_port()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1"]
     nodes = [
         subprocess.Popen(
             [
-                *(
-                    sys.executable,
-                    "-m",
-                    "torch.distributed.run",
-                    "--nnodes=2",
-                    "--nproc-per-node=1",
-                ),  # torchrun
+                *torchrun,
                 *(f"--node-rank={rank}", f"--rdzv-endpoint=127.0.0.1:{port}"),
                 *("-m", "cirlab.cli", "+method=clip4cir_combiner", "method.combiner.max_epochs=1"),
                 *("trainer=ddp", "trainer.num_nodes=2", "trainer.devices=1", f"hydra.run.dir={run}"),
