@@ -193,3 +193,34 @@ def test_optuna_search(tmp_path):
     optuna = (sweep / "optimization_results.yaml").read_text()
     assert f"best_value: {best}" in optuna
     assert len(leaderboard_rows(proc.stdout)) == 4
+
+
+def test_slurm_sweep_makes_one_sbatch_array(cli, tmp_path, monkeypatch):
+    """The README's SLURM sweep composes into one sbatch job array with the documented keys (the submission
+    is caught before sbatch: no cluster here)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from submitit.slurm.slurm import SlurmExecutor
+
+    scripts = []
+
+    class Submitted(Exception):
+        pass
+
+    def submit(executor, command):
+        scripts.append(executor._make_submission_file_text(command, "uid"))
+        raise Submitted
+
+    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 2))  # as if srun were here
+    monkeypatch.setattr(SlurmExecutor, "_submit_command", submit)
+    code, _, _ = cli("-m", "+experiment=sweep_clip4cir_combiner", "trainer=gpu", "hydra.launcher.partition=P")
+    assert code != 0 and len(scripts) == 1
+    for option in (
+        "partition=P",
+        "time=240",
+        "gpus-per-node=1",
+        "ntasks-per-node=1",
+        "nodes=1",
+        "array=0-8%9",
+    ):
+        assert f"#SBATCH --{option}\n" in scripts[0], (option, scripts[0])
+    assert "#SBATCH --signal=USR2@120" in scripts[0]
