@@ -157,6 +157,7 @@ FILE = Str(null=True)  # a path; whether it exists is checked where it is read, 
 TRAINER = {
     "trainer.accelerator": OneOf("auto", "cpu", "gpu", "cuda", "mps", "tpu"),
     "trainer.devices": Either(POSITIVE, OneOf(-1, "auto"), ListOf(COUNT, min_len=1)),
+    "trainer.num_nodes": POSITIVE,
     "trainer.precision": OneOf(
         "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", 32, 16, 64, "32", "16", "bf16"
     ),
