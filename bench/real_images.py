@@ -64,7 +64,9 @@ def main() -> None:
             assert torch.equal(first, reference), "workers changed the pixels"
     base = rates[0]
     parts = ", ".join(f"{w} workers {r:,.0f} img/s ({r / base:.2f}x)" for w, r in rates.items())
-    print(f"real-size images (500x400 JPEG -> targetpad 288, batch 32, {cores} cores): {parts}; identical tensors")
+    print(
+        f"real-size images (500x400 JPEG -> targetpad 288, batch 32, {cores} cores): {parts}; identical tensors"
+    )
 
 
 if __name__ == "__main__":
