@@ -69,7 +69,7 @@ def _other_backbone_checkpoint(root):
 J = ["+method=zeroshot", "dataset=jsonl"]
 CASES = {
     # name: (prepare(root), args (ROOT replaced by the case folder), expected message pieces)
-    "no_method": (None, [], ["methods:", "+method="]),
+    "no_method": (None, [], ["methods:", "method=NAME"]),
     "unknown_method": (None, ["+method=nope"], ["Could not find 'method/nope'", "clip4cir"]),
     "unknown_dataset": (
         None,

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CACHE, ROOT, results, run_cli
 from omegaconf import OmegaConf
 
 from cirlab.backbones.openclip import OpenCLIPBackbone
 from cirlab.errors import CirlabError
 from cirlab.methods import searle_text as st
 from cirlab.methods.searle import OTIStore, Phi, SearleText, distillation_loss, oti
-from tests.conftest import CACHE, ROOT, results, run_cli
 
 TINY = OmegaConf.load(ROOT / "conf/backbone/tiny.yaml").model
 
