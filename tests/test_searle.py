@@ -255,7 +255,7 @@ def test_oti_resumes_without_redoing_finished_images(pretrained_tiny_backbone, s
 
 @pytest.mark.slow
 def test_searle_and_searle_oti_beat_single_modality_zero_shot(tmp_path):
-    """Issue 6's bar: both variants >= 3 points R@10 over image-only and text-only on the held-out test
+    """The bar: both variants >= 3 points R@10 over image-only and text-only on the held-out test
     split, zero-shot (no triplet is used). Measured: image 21.50, text 13.50, SEARLE-OTI 28.25, SEARLE 26.00."""
 
     def r10(*args):

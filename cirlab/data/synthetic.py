@@ -372,8 +372,8 @@ def generate(spec: SyntheticSpec, root: Path) -> Path:
 
 def ensure(spec: SyntheticSpec, cache_dir: str | Path) -> Path:
     """Return the benchmark folder for `spec`, generating it on first use: once, under a lock, in a
-    unique temp folder renamed into place (mkdtemp: names from the seeded `random` were the same in
-    every run with one seed, so two runs wrote into one folder)."""
+    unique temp folder renamed into place (mkdtemp, not a name from the seeded `random`, which would be
+    the same in two runs with one seed)."""
     root = Path(cache_dir) / f"synthetic-{spec.digest()}"
     if (root / "spec.json").is_file():
         return root
@@ -383,7 +383,7 @@ def ensure(spec: SyntheticSpec, cache_dir: str | Path) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
         try:
             generate(spec, tmp)
-            shutil.rmtree(root, ignore_errors=True)  # an incomplete folder (no spec.json) of an older version
+            shutil.rmtree(root, ignore_errors=True)  # an incomplete folder (no spec.json): a killed write
             tmp.rename(root)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
