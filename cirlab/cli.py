@@ -104,8 +104,9 @@ def _dispatch(cfg: DictConfig) -> float | None:
 
 
 def hydra_args(args: list[str]) -> list[str]:
-    """`+method=X` means `method=X`: the defaults list holds `method: null` (so a method's config can
-    choose its default dataset or backbone), where Hydra refuses an append."""
+    """The command line as Hydra should read it. `+method=X` means `method=X`: the defaults list holds
+    `method: null` (so a method's config can choose its default dataset or backbone), where Hydra
+    refuses an append. `ckpt_path=` (Lightning's resume argument) is answered with cirlab's switch."""
     for arg in args:
         if arg.lstrip("+").startswith("ckpt_path="):
             raise CirlabError(

@@ -330,6 +330,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                 f"stages defined: {[k for k in cfg.method if k not in ('name', 'stages')]}"
             )
         check_stage_config(name, cfg.method[name])
+    if "datamodule" not in cfg.dataset:
+        raise CirlabError(
+            f"dataset {cfg.dataset.name!r} names no datamodule: add `datamodule: {{_target_: "
+            "cirlab.data.datamodule.CIRDataModule}` (CaptionDataModule for image captions) to its config"
+        )
     source = instantiate(cfg.dataset.source)
     backbone = instantiate(cfg.backbone.model)
     dm: CIRDataModule = instantiate(

@@ -141,6 +141,7 @@ CASES = {
         ["'clip_vit_b32'", "'tiny'"],
     ),
     "checkpoint_missing": (None, ["+method=zeroshot", "backbone.checkpoint=ROOT/none.pt"], ["no such file"]),
+    "dataset_without_datamodule": (None, ["method=zeroshot", "~dataset.datamodule"], ["names no datamodule"]),
     "checkpoint_unknown_layout": (
         lambda r: torch.save({"Phi": {"layers.0.weight": torch.zeros(2, 2)}}, r / "phi.pt"),
         ["+method=zeroshot", "backbone.checkpoint=ROOT/phi.pt"],
