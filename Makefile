@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 ## the main job: CLIP4Cir (fine-tune + Combiner) with the tiny backbone on the synthetic benchmark
 run: install
-	$(VENV)/bin/cirlab +method=clip4cir
+	$(VENV)/bin/cirlab method=clip4cir
 
 ## the test suite (slow integration tests included; ≈27 min on 2 cores from a fresh clone, cold caches: 2026-12-01)
 ## lint + format check (ruff, configured in pyproject.toml); `make test` runs it first

@@ -24,7 +24,7 @@ def measure() -> None:
 
     torch.set_num_threads(2)
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["+method=zeroshot", "logger=none"])
+        cfg = compose("config", overrides=["method=zeroshot", "logger=none"])
     source = instantiate(cfg.dataset.source)
     backbone = instantiate(cfg.backbone.model)
     names = source.eval_sets("test")[0].gallery

@@ -45,7 +45,7 @@ def epoch_seconds(module, dm) -> float:
 def main() -> None:
     torch.set_num_threads(2)
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=["+method=clip4cir", "logger=none"])
+        cfg = compose("config", overrides=["method=clip4cir", "logger=none"])
     source = instantiate(cfg.dataset.source)
     backbone = instantiate(cfg.backbone.model)
     dm = CIRDataModule(source, batch_size=cfg.method.combiner.batch_size, seed=0)

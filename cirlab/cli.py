@@ -27,8 +27,9 @@ from cirlab.schema import validate
 # conf/hydra/launcher/submitit_*.yaml set the submitit plugin's keys under its names, on its schema (wanted)
 warnings.filterwarnings("ignore", message=r"(?s).*validated against ConfigStore schema with the same name")
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+HERE = Path(__file__).resolve().parent
+# an installed wheel carries conf/ inside the package; a source checkout has it beside the package
+CONF = next(p for p in (HERE / "conf", HERE.parent / "conf") if p.is_dir())
 log = logging.getLogger("cirlab")
 
 
@@ -43,13 +44,14 @@ def usage() -> str:
         f"  datasets:    {', '.join(options('dataset'))}\n"
         f"  backbones:   {', '.join(options('backbone'))}\n"
         f"  experiments: {', '.join(options('experiment')) or '(none)'}\n"
-        "Choose a method with +method=NAME (or a checked-in experiment with +experiment=NAME), e.g.\n"
-        "  cirlab +method=clip4cir dataset=synthetic backbone=tiny\n"
+        "Choose a method with method=NAME (or a checked-in experiment with +experiment=NAME), e.g.\n"
+        "  cirlab method=clip4cir dataset=synthetic backbone=tiny\n"
         "Tasks: +task=check_data (verify a dataset's files), +task=report (leaderboard of runs),\n"
         "       +task=export +run=DIR (a run's weights in the authors' layouts),\n"
         "       +task=convert_blip +src=model_base.pth +out=DIR (BLIP's pretraining file -> HF folder).\n"
         "Released weights: backbone.checkpoint=FILE, method.<stage>.checkpoint=FILE (see the README).\n"
-        "Any config value can be overridden (key=value); sweeps with -m. Full config: cirlab +method=X --cfg job"
+        "Resume an interrupted run: hydra.run.dir=RUN_FOLDER resume=true.\n"
+        "Any config value can be overridden (key=value); sweeps with -m. Full config: cirlab method=X --cfg job"
     )
 
 
@@ -111,6 +113,19 @@ def _dispatch(cfg: DictConfig) -> float | None:
     return results["metrics"].get(results["main_metric"])
 
 
+def hydra_args(args: list[str]) -> list[str]:
+    """The command line as Hydra should read it. `+method=X` means `method=X`: the defaults list holds
+    `method: null` (so a method's config can choose its default dataset or backbone), where Hydra
+    refuses an append. `ckpt_path=` (Lightning's resume argument) is answered with cirlab's switch."""
+    for arg in args:
+        if arg.lstrip("+").startswith("ckpt_path="):
+            raise CirlabError(
+                f"{arg}: cirlab resumes a run with resume=true (and hydra.run.dir=<run folder>); "
+                "weights from a file: method.<stage>.checkpoint=FILE or backbone.checkpoint=FILE"
+            )
+    return [arg[1:] if arg.startswith("+method=") else arg for arg in args]
+
+
 def main() -> None:
     if any(a in ("--help", "-h") for a in sys.argv[1:]) and not any(
         a.startswith("--hydra-help") for a in sys.argv
@@ -118,7 +133,12 @@ def main() -> None:
         print(usage())
         return
     try:
+        sys.argv[1:] = hydra_args(sys.argv[1:])
         sys.argv += rank_overrides(sys.argv[1:])  # torchrun/srun: one run folder, written by rank 0
+    except CirlabError as err:
+        print(f"cirlab error: {err}", file=sys.stderr)
+        sys.exit(2)
+    try:
         _main()
     except CirlabError as err:
         print(f"cirlab error: {err}", file=sys.stderr)

@@ -3,7 +3,7 @@
 For each stage: build the LightningModule around the (shared, in-memory) backbone, serve cached
 image features if the stage's image encoder is frozen, fit with checkpoints, reload the best
 checkpoint, validate and test, write predictions/submission files. A finished stage leaves
-`stages/<name>/done.json`; a resumed run (`ckpt_path=last`) skips finished stages (reloading
+`stages/<name>/done.json`; a resumed run (`resume=true`) skips finished stages (reloading
 their best weights) and continues the interrupted one from its last checkpoint.
 """
 
@@ -25,7 +25,6 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from cirlab.data.caption_datamodule import CaptionDataModule
 from cirlab.data.datamodule import CIRDataModule
 from cirlab.data.features import FeatureCache
 from cirlab.data.sources.readable import ReadableOnly, describe
@@ -103,49 +102,53 @@ def build_logger(cfg: DictConfig, stage: str, stage_dir: Path):
     return instantiate(cfg.logger, name=f"{cfg.get('run_name') or 'cirlab'}-{stage}", save_dir=str(stage_dir))
 
 
-def finish_logger(logger) -> None:
-    if logger and type(logger).__name__ == "WandbLogger":
-        import wandb
+def close_logger(logger) -> None:
+    """A logger with a per-stage run to end says so with `close()` (cirlab/loggers.py)."""
+    if hasattr(logger, "close"):
+        logger.close()
 
-        wandb.finish()
+
+def check_data_kind(cfg: DictConfig, module: RetrievalModule, dm: CIRDataModule) -> None:
+    """A method trains and scores one kind of data: CIR triplets or image captions."""
+    wanted, given = getattr(module, "data_kind", "cir"), getattr(dm, "kind", "cir")
+    if wanted != given:
+        raise CirlabError(
+            f"method {cfg.method.name!r} needs a {wanted} dataset, but dataset={cfg.dataset.name} is {given}. "
+            + (
+                "Pick a captions dataset: synthetic_captions, coco, flickr30k, captions_jsonl."
+                if wanted == "captions"
+                else "Pick a CIR dataset, e.g. dataset=synthetic."
+            )
+        )
 
 
-def run_stage(
-    cfg: DictConfig, name: str, backbone, dm: CIRDataModule, run_dir: Path, resume: bool
-) -> dict[str, Any]:
-    scfg = cfg.method[name]
-    stage_dir = run_dir / "stages" / name
+def build_module(cfg: DictConfig, name: str, backbone, dm: CIRDataModule, stage_dir: Path) -> RetrievalModule:
     module: RetrievalModule = instantiate(
-        scfg.module,
+        cfg.method[name].module,
         backbone=backbone,
         search=cfg.retrieval.search,
         search_options=OmegaConf.to_container(cfg.retrieval.options),
     )
-    data_kind = getattr(module, "data_kind", "cir")
-    if data_kind != getattr(dm, "kind", "cir"):
-        raise CirlabError(
-            f"method {cfg.method.name!r} needs a {data_kind} dataset, but dataset={cfg.dataset.name} "
-            f"is {getattr(dm, 'kind', 'cir')}. "
-            + (
-                "Pick a captions dataset: synthetic_captions, coco, flickr30k, captions_jsonl."
-                if data_kind == "captions"
-                else "Pick a CIR dataset, e.g. dataset=synthetic."
-            )
-        )
+    check_data_kind(cfg, module, dm)
     module.eval_data = dm
     if cfg.eval.gallery_on_disk:
         module.gallery_on_disk = stage_dir / "gallery"
-    ckpt_dir = stage_dir / "checkpoints"
-    done = stage_dir / "done.json"
-    if resume and done.is_file():
-        record = read_json(done)
-        if record.get("best_checkpoint"):
-            load_module_weights(module, Path(record["best_checkpoint"]))
-        log.info("stage %s already finished: reusing %s", name, done)
-        return record
+    return module
 
-    train = scfg.max_epochs > 0
-    splits = (("train",) if train else ()) + (dm.val_split, dm.test_split)
+
+def reuse_finished(module: RetrievalModule, name: str, done: Path) -> dict[str, Any]:
+    """A resumed run's finished stage: its best weights back into the module, its record as it was."""
+    record = read_json(done)
+    if record.get("best_checkpoint"):
+        load_module_weights(module, Path(record["best_checkpoint"]))
+    log.info("stage %s already finished: reusing %s", name, done)
+    return record
+
+
+def feed_data(cfg: DictConfig, name: str, module: RetrievalModule, backbone, dm: CIRDataModule) -> None:
+    """Cached image features when the stage's image encoder is frozen, else preprocessed pixels."""
+    scfg = cfg.method[name]
+    splits = (("train",) if scfg.max_epochs > 0 else ()) + (dm.val_split, dm.test_split)
     if module.frozen_image_encoder:
         names = dm.all_images(splits)
         cache = FeatureCache(cfg.paths.cache_dir, batch_size=cfg.eval.batch_size, num_workers=cfg.num_workers)
@@ -161,18 +164,90 @@ def run_stage(
         dm.use(transform=backbone.preprocess, text_views=module.text_views)
     dm.batch_size = scfg.batch_size
 
+
+def load_given_weights(module: RetrievalModule, name: str, file: str) -> dict[str, str]:
+    """method.<stage>.checkpoint: the stage's own weights, in cirlab's or the authors' layout."""
+    layout = load_weights(
+        module.stage_weights(), file, module.checkpoint_layouts(), f"method.{name}.checkpoint"
+    )
+    log.info("stage %s: weights from %s (%s)", name, file, layout)
+    return {"file": str(file), "layout": layout}
+
+
+def build_trainer(
+    cfg: DictConfig, name: str, checkpoint: ModelCheckpoint, logger, stage_dir: Path
+) -> L.Trainer:
+    return instantiate(
+        cfg.trainer,
+        max_epochs=max(cfg.method[name].max_epochs, 1),
+        callbacks=[checkpoint, BatchSeed(cfg.seed)],
+        logger=logger,
+        default_root_dir=str(stage_dir),
+        plugins=[SafeCheckpointIO()],
+        reload_dataloaders_every_n_epochs=1,
+    )
+
+
+def fit(
+    trainer: L.Trainer,
+    module: RetrievalModule,
+    dm: CIRDataModule,
+    checkpoint: ModelCheckpoint,
+    last: Path,
+    resume: bool,
+) -> dict[str, Any]:
+    """Train (from the stage's last checkpoint when resuming), then reload the selected weights."""
+    ckpt_path = str(last) if resume and last.is_file() else None
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
+    connect(trainer)  # torchrun/srun: the ranks share the work of train_loader (SEARLE's OTI)
+    loader = module.train_loader(dm)
+    if loader is None:
+        trainer.fit(module, dm, ckpt_path=ckpt_path)
+    else:
+        trainer.fit(
+            module, train_dataloaders=loader, val_dataloaders=dm.val_dataloader(), ckpt_path=ckpt_path
+        )
+    best = (checkpoint.best_model_path if checkpoint.monitor else "") or str(last)
+    load_module_weights(module, Path(best))
+    return {"best_checkpoint": best, "epochs": trainer.current_epoch}
+
+
+def evaluate(trainer: L.Trainer, module: RetrievalModule, dm: CIRDataModule) -> dict[str, float]:
+    module.metrics = {}
+    trainer.validate(module, dm, verbose=False)
+    trainer.test(module, dm, verbose=False)
+    return dict(sorted(module.metrics.items()))
+
+
+def write_outputs(
+    cfg: DictConfig, module: RetrievalModule, dm: CIRDataModule, stage_dir: Path, logger
+) -> None:
+    """Predictions (and submission files) and the retrieval pictures of every evaluated split."""
+    for split, results in module.results.items():
+        write_predictions(stage_dir, split, dm.source, results)
+        visualize(cfg, module, dm, split, stage_dir, logger)
+
+
+def run_stage(
+    cfg: DictConfig, name: str, backbone, dm: CIRDataModule, run_dir: Path, resume: bool
+) -> dict[str, Any]:
+    scfg = cfg.method[name]
+    stage_dir = run_dir / "stages" / name
+    module = build_module(cfg, name, backbone, dm, stage_dir)
+    done = stage_dir / "done.json"
+    if resume and done.is_file():
+        return reuse_finished(module, name, done)
+    feed_data(cfg, name, module, backbone, dm)
+
     record: dict[str, Any] = {"stage": name, "best_checkpoint": None}
     if scfg.get("checkpoint"):
-        layout = load_weights(
-            module.stage_weights(), scfg.checkpoint, module.checkpoint_layouts(), f"method.{name}.checkpoint"
-        )
-        log.info("stage %s: weights from %s (%s)", name, scfg.checkpoint, layout)
-        record["weights_from"] = {"file": str(scfg.checkpoint), "layout": layout}
-    monitor = module.checkpoint_monitor()
+        record["weights_from"] = load_given_weights(module, name, scfg.checkpoint)
+    ckpt_dir = stage_dir / "checkpoints"
     checkpoint = ModelCheckpoint(
         dirpath=ckpt_dir,
         filename="best",
-        monitor=monitor,
+        monitor=module.checkpoint_monitor(),
         mode="max",
         save_last=True,
         save_top_k=1,
@@ -180,43 +255,16 @@ def run_stage(
         save_on_train_epoch_end=True,
     )  # a whole-epoch state: resume starts the next epoch
     logger = build_logger(cfg, name, stage_dir)
-    trainer: L.Trainer = instantiate(
-        cfg.trainer,
-        max_epochs=max(scfg.max_epochs, 1),
-        callbacks=[checkpoint, BatchSeed(cfg.seed)],
-        logger=logger,
-        default_root_dir=str(stage_dir),
-        plugins=[SafeCheckpointIO()],
-        reload_dataloaders_every_n_epochs=1,
-    )
+    trainer = build_trainer(cfg, name, checkpoint, logger, stage_dir)
+    train = scfg.max_epochs > 0
     if train:
-        last = ckpt_dir / "last.ckpt"
-        ckpt_path = str(last) if resume and last.is_file() else None
-        if ckpt_path:
-            log.info("stage %s: resuming from %s", name, ckpt_path)
-        connect(trainer)  # torchrun/srun: the ranks share the work of train_loader (SEARLE's OTI)
-        loader = module.train_loader(dm)
-        if loader is None:
-            trainer.fit(module, dm, ckpt_path=ckpt_path)
-        else:
-            trainer.fit(
-                module, train_dataloaders=loader, val_dataloaders=dm.val_dataloader(), ckpt_path=ckpt_path
-            )
-        best = (checkpoint.best_model_path if monitor else "") or str(last)
-        load_module_weights(module, Path(best))
-        record["best_checkpoint"] = best
-        record["epochs"] = trainer.current_epoch
-    record["selected_on"] = selection(monitor, train, record.get("weights_from"))
-    module.metrics = {}
-    trainer.validate(module, dm, verbose=False)
-    trainer.test(module, dm, verbose=False)
-    record["metrics"] = dict(sorted(module.metrics.items()))
+        record.update(fit(trainer, module, dm, checkpoint, ckpt_dir / "last.ckpt", resume))
+    record["selected_on"] = selection(checkpoint.monitor, train, record.get("weights_from"))
+    record["metrics"] = evaluate(trainer, module, dm)
     if rank_zero_only.rank == 0:  # under DDP every rank holds the same gathered results
-        for split, results in module.results.items():
-            write_predictions(stage_dir, split, dm.source, results)
-            visualize(cfg, module, dm, split, stage_dir, logger)
+        write_outputs(cfg, module, dm, stage_dir, logger)
         write_json(done, record)
-    finish_logger(logger)
+    close_logger(logger)
     return record
 
 
@@ -266,13 +314,7 @@ def load_module_weights(module: torch.nn.Module, path: Path) -> None:
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     start = time.time()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    if cfg.ckpt_path not in (None, "last"):
-        raise CirlabError(
-            f"ckpt_path={cfg.ckpt_path}: ckpt_path takes `last` (resume the run in hydra.run.dir). "
-            "To start or evaluate a stage from a weights file: method.<stage>.checkpoint=FILE "
-            "(or backbone.checkpoint=FILE for the backbone)"
-        )
-    resume = bool(cfg.resume) or cfg.ckpt_path == "last"
+    resume = bool(cfg.resume)
     for name in cfg.method.stages:  # config errors before any data or model work
         if name not in cfg.method:
             raise CirlabError(
@@ -282,12 +324,17 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         file = cfg.method[name].get("checkpoint")  # its type and every other value: cirlab/schema.py
         if file and not Path(file).is_file():
             raise CirlabError(f"method.{name}.checkpoint={file}: no such file")
+    if "datamodule" not in cfg.dataset:
+        raise CirlabError(
+            f"dataset {cfg.dataset.name!r} names no datamodule: add `datamodule: {{_target_: "
+            "cirlab.data.datamodule.CIRDataModule}` (CaptionDataModule for image captions) to its config"
+        )
     source = instantiate(cfg.dataset.source)
     if cfg.dataset.get("missing_images") == "skip":
         source = ReadableOnly(source)
     backbone = instantiate(cfg.backbone.model)
-    dm_class = CaptionDataModule if cfg.dataset.get("kind") == "captions" else CIRDataModule
-    dm = dm_class(
+    dm: CIRDataModule = instantiate(
+        cfg.dataset.datamodule,
         source,
         eval_batch_size=cfg.eval.batch_size,
         num_workers=cfg.num_workers,

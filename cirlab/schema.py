@@ -269,7 +269,6 @@ METHOD = {
     # every stage (method.<stage>.*)
     "method.*.max_epochs": COUNT,
     "method.*.checkpoint": FILE,
-    "method.*.encoders": OneOf("both", "text", "image"),
     "method.*.module.encoders": OneOf("both", "text", "image"),
     "method.*.module.train": OneOf("none", "adapter", "projections"),
     # hyperparameters, wherever they sit below method (a stage's module, method.oti, an optimiser)
@@ -311,7 +310,6 @@ METHOD = {
 SCHEMA = {
     "seed": SEED,
     "run_name": Str(),
-    "ckpt_path": Str(null=True),  # `last`; the pipeline explains where weights files go instead
     "resume": Bool(),
     "num_workers": COUNT,
     "eval.batch_size": POSITIVE,

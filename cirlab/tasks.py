@@ -93,11 +93,10 @@ def convert_blip(cfg: DictConfig) -> None:
             "name the checkpoint and the folder to write: "
             "cirlab +task=convert_blip +src=model_base.pth +out=DIR"
         )
+    from cirlab.cli import CONF
+
     architecture = (
-        cfg.backbone.get("architecture")
-        or OmegaConf.load(
-            Path(__file__).resolve().parents[1] / "conf" / "backbone" / "blip_base.yaml"
-        ).architecture
+        cfg.backbone.get("architecture") or OmegaConf.load(CONF / "backbone" / "blip_base.yaml").architecture
     )
     dropped = convert_blip_checkpoint(
         cfg.src, cfg.out, architecture, tokenizer=cfg.get("tokenizer") or "bert-base-uncased"

@@ -69,7 +69,7 @@ def _other_backbone_checkpoint(root):
 J = ["+method=zeroshot", "dataset=jsonl"]
 CASES = {
     # name: (prepare(root), args (ROOT replaced by the case folder), expected message pieces)
-    "no_method": (None, [], ["methods:", "+method="]),
+    "no_method": (None, [], ["methods:", "method=NAME"]),
     "unknown_method": (None, ["+method=nope"], ["Could not find 'method/nope'", "clip4cir"]),
     "unknown_dataset": (
         None,
@@ -141,6 +141,7 @@ CASES = {
         ["'clip_vit_b32'", "'tiny'"],
     ),
     "checkpoint_missing": (None, ["+method=zeroshot", "backbone.checkpoint=ROOT/none.pt"], ["no such file"]),
+    "dataset_without_datamodule": (None, ["method=zeroshot", "~dataset.datamodule"], ["names no datamodule"]),
     "checkpoint_unknown_layout": (
         lambda r: torch.save({"Phi": {"layers.0.weight": torch.zeros(2, 2)}}, r / "phi.pt"),
         ["+method=zeroshot", "backbone.checkpoint=ROOT/phi.pt"],

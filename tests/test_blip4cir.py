@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import results, run_cli
 
 from cirlab.backbones.blip import BlipBackbone, blip_config
 from cirlab.data.datamodule import with_view
@@ -20,7 +21,6 @@ from cirlab.methods.blip4cir import (
     mark_text,
     stage1_reverse_logits,
 )
-from tests.conftest import results, run_cli
 
 
 def tokens(backbone, text):

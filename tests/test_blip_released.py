@@ -12,13 +12,13 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import BLIP_VOCAB, CACHE, SMALL_BLIP
 
 from cirlab.backbones.blip import BlipBackbone
 from cirlab.backbones.blip_convert import convert_blip_checkpoint
 from cirlab.errors import CirlabError
 from cirlab.methods.blip4cir import Blip4CirCombiner, Blip4CirFinetune
 from cirlab.weights import load_weights
-from tests.conftest import BLIP_VOCAB, CACHE, SMALL_BLIP
 
 TEXTS = ["is red and longer", "has sandals", " [FORWARD] is red"]
 BLIP_TOKENS = ["[DEC]", "[ENC]"]  # BLIP's init_tokenizer adds them after BERT's vocab

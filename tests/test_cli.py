@@ -17,7 +17,7 @@ def test_bare_cirlab_lists_choices_and_exits_2(tmp_path):
         "synthetic",
         "backbones:",
         "tiny",
-        "cirlab +method=clip4cir",
+        "cirlab method=clip4cir",
     ):
         assert word in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -94,3 +94,35 @@ def test_clip4cir_beats_zeroshot_on_held_out_test(tmp_path):
         assert key in res
     preds = json.loads((run_dir / "stages" / "combiner" / "predictions.test.json").read_text())
     assert len(preds) == 400 and all(len(v) == 50 for v in preds.values())
+
+
+def test_method_is_chosen_with_or_without_plus(cli):
+    """`method: null` in the defaults: `method=X` and the append form `+method=X` compose the same."""
+    code, plain, err = cli("--cfg", "job", "method=zeroshot")
+    assert code == 0, err
+    code, plus, err = cli("--cfg", "job", "+method=zeroshot")
+    assert code == 0, err
+    assert plain == plus and "_target_: cirlab.methods.zeroshot.ZeroShot" in plain
+
+
+def test_a_method_picks_its_default_dataset_and_the_command_line_wins(cli):
+    code, out, err = cli("--cfg", "job", "method=crossmodal")
+    assert code == 0, err
+    assert "name: synthetic_captions\n" in out
+    code, out, err = cli("--cfg", "job", "method=crossmodal", "dataset=coco")
+    assert code == 0, err
+    assert "name: coco\n" in out
+
+
+def test_declared_keys_override_without_plus(cli):
+    code, out, err = cli("--cfg", "job", "method=clip4cir", "retrieval.options.chunk=100")
+    assert code == 0, err
+    assert "chunk: 100" in out and "encoders: both" in out
+    code, _, err = cli("--cfg", "job", "method=clip4cir", "retrieval.options.chunks=100")
+    assert code == 2 and "chunks" in err  # a misspelt option is refused, not ignored
+
+
+def test_ckpt_path_points_to_resume(cli):
+    code, _, err = cli("method=zeroshot", "ckpt_path=/some/file.ckpt")
+    assert code == 2
+    assert "resume=true" in err and "method.<stage>.checkpoint=FILE" in err

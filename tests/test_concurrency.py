@@ -27,8 +27,8 @@ print(len(renders), root)
 
 
 def test_two_runs_generate_the_synthetic_benchmark_once(tmp_path):
-    """Started together, one fast and one slow: the slow one used to write into the folder the fast one had
-    already renamed (the same temp name from the same seed) and die with FileNotFoundError."""
+    """Started together, one fast and one slow: neither writes into a folder the other has already renamed
+    into place (a temp name from the seeded `random` would be the same in both), neither fails."""
     cache = tmp_path / "cache"
     procs = [
         subprocess.Popen(

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import ROOT, results, run_cli
 
 from cirlab.backbones.openclip import OpenCLIPBackbone
 from cirlab.data.caption_datamodule import CaptionDataModule
@@ -22,7 +23,6 @@ from cirlab.methods.crossmodal import (
     crossmodal_recalls,
 )
 from cirlab.methods.losses import cosine_margin
-from tests.conftest import ROOT, results, run_cli
 
 FIXTURE = ROOT / "tests" / "fixtures" / "karpathy"
 

@@ -36,8 +36,8 @@ def test_synthetic_is_deterministic_and_splits_are_disjoint(tmp_path):
 
 def test_synthetic_style_changes_pixels_only(tmp_path):
     """A rendering style is an image-domain shift of the same benchmark: same scenes, captions and
-    triplets, other pixels. Fields added later keep the folder name at their old value (edit_captions=0
-    is the benchmark before edit captions: same images and triplets, see the edit-caption test)."""
+    triplets, other pixels. A field at its neutral value stays out of the cache key (edit_captions=0 is
+    the benchmark without edit captions: same images and triplets, see the edit-caption test)."""
     assert (
         SyntheticSpec(edit_captions=0).digest()
         == SyntheticSpec(style="plain", edit_captions=0).digest()

@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import results, run_cli
 from torch import nn
 
 from cirlab.backbones.base import Backbone
 from cirlab.data.datamodule import EpochSampler
 from cirlab.methods.mlcl import AugmentedTriplets, MLCLCombiner, MultiLevelCombiner, mccl_loss, sscl_loss
-from tests.conftest import results, run_cli
 
 
 class FakeBackbone(Backbone):

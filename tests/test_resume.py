@@ -32,7 +32,7 @@ def test_sigkill_mid_stage_two_then_resume_gives_same_metrics(tmp_path):
     assert not (killed / "results.json").exists()
     assert (killed / "stages" / "finetune" / "done.json").exists()
 
-    resumed = run_cli(tmp_path, *ARGS, "ckpt_path=last", run_dir=killed)
+    resumed = run_cli(tmp_path, *ARGS, "resume=true", run_dir=killed)
     assert "stage finetune already finished" in resumed.stderr + resumed.stdout
     got = results(killed)["metrics"]
     assert got.keys() == expected.keys()

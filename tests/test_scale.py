@@ -77,7 +77,7 @@ def test_gallery_on_disk_gives_identical_metrics(cli, tmp_path):
         cli(
             "+method=zeroshot",
             "eval.gallery_on_disk=true",
-            "+retrieval.options.chunk=100",
+            "retrieval.options.chunk=100",
             run_dir=tmp_path / "disk",
         )[0]
         == 0

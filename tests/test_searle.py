@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CACHE, ROOT, results, run_cli
 from omegaconf import OmegaConf
 
 from cirlab.backbones.openclip import OpenCLIPBackbone
 from cirlab.errors import CirlabError
 from cirlab.methods import searle_text as st
 from cirlab.methods.searle import OTIStore, Phi, SearleText, distillation_loss, oti
-from tests.conftest import CACHE, ROOT, results, run_cli
 
 TINY = OmegaConf.load(ROOT / "conf/backbone/tiny.yaml").model
 
@@ -255,7 +255,7 @@ def test_oti_resumes_without_redoing_finished_images(pretrained_tiny_backbone, s
 
 @pytest.mark.slow
 def test_searle_and_searle_oti_beat_single_modality_zero_shot(tmp_path):
-    """Issue 6's bar: both variants >= 3 points R@10 over image-only and text-only on the held-out test
+    """The bar: both variants >= 3 points R@10 over image-only and text-only on the held-out test
     split, zero-shot (no triplet is used). Measured: image 21.50, text 13.50, SEARLE-OTI 28.25, SEARLE 26.00."""
 
     def r10(*args):

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import ROOT, results, run_cli
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -20,7 +21,6 @@ from cirlab.errors import CirlabError
 from cirlab.methods import searle_text as st
 from cirlab.methods.searle import Searle, SearleText
 from cirlab.weights import load_weights
-from tests.conftest import ROOT, results, run_cli
 
 TINY = OmegaConf.load(ROOT / "conf/backbone/tiny.yaml").model
 

@@ -86,7 +86,7 @@ def test_faiss_end_to_end_equals_exact(cli, tmp_path, monkeypatch):
     for backend in ("exact", "faiss"):
         run = tmp_path / backend
         code, _, err = cli(
-            *cirr_zeroshot(root, f"retrieval.search={backend}", "+retrieval.options.index_type=flat"),
+            *cirr_zeroshot(root, f"retrieval.search={backend}", "retrieval.options.index_type=flat"),
             run_dir=run,
         )
         assert code == 0, err

@@ -170,7 +170,6 @@ class BlipBackbone(Backbone):
         self.image_size = int(cfg.vision_config.image_size)
         self.embed_dim = int(cfg.image_text_hidden_size)
         self.max_length = max_length
-        self.preprocess_mode = preprocess
         self.preprocess = build_transform(
             preprocess, self.image_size, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, target_ratio
         )

@@ -62,7 +62,6 @@ class OpenCLIPBackbone(Backbone):
             if isinstance(self.model.text_projection, torch.Tensor)
             else self.model.text_projection.out_features
         )
-        self.preprocess_mode = preprocess
         self.preprocess = build_transform(preprocess, self.image_size, mean, std, target_ratio)
         self.name = name or model_name or "openclip"
         if checkpoint:

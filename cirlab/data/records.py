@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
@@ -41,4 +41,3 @@ class Protocol:
     exclude_reference: bool = False
     main_metric: str = "recall_at_10"
     group_average: bool = False  # FashionIQ: average per-category metrics
-    extra: dict = field(default_factory=dict)

@@ -80,9 +80,10 @@ class SyntheticSpec:
     edit_captions: int = 3  # per train/pretraining image: captions in the modification grammar (below)
 
     def digest(self) -> str:
+        """The cache key. A field at its neutral value (no restyling, no edit captions) is left out."""
         fields = asdict(self)
-        for name, old in (("style", "plain"), ("edit_captions", 0)):  # fields added later: their old value
-            if fields[name] == old:  # keeps the folder name it had
+        for name, neutral in (("style", "plain"), ("edit_captions", 0)):
+            if fields[name] == neutral:
                 del fields[name]
         return hashlib.sha1(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -243,20 +244,24 @@ class Generator:
         return img
 
 
-def generate(spec: SyntheticSpec, root: Path) -> Path:
-    """Write the benchmark under `root` (jsonl layout). Deterministic in `spec`."""
-    gen = Generator(spec)
-    rng = random.Random(spec.seed)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "images").mkdir(exist_ok=True)
+class ImageNames(dict):
+    """Scene -> image file name, numbered in the order scenes are first named."""
 
-    used: set[Scene] = set()  # val/test scenes are unique to their split: disjoint splits
-    records: dict[str, list] = {}
-    names: dict[Scene, str] = {}
-    if 2 * (spec.n_val + spec.n_test) * (2 + spec.hard_negatives) > len(gen.objects_space()):
-        raise CirlabError(
-            "synthetic spec too small for its splits: raise n_colors/n_shapes/slots or lower n_val/n_test"
-        )
+    def __call__(self, scene: Scene) -> str:
+        if scene not in self:
+            self[scene] = f"images/{len(self):06d}.png"
+        return self[scene]
+
+
+def triplet(split: str, i: int, ref: Scene, text: str, tgt: Scene, name: ImageNames) -> dict:
+    return {"id": f"{split}-{i}", "reference": name(ref), "text": text, "target": name(tgt)}
+
+
+def held_out_queries(
+    gen: Generator, rng: random.Random, split: str, n: int, used: set[Scene], name: ImageNames
+) -> tuple[list[dict], list[Scene]]:
+    """`n` queries whose reference, target and hard negatives no other held-out query uses (disjoint
+    val/test galleries), and the split's gallery scenes. Adds the scenes to `used`."""
 
     def claim(scene: Scene) -> bool:
         if scene in used or all(o is None for o in scene):
@@ -264,95 +269,111 @@ def generate(spec: SyntheticSpec, root: Path) -> Path:
         used.add(scene)
         return True
 
-    def image_name(scene: Scene) -> str:
-        if scene not in names:
-            names[scene] = f"images/{len(names):06d}.png"
-        return names[scene]
+    triplets, scenes = [], []
+    while len(triplets) < n:
+        ref = gen.random_scene(rng)
+        tgt, text = gen.edit(ref, rng)
+        if ref in used or tgt in used or ref == tgt:
+            continue
+        claim(ref), claim(tgt)
+        scenes += [ref, tgt]
+        for _ in range(gen.spec.hard_negatives):
+            neg = gen.perturb(tgt, rng)
+            if claim(neg):
+                scenes.append(neg)
+        triplets.append(triplet(split, len(triplets), ref, text, tgt, name))
+    return triplets, scenes
 
-    # held-out splits first: each query brings its reference, target and hard negatives
-    split_scenes: dict[str, list[Scene]] = {}
-    for split, n in (("test", spec.n_test), ("val", spec.n_val)):
-        triplets, scenes = [], []
-        while len(triplets) < n:
-            ref = gen.random_scene(rng)
-            tgt, text = gen.edit(ref, rng)
-            if ref in used or tgt in used or ref == tgt:
-                continue
-            claim(ref), claim(tgt)
-            scenes += [ref, tgt]
-            for _ in range(spec.hard_negatives):
-                neg = gen.perturb(tgt, rng)
-                if claim(neg):
-                    scenes.append(neg)
-            triplets.append(
-                {
-                    "id": f"{split}-{len(triplets)}",
-                    "reference": image_name(ref),
-                    "text": text,
-                    "target": image_name(tgt),
-                }
-            )
-        records[split] = triplets
-        split_scenes[split] = scenes
-    # training triplets and pretraining images: any scene not held out (images may repeat)
-    held_out = set(used)
-    triplets, train_scenes = [], set()
-    while len(triplets) < spec.n_train:
+
+def train_queries(
+    gen: Generator, rng: random.Random, held_out: set[Scene], name: ImageNames
+) -> tuple[list[dict], set[Scene]]:
+    """Training queries over any scene not held out (images may repeat), and their scenes."""
+    triplets, scenes = [], set()
+    while len(triplets) < gen.spec.n_train:
         ref = gen.random_scene(rng)
         tgt, text = gen.edit(ref, rng)
         if ref in held_out or tgt in held_out:
             continue
-        train_scenes.update((ref, tgt))
-        triplets.append(
-            {
-                "id": f"train-{len(triplets)}",
-                "reference": image_name(ref),
-                "text": text,
-                "target": image_name(tgt),
-            }
-        )
-    records["train"] = triplets
-    split_scenes["train"] = sorted(train_scenes, key=image_name)
-    pretrain: list[Scene] = []
+        scenes.update((ref, tgt))
+        triplets.append(triplet("train", len(triplets), ref, text, tgt, name))
+    return triplets, scenes
+
+
+def pretrain_scenes(gen: Generator, rng: random.Random, held_out: set[Scene]) -> list[Scene]:
+    """Distinct scenes, none held out, for the backbone's caption pretraining."""
+    scenes: list[Scene] = []
     seen = set(held_out)
-    while len(pretrain) < spec.n_pretrain:
+    while len(scenes) < gen.spec.n_pretrain:
         s = gen.random_scene(rng)
         if s not in seen:
             seen.add(s)
-            pretrain.append(s)
-    split_scenes["pretrain"] = [s for s in pretrain if s not in train_scenes]
+            scenes.append(s)
+    return scenes
 
-    for scenes in split_scenes.values():
-        for s in scenes:
-            image_name(s)
-    for scene, name in names.items():
-        img_rng = random.Random(f"{spec.seed}-{name}")
-        gen.render(scene, img_rng).save(root / name)
 
+def captions_line(gen: Generator, scene: Scene, split: str, name: ImageNames) -> str:
+    """One captions.jsonl record; an image's captions are seeded by its name alone."""
+    cap_rng = random.Random(f"{gen.spec.seed}-cap-{name(scene)}")
+    captions = sorted({gen.caption(scene, cap_rng) for _ in range(8)})[:5]
+    record = {"image": name(scene), "captions": captions, "split": split}
+    if gen.spec.edit_captions and split in ("train", "pretrain"):  # never of held-out images
+        edit_rng = random.Random(f"{gen.spec.seed}-edit-{name(scene)}")
+        record["edit_captions"] = [gen.edit_caption(scene, edit_rng) for _ in range(gen.spec.edit_captions)]
+    return json.dumps(record) + "\n"
+
+
+def write_benchmark(
+    gen: Generator,
+    records: dict[str, list],
+    split_scenes: dict[str, list[Scene]],
+    name: ImageNames,
+    root: Path,
+) -> None:
+    """Images, triplets, galleries, captions and vocabulary in the jsonl layout; spec.json last."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    for scene, file in name.items():
+        gen.render(scene, random.Random(f"{gen.spec.seed}-{file}")).save(root / file)
     for split, triplets in records.items():
         write_text(root / f"triplets.{split}.jsonl", "".join(json.dumps(t) + "\n" for t in triplets))
     for split in ("val", "test"):
-        write_text(root / f"gallery.{split}.txt", "".join(image_name(s) + "\n" for s in split_scenes[split]))
-    cap_lines = []
-    for split, scenes in split_scenes.items():
-        for s in scenes:
-            cap_rng = random.Random(f"{spec.seed}-cap-{image_name(s)}")
-            caps = sorted({gen.caption(s, cap_rng) for _ in range(8)})[:5]
-            record = {"image": image_name(s), "captions": caps, "split": split}
-            if spec.edit_captions and split in ("train", "pretrain"):  # never of held-out images
-                edit_rng = random.Random(f"{spec.seed}-edit-{image_name(s)}")
-                record["edit_captions"] = [gen.edit_caption(s, edit_rng) for _ in range(spec.edit_captions)]
-            cap_lines.append(json.dumps(record) + "\n")
-    write_text(root / "captions.jsonl", "".join(cap_lines))
+        write_text(root / f"gallery.{split}.txt", "".join(name(s) + "\n" for s in split_scenes[split]))
+    lines = [captions_line(gen, s, split, name) for split, scenes in split_scenes.items() for s in scenes]
+    write_text(root / "captions.jsonl", "".join(lines))
     (root / "vocabulary.txt").write_text("".join(f"{c} {s}\n" for c, s in gen.objects))
-    write_json(root / "spec.json", asdict(spec))  # last: its presence marks a complete benchmark
+    write_json(root / "spec.json", asdict(gen.spec))  # last: its presence marks a complete benchmark
+
+
+def generate(spec: SyntheticSpec, root: Path) -> Path:
+    """Write the benchmark under `root` (jsonl layout). Deterministic in `spec`: one random stream
+    draws the queries in a fixed order (test, val, train, pretraining scenes); pixels and captions are
+    seeded per image name."""
+    gen = Generator(spec)
+    if 2 * (spec.n_val + spec.n_test) * (2 + spec.hard_negatives) > len(gen.objects_space()):
+        raise CirlabError(
+            "synthetic spec too small for its splits: raise n_colors/n_shapes/slots or lower n_val/n_test"
+        )
+    rng = random.Random(spec.seed)
+    name = ImageNames()
+    used: set[Scene] = set()
+    records: dict[str, list] = {}
+    split_scenes: dict[str, list[Scene]] = {}
+    for split, n in (("test", spec.n_test), ("val", spec.n_val)):  # each query brings its gallery scenes
+        records[split], split_scenes[split] = held_out_queries(gen, rng, split, n, used, name)
+    records["train"], train_scenes = train_queries(gen, rng, used, name)
+    split_scenes["train"] = sorted(train_scenes, key=name)
+    split_scenes["pretrain"] = [s for s in pretrain_scenes(gen, rng, used) if s not in train_scenes]
+    for scenes in split_scenes.values():  # gallery and pretraining scenes are named after all queries
+        for s in scenes:
+            name(s)
+    write_benchmark(gen, records, split_scenes, name, root)
     return root
 
 
 def ensure(spec: SyntheticSpec, cache_dir: str | Path) -> Path:
     """Return the benchmark folder for `spec`, generating it on first use: once, under a lock, in a
-    unique temp folder renamed into place (mkdtemp: names from the seeded `random` were the same in
-    every run with one seed, so two runs wrote into one folder)."""
+    unique temp folder renamed into place (mkdtemp, not a name from the seeded `random`, which would be
+    the same in two runs with one seed)."""
     root = Path(cache_dir) / f"synthetic-{spec.digest()}"
     if (root / "spec.json").is_file():
         return root
@@ -362,7 +383,7 @@ def ensure(spec: SyntheticSpec, cache_dir: str | Path) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
         try:
             generate(spec, tmp)
-            shutil.rmtree(root, ignore_errors=True)  # an incomplete folder (no spec.json) of an older version
+            shutil.rmtree(root, ignore_errors=True)  # an incomplete folder (no spec.json): a killed write
             tmp.rename(root)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

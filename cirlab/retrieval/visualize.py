@@ -304,7 +304,7 @@ def visualize_split(
         k=k,
         title=f"{folder.name}: {split} ({len(views)} queries)",
     )
-    if logger and type(logger).__name__ == "WandbLogger":
+    if hasattr(logger, "log_image"):  # wandb
         logger.log_image(key=f"retrieval/{split}", images=[str(png)])
     log.info("retrieval visualisation: %s, %s", png, page)
     return png, page

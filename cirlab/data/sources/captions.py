@@ -41,7 +41,6 @@ FLICKR_LAYOUT = """  <root>/                              (dataset.root, default
 class CaptionSource:
     """(image, captions) pairs per split; image names are paths relative to `root`."""
 
-    kind = "captions"
     protocol = PROTOCOL
 
     def __init__(self, root: str | Path, splits: dict[str, list[tuple[str, list[str]]]], name: str):
