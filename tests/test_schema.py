@@ -23,16 +23,16 @@ def options(group: str) -> list[str]:
 
 def combos() -> list[list[str]]:
     """Every option of every group once, every experiment, and the documented extras."""
-    out = [[f"+method={m}"] for m in options("method")] + [
+    out = [[f"method={m}"] for m in options("method")] + [
         [f"+experiment={e}"] for e in options("experiment")
     ]
     for group in ("dataset", "backbone", "trainer", "logger"):
-        out += [["+method=zeroshot", f"{group}={o}"] for o in options(group)]
+        out += [["method=zeroshot", f"{group}={o}"] for o in options(group)]
     out += [
-        ["+method=searle", "+dataset@method.unlabeled=imagenet"],
-        ["+method=zeroshot", "retrieval.search=faiss", "+retrieval.options.index_type=ivf"]
-        + ["+retrieval.options.nlist=8", "+retrieval.options.nprobe=2"],
-        ["+method=zeroshot", "+retrieval.options.chunk=1024", "eval.visualize=false"],
+        ["method=searle", "+dataset@method.unlabeled=imagenet"],
+        ["method=zeroshot", "retrieval.search=faiss", "retrieval.options.index_type=ivf"]
+        + ["retrieval.options.nlist=8", "retrieval.options.nprobe=2"],
+        ["method=zeroshot", "retrieval.options.chunk=1024", "eval.visualize=false"],
     ]
     for c in out:  # the datasets of your own data have no default folder
         if any(o in c for o in ("dataset=jsonl", "dataset=captions_jsonl")):
@@ -113,7 +113,7 @@ def test_choices_and_bounds_match_the_code():
     choices = {
         "method.fusion": zeroshot.FUSIONS,
         "method.direction": blip4cir.DIRECTIONS,
-        "method.*.encoders": clip4cir.ENCODERS,
+        "method.*.module.encoders": clip4cir.ENCODERS,
         "method.*.module.train": crossmodal.TRAIN_MODES,
         "method.train": crossmodal.TRAIN_MODES[1:],
         "method.loss": crossmodal.LOSSES,
@@ -141,7 +141,7 @@ def test_aliases_and_unknown_extras_are_not_checked(configs):
 
 def test_cli_stops_on_bad_values_before_touching_data(cli, tmp_path):
     code, out, err = cli(
-        "+method=zeroshot",
+        "method=zeroshot",
         "dataset=fashioniq",
         f"dataset.root={tmp_path / 'absent'}",
         "trainer.devices=0",
@@ -158,5 +158,5 @@ def test_cli_stops_on_bad_values_before_touching_data(cli, tmp_path):
 
 
 def test_a_required_value_left_unset(cli):
-    code, out, err = cli("+method=zeroshot", "dataset=jsonl")
+    code, out, err = cli("method=zeroshot", "dataset=jsonl")
     assert code == 2 and "dataset.path must be set: a string" in err
