@@ -300,7 +300,10 @@ def test_fashioniq_queries_average_both_caption_orders():
     b = tiny_random()
     module = SearleOTI(b)
     query = CIRQuery("dress/0", "ref", ("is red.", " has long sleeves?"), ("tgt",))
-    assert FashionIQSource.query_texts(None, query) == ["is red and has long sleeves", "has long sleeves and is red"]
+    assert FashionIQSource.query_texts(None, query) == [
+        "is red and has long sleeves",
+        "has long sleeves and is red",
+    ]
     assert CIRSource().query_texts(query) == ["is red."]
 
     token = torch.randn(1, b.token_dim)

@@ -11,14 +11,17 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from cirlab.backbones.base import Backbone
 from cirlab.cache import CacheEntry
 from cirlab.data.images import load_image
+
+if TYPE_CHECKING:  # data sits below backbones: only the type is named here
+    from cirlab.backbones.base import Backbone
 
 
 class ImageFiles(Dataset):
