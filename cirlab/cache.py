@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,12 @@ RECORDED = ("key", "checksum")
 def digest(*parts: Any, length: int = 20) -> str:
     """Hex sha1 of plain config values (as sorted-key JSON): the key of what was computed from them."""
     return hashlib.sha1(json.dumps(list(parts), sort_keys=True).encode()).hexdigest()[:length]
+
+
+def stable_repr(obj: Any) -> str:
+    """repr without memory addresses ("<function f at 0x7f..>" -> "<function f>"), for keys: a plain
+    function inside a transform would otherwise change the key in every process."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(obj))
 
 
 def _tensors(value: Any) -> Iterator[torch.Tensor]:
@@ -55,9 +62,10 @@ def checksum(value: Any) -> str:
 
 
 class CacheEntry:
-    """One cached dict at `path`, under `key` (default: the file name without suffix). What the file
-    records is verified on load: its key, its checksum, and `valid(blob)` of the caller (e.g. the
-    image names match)."""
+    """One cached dict at `path`, under `key` (default: the file name without suffix). On load the file's
+    recorded key and checksum are verified (a file recording neither, as cirlab wrote pretrained
+    backbones before, is known by its name, itself the key's digest), then `valid(blob)` of the
+    caller (e.g. the image names match)."""
 
     def __init__(self, path: str | Path, key: str | None = None, what: str = "cache entry"):
         self.path = Path(path)

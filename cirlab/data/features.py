@@ -9,7 +9,6 @@ or foreign file fails its verification and is rebuilt, never used.
 from __future__ import annotations
 
 import hashlib
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from cirlab.cache import CacheEntry
+from cirlab.cache import CacheEntry, stable_repr
 from cirlab.data.images import load_image
 
 if TYPE_CHECKING:  # data sits below backbones: only the type is named here
@@ -66,9 +65,7 @@ class FeatureCache:
 
     def key(self, backbone: Backbone, names: list[str], paths: list[Path]) -> str:
         h = hashlib.sha1(backbone.fingerprint().encode())
-        # repr of a plain function in the transform carries its memory address ("at 0x7f..."), which
-        # changes every process: without stripping it the cache never hit across runs
-        h.update(re.sub(r" at 0x[0-9a-fA-F]+", "", repr(backbone.preprocess)).encode())
+        h.update(stable_repr(backbone.preprocess).encode())
         for n, p in zip(names, paths):
             h.update(f"{n}\0{p}\n".encode())
         return h.hexdigest()[:20]
