@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from cirlab.backbones.tiny import pretrained_tiny
 from cirlab.data.features import encode_images
 from cirlab.data.sources.synthetic import synthetic_source
 from cirlab.methods.searle import Phi, SearleText, oti
+from cirlab.pretrain import pretrained_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 

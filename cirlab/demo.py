@@ -336,7 +336,7 @@ class DemoBackend:
 
 # ---- HTML of an answer -------------------------------------------------------------------------------
 def render_answer(answer: Answer, seconds: float | None = None) -> str:
-    from cirlab.retrieval.visualize import _data_uri
+    from cirlab.retrieval.visualize import data_uri
 
     cells, hit_rank = [], next((h.rank for h in answer.hits if h.target), None)
     if answer.targets:
@@ -347,7 +347,7 @@ def render_answer(answer: Answer, seconds: float | None = None) -> str:
         )
         if not hit_rank:  # show what should have been found
             status += "".join(
-                f'<figure class="tgt" title="{html.escape(t)}"><img src="{_data_uri(p)}" alt="target"></figure>'
+                f'<figure class="tgt" title="{html.escape(t)}"><img src="{data_uri(p)}" alt="target"></figure>'
                 for t, p in answer.target_tiles
             )
     else:
@@ -366,7 +366,7 @@ def render_answer(answer: Answer, seconds: float | None = None) -> str:
         cells.append(
             f'<figure class="{"hit" if h.target else "res"}" data-rank="{h.rank}" data-score="{h.score:.6f}" '
             f'data-name="{html.escape(h.name)}" title="{html.escape(h.name)}">'
-            f'<img src="{_data_uri(h.path)}" alt="{html.escape(h.name)}">'
+            f'<img src="{data_uri(h.path)}" alt="{html.escape(h.name)}">'
             f"<figcaption>#{h.rank} · {h.score:.4f}{mark}</figcaption></figure>"
         )
     return f'<div class="summary">{status}{timing}</div><div class="row">{"".join(cells)}</div>'

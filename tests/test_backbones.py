@@ -67,3 +67,37 @@ def test_checkpoint_of_another_backbone_is_named(tmp_path):
     torch.save({"backbone": "clip_vit_b32", "state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(CirlabError, match="'clip_vit_b32'.*'tiny'"):
         load_backbone_weights(_tiny(), tmp_path / "other.pt")
+
+
+def test_pretrained_weights_are_cached_and_a_foreign_file_is_rebuilt(tmp_path, monkeypatch):
+    """The tiny backbones' pretraining (minutes) runs once per (model, pretraining) config; a cached file
+    of other weights is pretrained again, from the seeded initial weights, never partly loaded."""
+    from cirlab import pretrain
+
+    cfg = dict(
+        embed_dim=16,
+        vision_cfg=dict(image_size=32, layers=[1, 1, 1, 1], width=8, head_width=8),
+        text_cfg=dict(context_length=8, vocab_size=49408, width=16, heads=2, layers=1),
+    )
+    runs = []
+
+    def fake_pretraining(backbone, cache_dir, settings, path):
+        runs.append(next(iter(backbone.state_dict().values())).clone())  # the weights it starts from
+        with torch.no_grad():
+            for p in backbone.parameters():
+                p.add_(1.0)
+        return {"t2i_recall_at_1": 0.0}
+
+    monkeypatch.setattr(pretrain, "pretrain_on_captions", fake_pretraining)
+    build = lambda: pretrain.pretrained_tiny(str(tmp_path), cfg, {"seed": 0}, name="t")  # noqa: E731
+    first = build()
+    again = build()
+    assert len(runs) == 1 and all(
+        torch.equal(v, again.state_dict()[k]) for k, v in first.state_dict().items()
+    )
+
+    (path,) = (tmp_path / "backbones").glob("t-*.pt")
+    torch.save({"state_dict": {"other": torch.zeros(1)}}, path)  # another model's weights under that name
+    rebuilt = build()
+    assert len(runs) == 2 and torch.equal(runs[0], runs[1])
+    assert all(torch.equal(v, rebuilt.state_dict()[k]) for k, v in first.state_dict().items())

@@ -442,7 +442,7 @@ def test_eval_released_experiments_compose_and_build(
 # ---- 4. CLI round trip: train, export, evaluate the exported files --------------------------------------
 @pytest.mark.slow
 def test_export_and_reload_reproduce_the_test_metrics(cli, tmp_path):
-    from cirlab.backbones.blip import caption_vocab
+    from cirlab.pretrain import caption_vocab
 
     small(tmp_path, vocab=tuple(caption_vocab(str(CACHE)))).save_pretrained(tmp_path / "blip")
     base = [
@@ -481,15 +481,15 @@ def test_export_and_reload_reproduce_the_test_metrics(cli, tmp_path):
 def test_blip_tiny_takes_a_tuned_blip_file_over_its_pretrained_weights(tmp_path, monkeypatch, synthetic_root):
     import yaml
 
-    from cirlab.backbones import blip
+    from cirlab import pretrain
 
     monkeypatch.setattr(
-        blip, "load_or_pretrain", lambda backbone, *args: backbone
+        pretrain, "load_or_pretrain", lambda backbone, *args: backbone
     )  # no 4-min pretraining here
     model = yaml.safe_load(open("conf/backbone/blip_tiny.yaml"))["model"]
 
     def build(seed, checkpoint=None):
-        return blip.pretrained_blip_tiny(
+        return pretrain.pretrained_blip_tiny(
             str(CACHE), model["model_cfg"], {**model["pretrain"], "seed": seed}, checkpoint=checkpoint
         )
 

@@ -97,10 +97,10 @@ def oti_inputs(folder: Path):
     """The pretrained tiny backbone, a SEARLE text side and five synthetic images (chunks of 2: 2, 2, 1)."""
     from omegaconf import OmegaConf
 
-    from cirlab.backbones.tiny import pretrained_tiny
     from cirlab.data.features import encode_images
     from cirlab.data.synthetic import SyntheticSpec, ensure
     from cirlab.methods.searle import SearleText
+    from cirlab.pretrain import pretrained_tiny
 
     tiny = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/backbone/tiny.yaml").model)
     backbone = pretrained_tiny(str(CACHE), tiny["model_cfg"], tiny["pretrain"]).eval()

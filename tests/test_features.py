@@ -48,3 +48,29 @@ def test_cache_hit_miss_and_rebuild(tmp_path, caplog):
     assert cache.last_hit is False and torch.equal(rebuilt[names[1]], changed[names[1]])
     assert "corrupt or foreign" in caplog.text
     assert cache.get(bb, names, paths) and cache.last_hit is True
+
+
+def test_cache_entry_records_its_key_and_checksum(tmp_path, caplog):
+    from cirlab.cache import CacheEntry, checksum
+
+    builds = []
+
+    def build():
+        builds.append(1)
+        return {"names": ["a"], "features": torch.arange(4.0)}
+
+    entry = CacheEntry(tmp_path / "e.pt", key="k1")
+    blob = entry.get(build)
+    assert entry.hit is False and blob["key"] == "k1" and blob["checksum"] == checksum(torch.arange(4.0))
+    assert torch.equal(entry.get(build)["features"], torch.arange(4.0)) and entry.hit is True
+
+    assert CacheEntry(tmp_path / "e.pt", key="k2").read() == (None, "was made with other settings")
+    assert CacheEntry(tmp_path / "e.pt", key="k1").read(valid=lambda b: b["names"] == ["b"])[1] == (
+        "holds something else"
+    )
+    damaged = {**blob, "features": torch.zeros(4)}
+    torch.save(damaged, tmp_path / "e.pt")
+    assert entry.read()[1] == "fails its checksum (damaged)"
+    entry.get(build)
+    assert len(builds) == 2 and entry.hit is False and "corrupt or foreign" in caplog.text
+    assert entry.read()[0] is not None

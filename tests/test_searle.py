@@ -13,6 +13,8 @@ from conftest import CACHE, ROOT, results, run_cli
 from omegaconf import OmegaConf
 
 from cirlab.backbones.openclip import OpenCLIPBackbone
+from cirlab.data.sources.jsonl import JsonlSource
+from cirlab.data.sources.synthetic import SyntheticSource
 from cirlab.errors import CirlabError
 from cirlab.methods import searle_text as st
 from cirlab.methods.searle import OTIStore, Phi, SearleText, distillation_loss, oti
@@ -163,7 +165,7 @@ def test_phrases_file_is_read_and_checked(tmp_path):
 
 @pytest.fixture(scope="module")
 def pretrained_tiny_backbone():
-    from cirlab.backbones.tiny import pretrained_tiny
+    from cirlab.pretrain import pretrained_tiny
 
     return pretrained_tiny(
         str(CACHE), OmegaConf.to_container(TINY.model_cfg), OmegaConf.to_container(TINY.pretrain)
@@ -185,12 +187,20 @@ def image_features(backbone, root: Path, rows) -> torch.Tensor:
 def test_concept_association_finds_objects_of_the_image(pretrained_tiny_backbone, synthetic_images):
     root, rows = synthetic_images
     b = pretrained_tiny_backbone
-    vocab = st.default_vocabulary(type("S", (), {"root": root, "name": "synthetic"})())
+    vocab = st.default_vocabulary(JsonlSource(root))
     assert len(vocab) == 24 and "red circle" in vocab
     emb = st.concept_embeddings(b, vocab)
     top = st.associate(image_features(b, root, rows), emb, top_k=3)
     hits = [any(vocab[i] in r["captions"][0] for i in top[k].tolist()) for k, r in enumerate(rows)]
     assert sum(hits) / len(hits) >= 0.7, sum(hits)
+
+
+def test_synthetic_vocabulary_without_its_file_comes_from_the_spec(synthetic_root, tmp_path):
+    (tmp_path / "spec.json").write_text((synthetic_root / "spec.json").read_text())
+    assert JsonlSource(tmp_path).concept_vocabulary() is None
+    assert SyntheticSource(tmp_path).concept_vocabulary() == JsonlSource(synthetic_root).concept_vocabulary()
+    with pytest.raises(CirlabError, match="ships no concept vocabulary"):
+        st.default_vocabulary(JsonlSource(tmp_path))
 
 
 def searle_text(backbone, tmp_path, vocab=("red circle", "blue square", "green triangle", "yellow cross")):
@@ -282,18 +292,19 @@ def test_searle_and_searle_oti_beat_single_modality_zero_shot(tmp_path):
 def test_fashioniq_queries_average_both_caption_orders():
     """SEARLE's FashionIQ rule: strip '.?, ', join the two captions in both orders, average the two
     normalised prompt features and renormalise (not CLIP4Cir's capitalised single order)."""
-    from types import SimpleNamespace
-
     from cirlab.data.records import CIRQuery
+    from cirlab.data.sources.base import CIRSource
+    from cirlab.data.sources.fashioniq import FashionIQSource
     from cirlab.methods.searle import SearleOTI
 
     b = tiny_random()
     module = SearleOTI(b)
     query = CIRQuery("dress/0", "ref", ("is red.", " has long sleeves?"), ("tgt",))
-    module.eval_data = SimpleNamespace(source=SimpleNamespace(name="fashioniq"))
-    assert module.query_texts(query) == ["is red and has long sleeves", "has long sleeves and is red"]
-    module.eval_data = SimpleNamespace(source=SimpleNamespace(name="cirr", eval_text=lambda q: q.captions[0]))
-    assert module.query_texts(query) == ["is red."]
+    assert FashionIQSource.query_texts(None, query) == [
+        "is red and has long sleeves",
+        "has long sleeves and is red",
+    ]
+    assert CIRSource().query_texts(query) == ["is red."]
 
     token = torch.randn(1, b.token_dim)
     one = [

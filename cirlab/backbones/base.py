@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable
 
 import torch
 from torch import nn
+
+
+def plain(obj):
+    """A plain JSON-able copy of a config (also of an OmegaConf node, as Hydra passes them)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(obj, (DictConfig, ListConfig)):
+        obj = OmegaConf.to_container(obj, resolve=True)
+    return json.loads(json.dumps(obj))
 
 
 class Backbone(nn.Module):

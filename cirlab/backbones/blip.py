@@ -10,12 +10,12 @@ layer), text = text_proj(BERT [CLS]) in unimodal 'text' mode (no cross-attention
   loaded on top of the model built from `hf_id`: BLIP4CIR+Bi's `tuned_blip_*.pt` (the text side) or a
   cirlab stage checkpoint (the whole backbone). The file's layout is recognised from its keys;
 - `backbone=blip_tiny`: a small `BlipConfig` with a WordPiece vocab built offline from the
-  synthetic captions, pretrained by cirlab on first use and cached by config hash (as `tiny`).
+  synthetic captions, pretrained by cirlab on first use and cached by config hash (as `tiny`;
+  the recipe is cirlab/pretrain.py).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -26,11 +26,9 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 from transformers import BertTokenizerFast, BlipConfig, BlipForImageTextRetrieval
 
-from cirlab.backbones.base import Backbone
-from cirlab.backbones.pretrain import load_or_pretrain, plain
+from cirlab.backbones.base import Backbone, plain
 from cirlab.data.transforms import build_transform
 from cirlab.errors import CirlabError
-from cirlab.io import write_text
 from cirlab.weights import Layout, cirlab_stage, load_strict, read_weights, recognise, strip_prefix, wrapped
 
 log = logging.getLogger(__name__)
@@ -268,14 +266,9 @@ class BlipBackbone(Backbone):
 
 
 # ---- blip_tiny ------------------------------------------------------------------------------------
-def caption_vocab(cache_dir: str, dataset: dict | None = None) -> list[str]:
+def wordpiece_vocab(texts: list[str]) -> list[str]:
     """WordPiece vocab: BERT's specials, the direction-marker pieces, single characters (so any
-    word still tokenises, as ##-pieces) and every word of the synthetic captions and modification texts."""
-    from cirlab.data.sources.synthetic import synthetic_source
-
-    source = synthetic_source(cache_dir, **(dataset or {}))
-    texts = [c for _, caps in source.image_captions("train") for c in caps]
-    texts += [c for q in source.train_queries() for c in q.captions]
+    word still tokenises, as ##-pieces) and every word of `texts`."""
     words = sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]", t.lower())})
     chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
     vocab = SPECIAL_TOKENS + DIRECTION_WORDS + chars + [f"##{c}" for c in chars] + words
@@ -285,25 +278,9 @@ def caption_vocab(cache_dir: str, dataset: dict | None = None) -> list[str]:
     return list(seen)
 
 
-def pretrained_blip_tiny(
-    cache_dir: str,
-    model_cfg: dict,
-    pretrain: dict,
-    preprocess: str = "clip",
-    checkpoint: str | None = None,
-    name: str = "blip_tiny",
-    max_length: int = 32,
-) -> BlipBackbone:
-    if checkpoint and Path(checkpoint).is_dir():
-        return BlipBackbone(checkpoint=checkpoint, preprocess=preprocess, name=name, max_length=max_length)
-    if checkpoint and not Path(checkpoint).is_file():  # before pretraining, not after minutes of it
-        raise CirlabError(f"backbone.checkpoint={checkpoint}: no such file or folder")
-    model_cfg, pretrain = plain(model_cfg), plain(pretrain)
-    vocab = caption_vocab(cache_dir, pretrain.get("dataset"))
-    vocab_path = Path(cache_dir) / "backbones" / f"{name}-vocab-{len(vocab)}.txt"
-    if not vocab_path.is_file() or vocab_path.read_text().split("\n") != vocab:
-        write_text(vocab_path, "\n".join(vocab))
-    config = json.loads(json.dumps(model_cfg))
+def vocab_config(model_cfg: dict, vocab: list[str]) -> dict:
+    """The BlipConfig (as a dict) of `model_cfg` with a text side for `vocab`: its size and special tokens."""
+    config = plain(model_cfg)
     config["text_config"] = {
         **config["text_config"],
         "vocab_size": len(vocab),
@@ -312,14 +289,7 @@ def pretrained_blip_tiny(
         "sep_token_id": vocab.index("[SEP]"),
         "eos_token_id": vocab.index("[SEP]"),
     }
-    torch.manual_seed(pretrain["seed"])  # the same initial weights whatever ran before
-    backbone = BlipBackbone(
-        config=config, vocab_file=str(vocab_path), preprocess=preprocess, name=name, max_length=max_length
-    )
-    backbone = load_or_pretrain(backbone, cache_dir, {"blip": config, "vocab": vocab}, pretrain, name)
-    if checkpoint:
-        backbone.load_weights_file(checkpoint)
-    return backbone
+    return config
 
 
 def blip_config(cfg: dict[str, Any]) -> BlipConfig:

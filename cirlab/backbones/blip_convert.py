@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from transformers import BertTokenizerFast, BlipConfig, BlipForImageTextRetrieval
 
+from cirlab.backbones.base import plain
 from cirlab.backbones.blip import POSITION_IDS
-from cirlab.backbones.pretrain import plain
 from cirlab.errors import CirlabError
 from cirlab.io import load_torch
 from cirlab.weights import load_strict

@@ -1,28 +1,26 @@
 """On-disk cache of frozen-backbone image embeddings.
 
 Encoding images is the slowest part of every frozen-backbone stage (~25x a Combiner epoch), so
-embeddings are computed once and stored under a key that hashes (backbone weights, preprocessing,
-image list). A different backbone or image list gets a new file; a truncated or foreign file
-fails its checksum and is rebuilt, never used.
+embeddings are computed once and stored (a `cirlab.cache` entry) under a key that hashes (backbone
+weights, preprocessing, image list). A different backbone or image list gets a new file; a truncated
+or foreign file fails its verification and is rebuilt, never used.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
-import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from cirlab.backbones.base import Backbone
+from cirlab.cache import CacheEntry, stable_repr
 from cirlab.data.images import load_image
-from cirlab.errors import CirlabError
-from cirlab.io import build_lock, load_torch, save_torch
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:  # data sits below backbones: only the type is named here
+    from cirlab.backbones.base import Backbone
 
 
 class ImageFiles(Dataset):
@@ -34,10 +32,6 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.transform(load_image(self.paths[i]))
-
-
-def _checksum(t: torch.Tensor) -> str:
-    return hashlib.sha1(t.contiguous().numpy().tobytes()).hexdigest()
 
 
 @torch.no_grad()
@@ -71,49 +65,20 @@ class FeatureCache:
 
     def key(self, backbone: Backbone, names: list[str], paths: list[Path]) -> str:
         h = hashlib.sha1(backbone.fingerprint().encode())
-        # repr of a plain function in the transform carries its memory address ("at 0x7f..."), which
-        # changes every process: without stripping it the cache never hit across runs
-        h.update(re.sub(r" at 0x[0-9a-fA-F]+", "", repr(backbone.preprocess)).encode())
+        h.update(stable_repr(backbone.preprocess).encode())
         for n, p in zip(names, paths):
             h.update(f"{n}\0{p}\n".encode())
         return h.hexdigest()[:20]
 
     def get(self, backbone: Backbone, names: list[str], paths: list[Path]) -> dict[str, torch.Tensor]:
         """name -> embedding for every image, from the cache or freshly encoded."""
-        key = self.key(backbone, names, paths)
-        path = self.dir / f"{key}.pt"
-        self.last_hit = True
-        feats = self._read(path, names, warn=False)
-        if feats is None:
-            with build_lock(path):  # concurrent runs encode once; the others wait, then read its file
-                feats = self._read(path, names, warn=True)
-                if feats is None:
-                    self.last_hit = False
-                    feats = encode_images(
-                        backbone,
-                        paths,
-                        self.batch_size,
-                        self.num_workers,
-                        desc=f"caching features ({len(paths)} images)",
-                    )
-                    save_torch(path, {"names": names, "features": feats, "checksum": _checksum(feats)})
-        return dict(zip(names, feats))
+        entry = CacheEntry(self.dir / f"{self.key(backbone, names, paths)}.pt", what="feature cache")
 
-    @staticmethod
-    def _read(path: Path, names: list[str], warn: bool) -> torch.Tensor | None:
-        """The cached features, or None if absent, corrupt or for other images."""
-        if not path.is_file():
-            return None
-        try:
-            blob = load_torch(path)
-            if (
-                isinstance(blob, dict)
-                and blob.get("names") == names
-                and blob.get("checksum") == _checksum(blob["features"])
-            ):
-                return blob["features"]
-        except (CirlabError, KeyError, TypeError):
-            pass
-        if warn:
-            log.warning("feature cache %s is corrupt or foreign: rebuilding it", path)
-        return None
+        def encode() -> dict:
+            desc = f"caching features ({len(paths)} images)"
+            feats = encode_images(backbone, paths, self.batch_size, self.num_workers, desc=desc)
+            return {"names": names, "features": feats}
+
+        blob = entry.get(encode, valid=lambda blob: blob["names"] == names)
+        self.last_hit = entry.hit
+        return dict(zip(names, blob["features"]))

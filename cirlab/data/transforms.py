@@ -37,7 +37,7 @@ class TargetPad:
         return F.pad(image, [hp, vp, hp, vp], 0, "constant")
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
@@ -54,7 +54,7 @@ def build_transform(
         + [
             T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
             T.CenterCrop(size),
-            _to_rgb,
+            to_rgb,
             T.ToTensor(),
             T.Normalize(mean, std),
         ]

@@ -45,9 +45,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from cirlab.cache import checksum as _checksum
 from cirlab.data.datamodule import EpochSampler, collate
-from cirlab.data.features import _checksum, encode_images
-from cirlab.data.transforms import TargetPad, _to_rgb
+from cirlab.data.features import encode_images
+from cirlab.data.transforms import TargetPad
+from cirlab.data.transforms import to_rgb as _to_rgb
 from cirlab.errors import CirlabError
 from cirlab.io import load_torch, save_torch
 from cirlab.methods.combiner import Combiner

@@ -23,10 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from cirlab.data.sources.fashioniq import STRIP
+from cirlab.cache import CacheEntry
 from cirlab.distributed import all_gather, rank_and_world
 from cirlab.errors import CirlabError
-from cirlab.io import load_torch, save_torch
 from cirlab.methods import searle_text as st
 from cirlab.methods.retrieval_module import RetrievalModule
 from cirlab.weights import Layout, cirlab_stage, strip_prefix, wrapped
@@ -160,35 +159,33 @@ def oti(
 
 
 class OTIStore:
-    """Tokens of named images in one file ({names, tokens, ema, key}), written atomically every
-    `save_every` images: a killed run continues with the images not yet done."""
+    """Tokens of named images in one cache entry ({names, tokens, ema} under `key`), written atomically
+    every `save_every` images: a killed run continues with the images not yet done. A file of other
+    settings or a damaged one is an error, not rebuilt: the token folder may be the user's own."""
 
     def __init__(self, path: str | Path, key: str):
-        self.path, self.key = Path(path), key
+        self.entry = CacheEntry(path, key, what="OTI token file")
         self.names: list[str] = []
         self.tokens: list[torch.Tensor] = []
         self.ema: list[torch.Tensor] = []
-        if self.path.is_file():
-            blob = load_torch(self.path)
-            if blob.get("key") != key:
-                raise CirlabError(
-                    f"OTI token file {self.path} was made with other settings; delete it or "
-                    "choose another method.token_dir"
-                )
+        blob, why = self.entry.read()
+        if why:
+            raise CirlabError(
+                f"OTI token file {self.entry.path} {why}; delete it or choose another method.token_dir"
+            )
+        if blob is not None:
             self.names = list(blob["names"])
             self.tokens = list(blob["tokens"])
             self.ema = list(blob["ema"])
         self.row = {n: i for i, n in enumerate(self.names)}
 
     def save(self) -> None:
-        save_torch(
-            self.path,
+        self.entry.save(
             {
-                "key": self.key,
                 "names": self.names,
                 "tokens": torch.stack(self.tokens) if self.tokens else torch.empty(0),
                 "ema": torch.stack(self.ema) if self.ema else torch.empty(0),
-            },
+            }
         )
 
     def compute(
@@ -207,7 +204,8 @@ class OTIStore:
         if world == 1:
             self._optimise(chunks, features, pos, invert, save_every)
         else:
-            shard = OTIStore(self.path.with_name(f"{self.path.stem}.rank{rank}of{world}.pt"), self.key)
+            path = self.entry.path
+            shard = OTIStore(path.with_name(f"{path.stem}.rank{rank}of{world}.pt"), self.entry.key)
             mine = [[n for n in c if n not in shard.row] for c in chunks[rank::world]]
             shard._optimise(mine, features, pos, invert, save_every)
             merged = {
@@ -220,7 +218,7 @@ class OTIStore:
                     self._add(n, *merged[n])
             if rank == 0 and todo:
                 self.save()
-            shard.path.unlink(missing_ok=True)
+            shard.entry.path.unlink(missing_ok=True)
         return torch.stack([self.ema[self.row[n]] for n in names])
 
     def _optimise(self, chunks: list[list[str]], features, pos: dict, invert, save_every: int) -> None:
@@ -330,15 +328,6 @@ class _SearleBase(RetrievalModule):
             feats = F.normalize(feats.float(), dim=-1).view(len(texts), k, -1).mean(1)
         return F.normalize(feats, dim=-1)
 
-    def query_texts(self, query) -> list[str]:
-        """A query's texts: FashionIQ's two captions stripped of '.?, ' and joined in both orders
-        (SEARLE's rule, not CLIP4Cir's capitalised one); elsewhere the source's caption rule."""
-        source = self.eval_data.source
-        if source.name == "fashioniq" and len(query.captions) == 2:
-            c1, c2 = (c.strip(STRIP) for c in query.captions)
-            return [f"{c1} and {c2}", f"{c2} and {c1}"]
-        return [source.eval_text(query)]
-
     def _prepare(self, split: str) -> None:
         """Before an evaluation: the queries of each query loader (their texts are built per query)."""
         self._queries = {2 * s + 1: es.queries for s, es in enumerate(self.eval_data.eval_sets(split))}
@@ -356,7 +345,7 @@ class _SearleBase(RetrievalModule):
         if dataloader_idx % 2 == 0:
             return super()._eval_step(batch, dataloader_idx)
         queries = self._queries[dataloader_idx]
-        texts = [self.query_texts(queries[i]) for i in batch["index"].tolist()]
+        texts = [self.eval_data.source.query_texts(queries[i]) for i in batch["index"].tolist()]
         emb = self.encode_queries(self.reference_tokens(batch, dataloader_idx), texts)
         self._outputs[dataloader_idx].append((batch["index"], emb))
 

@@ -133,24 +133,14 @@ def read_vocabulary(path: str | Path) -> list[str]:
 
 
 def default_vocabulary(source) -> list[str]:
-    """The dataset's own vocabulary: `vocabulary.txt` in its folder; for a synthetic benchmark generated
-    before that file existed, the same names rebuilt from its spec."""
-    root = getattr(source, "root", None)
-    if root is not None and (Path(root) / "vocabulary.txt").is_file():
-        return read_vocabulary(Path(root) / "vocabulary.txt")
-    if (
-        root is not None
-        and getattr(source, "name", "") == "synthetic"
-        and (Path(root) / "spec.json").is_file()
-    ):
-        from cirlab.data.synthetic import Generator, SyntheticSpec
-
-        gen = Generator(SyntheticSpec(**json.loads((Path(root) / "spec.json").read_text())))
-        return [f"{c} {s}" for c, s in gen.objects]
-    raise CirlabError(
-        f"dataset {getattr(source, 'name', '?')!r} ships no concept vocabulary: give "
-        "method.concepts.vocabulary=PATH (one concept name per line, e.g. the Open Images class names)"
-    )
+    """The dataset's own vocabulary (the synthetic benchmark ships one; the real benchmarks none)."""
+    names = source.concept_vocabulary()
+    if not names:
+        raise CirlabError(
+            f"dataset {source.name!r} ships no concept vocabulary: give "
+            "method.concepts.vocabulary=PATH (one concept name per line, e.g. the Open Images class names)"
+        )
+    return names
 
 
 def clean_phrase(text: str) -> str:

@@ -128,7 +128,7 @@ def render_grid(
     return grid
 
 
-def _data_uri(path: Path, size: int = 96) -> str:
+def data_uri(path: Path, size: int = 96) -> str:
     """The image at most `size` px (small images stay small: the page scales them up)."""
     try:
         with Image.open(path) as img:
@@ -152,7 +152,7 @@ def render_html(
 
     def img(name: str, cls: str, caption: str) -> str:
         if name not in uris:
-            uris[name] = _data_uri(path_of(name), size)
+            uris[name] = data_uri(path_of(name), size)
         return (
             f'<figure class="{cls}"><img src="{uris[name]}" alt="{html.escape(name)}" title="{html.escape(name)}">'
             f"<figcaption>{caption}</figcaption></figure>"

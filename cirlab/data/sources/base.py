@@ -46,6 +46,21 @@ class CIRSource:
     def eval_text(self, query: CIRQuery) -> str:
         return query.captions[0]
 
+    def query_texts(self, query: CIRQuery) -> list[str]:
+        """The texts a prompt-based zero-shot method (SEARLE) fills into its prompt, their features
+        averaged: by default just the caption rule's."""
+        return [self.eval_text(query)]
+
+    def concept_vocabulary(self) -> list[str] | None:
+        """The dataset's own concept names (SEARLE's vocabulary): `vocabulary.txt` in its root folder,
+        one a line; None when it ships none."""
+        path = Path(getattr(self, "root", "")) / "vocabulary.txt"
+        if not path.is_file():
+            return None
+        return list(
+            dict.fromkeys(n.strip() for n in path.read_text(encoding="utf-8-sig").splitlines() if n.strip())
+        )
+
     def image_captions(self, split: str) -> list[tuple[str, list[str]]]:
         """(image name, captions) pairs, for text<->image retrieval and backbone pretraining."""
         raise CirlabError(f"dataset {self.name!r} has no image captions")

@@ -94,6 +94,11 @@ class FashionIQSource(CIRSource):
         c1, c2 = (c.strip(STRIP) for c in query.captions)
         return f"{c1.capitalize()} and {c2}"
 
+    def query_texts(self, query: CIRQuery) -> list[str]:
+        """SEARLE's rule (not CLIP4Cir's capitalised one): both captions stripped, joined in both orders."""
+        c1, c2 = (c.strip(STRIP) for c in query.captions)
+        return [f"{c1} and {c2}", f"{c2} and {c1}"]
+
     def train_text(self, query: CIRQuery, rng: random.Random) -> str:
         """CLIP4Cir's generate_randomized_fiq_caption; u exactly 0.25/0.5/0.75 falls to the last branch."""
         c1, c2 = (c.strip(STRIP) for c in query.captions)

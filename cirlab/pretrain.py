@@ -1,0 +1,153 @@
+"""The recipe that makes the small backbones (`backbone=tiny`, `backbone=blip_tiny`): built untrained
+(cirlab.backbones), then pretrained with CLIP's InfoNCE (cirlab.methods.crossmodal) on the synthetic
+benchmark's image captions (cirlab.data) on first use.
+
+No pretrained weights can be downloaded in CI or here, so cirlab trains these itself and caches the
+weights (a `cirlab.cache` entry) by a hash of (model config, pretraining config): later runs load
+them in a second. It sits above backbones, data and methods, which never import it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from tqdm.auto import tqdm
+
+from cirlab.backbones.base import Backbone, plain
+from cirlab.backbones.blip import BlipBackbone, vocab_config, wordpiece_vocab
+from cirlab.backbones.openclip import OpenCLIPBackbone, load_backbone_weights
+from cirlab.cache import CacheEntry, digest
+from cirlab.data.images import load_image
+from cirlab.data.sources.synthetic import synthetic_source
+from cirlab.errors import CirlabError
+from cirlab.io import write_json, write_text
+from cirlab.methods.crossmodal import ContrastivePretraining, evaluate_captions, make_loader
+
+log = logging.getLogger(__name__)
+
+
+def pretrained_tiny(
+    cache_dir: str,
+    model_cfg: dict,
+    pretrain: dict,
+    preprocess: str = "clip",
+    checkpoint: str | None = None,
+    name: str = "tiny",
+) -> OpenCLIPBackbone:
+    """`backbone=tiny`: a small open_clip CLIP; `checkpoint` replaces the pretraining by its weights."""
+    model_cfg, pretrain = plain(model_cfg), plain(pretrain)
+    torch.manual_seed(pretrain["seed"])  # the same initial weights whatever ran before
+    backbone = OpenCLIPBackbone(model_cfg=model_cfg, preprocess=preprocess, name=name)
+    if checkpoint:
+        load_backbone_weights(backbone, checkpoint)
+        return backbone
+    return load_or_pretrain(backbone, cache_dir, model_cfg, pretrain, name)
+
+
+def caption_vocab(cache_dir: str, dataset: dict | None = None) -> list[str]:
+    """blip_tiny's WordPiece vocab: every word of the synthetic captions and modification texts."""
+    source = synthetic_source(cache_dir, **(dataset or {}))
+    texts = [c for _, caps in source.image_captions("train") for c in caps]
+    texts += [c for q in source.train_queries() for c in q.captions]
+    return wordpiece_vocab(texts)
+
+
+def pretrained_blip_tiny(
+    cache_dir: str,
+    model_cfg: dict,
+    pretrain: dict,
+    preprocess: str = "clip",
+    checkpoint: str | None = None,
+    name: str = "blip_tiny",
+    max_length: int = 32,
+) -> BlipBackbone:
+    """`backbone=blip_tiny`: a small BLIP; `checkpoint`, a save_pretrained folder, replaces it, a
+    weights file is loaded over the pretrained weights."""
+    if checkpoint and Path(checkpoint).is_dir():
+        return BlipBackbone(checkpoint=checkpoint, preprocess=preprocess, name=name, max_length=max_length)
+    if checkpoint and not Path(checkpoint).is_file():  # before pretraining, not after minutes of it
+        raise CirlabError(f"backbone.checkpoint={checkpoint}: no such file or folder")
+    pretrain = plain(pretrain)
+    vocab = caption_vocab(cache_dir, pretrain.get("dataset"))
+    vocab_path = Path(cache_dir) / "backbones" / f"{name}-vocab-{len(vocab)}.txt"
+    if not vocab_path.is_file() or vocab_path.read_text().split("\n") != vocab:
+        write_text(vocab_path, "\n".join(vocab))
+    config = vocab_config(model_cfg, vocab)
+    torch.manual_seed(pretrain["seed"])  # the same initial weights whatever ran before
+    backbone = BlipBackbone(
+        config=config, vocab_file=str(vocab_path), preprocess=preprocess, name=name, max_length=max_length
+    )
+    backbone = load_or_pretrain(backbone, cache_dir, {"blip": config, "vocab": vocab}, pretrain, name)
+    if checkpoint:
+        backbone.load_weights_file(checkpoint)
+    return backbone
+
+
+def load_or_pretrain(
+    backbone: Backbone, cache_dir: str, model_cfg: dict, pretrain: dict, name: str
+) -> Backbone:
+    """The cached pretrained weights of (model_cfg, pretrain) loaded into `backbone`, or it is
+    pretrained and they are cached (a concurrent run waits for them)."""
+    path = Path(cache_dir) / "backbones" / f"{name}-{digest(model_cfg, pretrain, length=12)}.pt"
+    own = {k: v.shape for k, v in backbone.state_dict().items()}
+
+    def fits(blob: dict) -> bool:
+        return {k: v.shape for k, v in blob["state_dict"].items()} == own
+
+    def pretrain_it() -> dict:
+        metrics = pretrain_on_captions(backbone, cache_dir, pretrain, path)
+        return {"backbone": backbone.name, "state_dict": backbone.state_dict(), "metrics": metrics}
+
+    entry = CacheEntry(path, what=f"cached {name} backbone")
+    backbone.load_state_dict(entry.get(pretrain_it, valid=fits)["state_dict"])
+    return backbone
+
+
+def _load_split(source, backbone, split, edits=False):
+    pairs = source.image_captions(split, edits=edits)
+    images = torch.stack(
+        [
+            backbone.preprocess(load_image(source.image_path(n)))
+            for n, _ in tqdm(pairs, desc=f"loading {split} images", leave=False)
+        ]
+    )
+    return images, [caps for _, caps in pairs]
+
+
+def pretrain_on_captions(backbone: Backbone, cache_dir: str, cfg: dict, path: Path) -> dict:
+    """Train all of `backbone`'s weights on the synthetic captions; its held-out recalls (also written
+    to `path`.json with the settings and the time taken)."""
+    start = time.time()
+    log.info(
+        "pretraining the %s backbone on synthetic captions (first use; cached at %s)", backbone.name, path
+    )
+    L.seed_everything(cfg["seed"], workers=True, verbose=False)
+    source = synthetic_source(cache_dir, **cfg.get("dataset", {}))
+    train_x, train_caps = _load_split(source, backbone, "train", edits=cfg.get("edit_captions", False))
+    test_x, test_caps = _load_split(source, backbone, "test")
+    module = ContrastivePretraining(backbone, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    trainer = L.Trainer(
+        max_epochs=cfg["epochs"],
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        deterministic=False,
+        reload_dataloaders_every_n_epochs=1,
+    )
+    trainer.fit(module, train_dataloaders=make_loader(train_x, train_caps, cfg["batch_size"], cfg["seed"]))
+    metrics = evaluate_captions(backbone, test_x, test_caps)
+    seconds = time.time() - start
+    log.info(
+        "%s backbone pretrained in %.0f s: held-out text->image R@1 %.1f",
+        backbone.name,
+        seconds,
+        metrics["t2i_recall_at_1"],
+    )
+    write_json(path.with_suffix(".json"), {"metrics": metrics, "pretrain": cfg, "seconds": seconds})
+    return metrics
