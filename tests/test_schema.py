@@ -23,9 +23,7 @@ def options(group: str) -> list[str]:
 
 def combos() -> list[list[str]]:
     """Every option of every group once, every experiment, and the documented extras."""
-    out = [[f"method={m}"] for m in options("method")] + [
-        [f"+experiment={e}"] for e in options("experiment")
-    ]
+    out = [[f"method={m}"] for m in options("method")] + [[f"+experiment={e}"] for e in options("experiment")]
     for group in ("dataset", "backbone", "trainer", "logger"):
         out += [["method=zeroshot", f"{group}={o}"] for o in options(group)]
     out += [
