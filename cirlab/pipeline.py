@@ -119,6 +119,11 @@ def check_stage_config(name: str, scfg: DictConfig) -> None:
         raise CirlabError(f"method.{name}.checkpoint={file}: no such file")
 
 
+def cached_images(dm: CIRDataModule, trained: bool) -> list[str]:
+    """The images whose features a frozen-encoder stage caches (the cache file is keyed by this list)."""
+    return dm.all_images((("train",) if trained else ()) + (dm.val_split, dm.test_split))
+
+
 def run_stage(
     cfg: DictConfig, name: str, backbone, dm: CIRDataModule, run_dir: Path, resume: bool
 ) -> dict[str, Any]:
@@ -154,11 +159,10 @@ def run_stage(
         return record
 
     train = scfg.max_epochs > 0
-    splits = (("train",) if train else ()) + (dm.val_split, dm.test_split)
     if module.frozen_image_encoder:
-        names = dm.all_images(splits)
+        names = cached_images(dm, train)
         cache = FeatureCache(cfg.paths.cache_dir, batch_size=cfg.eval.batch_size, num_workers=cfg.num_workers)
-        encoder = module.feature_encoder() if hasattr(module, "feature_encoder") else backbone
+        encoder = module.feature_encoder()
         dm.use(
             features=cache.get(encoder, names, [dm.source.image_path(n) for n in names]),
             text_views=module.text_views,

@@ -99,6 +99,13 @@ class FeatureCache:
                     save_torch(path, {"names": names, "features": feats, "checksum": _checksum(feats)})
         return dict(zip(names, feats))
 
+    def cached(
+        self, backbone: Backbone, names: list[str], paths: list[Path]
+    ) -> dict[str, torch.Tensor] | None:
+        """name -> embedding from the cache file of exactly these images, or None: never encodes."""
+        feats = self._read(self.dir / f"{self.key(backbone, names, paths)}.pt", names, warn=False)
+        return None if feats is None else dict(zip(names, feats))
+
     @staticmethod
     def _read(path: Path, names: list[str], warn: bool) -> torch.Tensor | None:
         """The cached features, or None if absent, corrupt or for other images."""
