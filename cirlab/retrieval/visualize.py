@@ -253,9 +253,7 @@ def visualize_split(
         return None
     views: list[QueryView] = []
     for es in dm.eval_sets(split):
-        res = results.get(es.group)
-        if res is None:
-            continue
+        res = results[es.group]
         for q in es.queries:
             qid = f"{es.group}/{q.qid}" if es.group else q.qid
             ranked, scores = res.predictions[q.qid][:k], res.scores[q.qid][:k]
