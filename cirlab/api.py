@@ -238,6 +238,28 @@ def _pin_paths(cfg, run_dir: Path) -> None:
         cfg.paths[key] = value
 
 
+def _stage_module(cfg, stage: str, backbone):
+    """A stage's module as the pipeline starts it: seeded as the run (an untrained stage keeps the run's
+    initial weights), with the stage's weights file when it names one."""
+    import lightning as L
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from cirlab.weights import load_weights
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = instantiate(
+        cfg.method[stage].module,
+        backbone=backbone,
+        search=cfg.retrieval.search,
+        search_options=OmegaConf.to_container(cfg.retrieval.options),
+    )
+    file = cfg.method[stage].get("checkpoint")
+    if file:
+        load_weights(module.stage_weights(), file, module.checkpoint_layouts(), f"method.{stage}.checkpoint")
+    return module
+
+
 def load(run_dir_or_ckpt: str | Path, overrides: Sequence[str] = (), device: str | None = None) -> Retriever:
     """Rebuild a run's final-stage model (or the stage of a given checkpoint) with its trained weights.
     `overrides` are OmegaConf dotlist overrides of the run's config, e.g. ["paths.cache_dir=/x"]."""
@@ -262,7 +284,8 @@ def load(run_dir_or_ckpt: str | Path, overrides: Sequence[str] = (), device: str
         raise CirlabError(f"stage {stage!r} is not one of the run's stages {stages}")
 
     backbone = instantiate(cfg.backbone.model)
-    # earlier stages may have fine-tuned the backbone: take it from the latest trained stage up to `stage`
+    # earlier stages may have changed the backbone: their best checkpoint, or the weights file they started
+    # from when they did not train (e.g. BLIP4CIR+Bi's released text encoder)
     for name in stages[: stages.index(stage)]:
         best = _checkpoint_of(run_dir, name)
         if best is not None:
@@ -270,12 +293,9 @@ def load(run_dir_or_ckpt: str | Path, overrides: Sequence[str] = (), device: str
             backbone.load_state_dict(
                 {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
             )
-    module = instantiate(
-        cfg.method[stage].module,
-        backbone=backbone,
-        search=cfg.retrieval.search,
-        search_options=OmegaConf.to_container(cfg.retrieval.options),
-    )
+        elif cfg.method[name].get("checkpoint"):
+            _stage_module(cfg, name, backbone)
+    module = _stage_module(cfg, stage, backbone)
     best = ckpt or _checkpoint_of(run_dir, stage)
     if best is not None:
         load_module_weights(module, best)
