@@ -6,10 +6,14 @@
     r.search("reference.png", "has a red circle on the left", k=10)  # [(path, score), ...]
 
 The run's `.hydra/config.yaml` rebuilds the backbone and the final stage's module (Hydra
-instantiate); weights come from the best checkpoints listed in `stages/<stage>/done.json` (the
-backbone from the latest stage that trained, the module from the final stage). Gallery embeddings
-are cached on disk with the feature cache (keyed by backbone weights, preprocessing and file list).
-Console: `cirlab-query --run RUN --gallery DIR --image IMG --text "..." -k 10`.
+instantiate) as the pipeline started it; weights come from the best checkpoints listed in
+`stages/<stage>/done.json` (the backbone from the latest stage that trained, the module from the final
+stage) or the stage's weights file. This is evaluation's path: images of the run's dataset take the
+features the run cached (other images are encoded and cached by backbone weights, preprocessing and
+file list), queries are embedded by the module's `query_embedding` and ranked by
+`cirlab.retrieval.search`, so a test query's top-k is its row of the run's predictions.test.json.
+Console: `cirlab-query --run RUN --gallery DIR --image IMG --text "..." -k 10` (no --image for a
+cross-modal run).
 """
 
 from __future__ import annotations
@@ -316,7 +320,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--run", required=True, help="run folder (or a stage checkpoint .ckpt)")
     parser.add_argument("--gallery", required=True, help="folder of gallery images (searched recursively)")
-    parser.add_argument("--image", required=True, help="reference image")
+    parser.add_argument("--image", default=None, help="reference image (none for a cross-modal run)")
     parser.add_argument("--text", required=True, help="modification text")
     parser.add_argument("-k", type=int, default=10, help="how many results (default 10)")
     parser.add_argument("--device", default=None, help="e.g. cuda; default cpu")
