@@ -175,24 +175,30 @@ class Retriever:
         return [(self.paths[i], s) for s, i in zip(scores[0].tolist(), rows[0].tolist())]
 
 
+def build_source(cfg):
+    """The run's dataset source (its config rebuilds it); CirlabError when its data is not here."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(cfg.dataset.source)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, CirlabError):
+            raise err.__cause__ from None
+        raise
+
+
 def run_data(cfg, module, stage: str):
     """The run's datamodule as the pipeline set it up for `stage`, with the image features the stage
     cached (read when the cache file is there, never encoded); None when the run's dataset is not on
     this machine. The module sees it as its `eval_data`, as in evaluation."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
     from cirlab.data.caption_datamodule import CaptionDataModule
     from cirlab.data.datamodule import CIRDataModule
     from cirlab.data.features import FeatureCache
     from cirlab.pipeline import cached_images
 
     try:
-        source = instantiate(cfg.dataset.source)
-    except InstantiationException as err:
-        if isinstance(err.__cause__, CirlabError):
-            return None
-        raise
+        source = build_source(cfg)
     except CirlabError:
         return None
     kind = cfg.dataset.get("kind", "cir")

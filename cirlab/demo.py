@@ -87,22 +87,11 @@ class Answer:
 
 
 # ---- the gallery ---------------------------------------------------------------------------------
-def build_source(cfg):
-    """The run's dataset source (its config rebuilds it); CirlabError when its data is not here."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
-    try:
-        return instantiate(cfg.dataset.source)
-    except InstantiationException as err:
-        if isinstance(err.__cause__, CirlabError):
-            raise err.__cause__ from None
-        raise
-
-
 def run_gallery(cfg, source=None) -> Gallery:
     """The run's own test gallery (union of the test split's eval sets) and its queries; `source`: the
     run's dataset source when already built."""
+    from cirlab.api import build_source
+
     source = source or build_source(cfg)
     split = cfg.dataset.test_split
     if cfg.dataset.get("kind", "cir") == "captions":
