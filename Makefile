@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,demo]"
+	$(PY) -m pip install -q -e ".[test,demo,cluster]"
 	touch $(STAMP)
 
 ## the main job: CLIP4Cir (fine-tune + Combiner) with the tiny backbone on the synthetic benchmark

@@ -176,16 +176,20 @@ class Retriever:
 
 
 def build_source(cfg):
-    """The run's dataset source (its config rebuilds it); CirlabError when its data is not here."""
+    """The run's dataset source as the pipeline built it (its config rebuilds it, unreadable images left
+    out under dataset.missing_images=skip); CirlabError when its data is not here."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
+    from cirlab.data.sources.readable import ReadableOnly
+
     try:
-        return instantiate(cfg.dataset.source)
+        source = instantiate(cfg.dataset.source)
     except InstantiationException as err:
         if isinstance(err.__cause__, CirlabError):
             raise err.__cause__ from None
         raise
+    return ReadableOnly(source) if cfg.dataset.get("missing_images") == "skip" else source
 
 
 def run_data(cfg, module, stage: str):

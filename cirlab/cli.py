@@ -20,7 +20,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig
 
+from cirlab.distributed import rank_overrides
 from cirlab.errors import CirlabError
+from cirlab.schema import validate
+
+# conf/hydra/launcher/submitit_*.yaml set the submitit plugin's keys under its names, on its schema (wanted)
+warnings.filterwarnings("ignore", message=r"(?s).*validated against ConfigStore schema with the same name")
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -64,6 +69,10 @@ def print_table(results: dict) -> None:
             " (the reported split: not held out)" if reported and how.startswith(f"best {reported}/") else ""
         )
         print(f"  stage {stage}: weights = {how}{note}")
+    if "skipped_images" in results:
+        from cirlab.data.sources.readable import describe
+
+        print(f"  skipped (dataset.missing_images=skip), skipped/all: {describe(results['skipped_images'])}")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
@@ -84,6 +93,7 @@ def _dispatch(cfg: DictConfig) -> float | None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     # Lightning prints through its own handler; without this Hydra's root handler repeats every line
     logging.getLogger("lightning.pytorch").propagate = False
+    validate(cfg)  # every bad value at once, before any data or model is touched
     task = cfg.get("task")
     if task:
         from cirlab.tasks import run_task
@@ -108,7 +118,11 @@ def main() -> None:
         print(usage())
         return
     try:
+        sys.argv += rank_overrides(sys.argv[1:])  # torchrun/srun: one run folder, written by rank 0
         _main()
+    except CirlabError as err:
+        print(f"cirlab error: {err}", file=sys.stderr)
+        sys.exit(2)
     except SystemExit as exc:  # Hydra reports config errors (unknown option, bad type) with exit 1
         sys.exit(2 if exc.code == 1 else exc.code)
 

@@ -27,6 +27,8 @@ def check_data(cfg: DictConfig) -> None:
     print(f"dataset {cfg.dataset.name} ({', '.join(usable)}): {format_report(report)}")
     if source.detected:
         print(f"detected layout: {source.detected}")
+    if not report.ok:
+        print("a run with dataset.missing_images=skip leaves out the queries and gallery images they break")
     if not report.ok or len(usable) < len(dict.fromkeys(splits)):
         if source.layout:
             print(f"expected layout:\n{source.layout}")

@@ -35,25 +35,34 @@ def split_images(source: CIRSource, split: str) -> list[str]:
     return list(seen)
 
 
+def image_problem(source: CIRSource, name: str) -> str | None:
+    """Why image `name` cannot be used ("missing", "zero bytes", PIL's complaint), or None if it can."""
+    try:
+        path = source.image_path(name)
+    except ImageNotFound:  # sources that know their files say so instead of returning a path
+        return "missing"
+    if path is None or not path.is_file():
+        return "missing"
+    if path.stat().st_size == 0:
+        return "zero bytes"
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as err:  # PIL raises many types for broken files
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
 def check_images(source: CIRSource, splits) -> ImageReport:
     report = ImageReport()
     names = dict.fromkeys(n for split in splits for n in split_images(source, split))
     for name in names:
         report.checked += 1
-        try:
-            path = source.image_path(name)
-        except ImageNotFound:  # sources that know their files say so instead of returning a path
-            path = None
-        if path is None or not path.is_file():
+        problem = image_problem(source, name)
+        if problem == "missing":
             report.missing.append(name)
-        elif path.stat().st_size == 0:
-            report.unreadable.append((path, "zero bytes"))
-        else:
-            try:
-                with Image.open(path) as im:
-                    im.verify()
-            except Exception as err:  # PIL raises many types for broken files
-                report.unreadable.append((path, f"{type(err).__name__}: {err}"))
+        elif problem:
+            report.unreadable.append((source.image_path(name), problem))
     return report
 
 

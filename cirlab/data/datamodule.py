@@ -14,7 +14,8 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cirlab.data.images import load_image
 from cirlab.data.records import CIRQuery, EvalSet
@@ -76,23 +77,28 @@ class TripletDataset(Dataset):
         return item
 
 
-class EpochSampler(Sampler):
+class EpochSampler(DistributedSampler):
     """Shuffles by (seed, epoch) at iteration time. Lightning calls `set_epoch` at every epoch
     start, also after a resume, so the order never depends on when the loader was built (a loader
-    built before the checkpoint was restored would otherwise replay epoch 0's order)."""
+    built before the checkpoint was restored would otherwise replay epoch 0's order).
+
+    Under DDP each rank takes positions rank::world of that same order (padded as DistributedSampler
+    pads), so the global batches are those of one process with world x the batch. Being a
+    DistributedSampler, Lightning leaves it alone; its own wrapper would shuffle the order again."""
 
     def __init__(self, dataset: Dataset, seed: int):  # any dataset with an `epoch` attribute
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
+        ddp = dist.is_available() and dist.is_initialized()
+        world, rank = (dist.get_world_size(), dist.get_rank()) if ddp else (1, 0)
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=False, seed=seed)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = self.dataset.epoch = epoch  # the caption rule draws from (seed, epoch, index) too
 
-    def __len__(self) -> int:
-        return len(self.dataset)
-
     def __iter__(self):
         gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(len(self.dataset), generator=gen).tolist())
+        order = torch.randperm(len(self.dataset), generator=gen).tolist()
+        order += order[: self.total_size - len(order)]
+        return iter(order[self.rank : self.total_size : self.num_replicas])
 
 
 class GalleryDataset(Dataset):

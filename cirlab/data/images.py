@@ -17,7 +17,8 @@ def load_image(path: str | Path) -> Image.Image:
             return img.convert("RGB")
     except FileNotFoundError as err:
         raise CirlabError(
-            f"image not found: {path}. Run `cirlab +task=check_data` to list every missing file."
+            f"image not found: {path}. Run `cirlab +task=check_data` to list every missing file, or set "
+            "dataset.missing_images=skip to leave them out."
         ) from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise CirlabError(

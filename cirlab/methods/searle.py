@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cirlab.data.sources.fashioniq import STRIP
+from cirlab.distributed import all_gather, rank_and_world
 from cirlab.errors import CirlabError
 from cirlab.io import load_torch, save_torch
 from cirlab.methods import searle_text as st
@@ -194,28 +195,55 @@ class OTIStore:
         self, names: list[str], features: torch.Tensor, invert, chunk: int, save_every: int
     ) -> torch.Tensor:
         """EMA tokens [len(names), d] in the order of `names`; only the missing ones are optimised,
-        by `invert(features) -> (tokens, ema)` in chunks."""
-        todo = [i for i, n in enumerate(dict.fromkeys(names)) if n not in self.row]
-        uniq = list(dict.fromkeys(names))
+        by `invert(features) -> (tokens, ema)` in chunks. In a process group (DDP) rank r of W optimises
+        chunks r, r+W, ... (saved in its own file) and the store merges them: the chunks of one process,
+        so its tokens (a chunk's OTI depends on that chunk alone)."""
         pos = {n: i for i, n in enumerate(names)}
-        done_since_save = 0
-        start = time.time()
-        for c in range(0, len(todo), chunk):
-            idx = todo[c : c + chunk]
-            tok, ema = invert(features[[pos[uniq[i]] for i in idx]])
-            for j, i in enumerate(idx):
-                self.row[uniq[i]] = len(self.names)
-                self.names.append(uniq[i])
-                self.tokens.append(tok[j])
-                self.ema.append(ema[j])
-            done_since_save += len(idx)
-            if done_since_save >= save_every:
+        todo = [n for n in dict.fromkeys(names) if n not in self.row]
+        rank, world = rank_and_world()
+        if world > 1:  # the same list on every rank, whatever each one's file held
+            todo = list(dict.fromkeys(n for part in all_gather(todo) for n in part))
+        chunks = [todo[c : c + chunk] for c in range(0, len(todo), chunk)]
+        if world == 1:
+            self._optimise(chunks, features, pos, invert, save_every)
+        else:
+            shard = OTIStore(self.path.with_name(f"{self.path.stem}.rank{rank}of{world}.pt"), self.key)
+            mine = [[n for n in c if n not in shard.row] for c in chunks[rank::world]]
+            shard._optimise(mine, features, pos, invert, save_every)
+            merged = {
+                n: (t, e)
+                for part in all_gather((shard.names, shard.tokens, shard.ema))
+                for n, t, e in zip(*part)
+            }
+            for n in todo:
+                if n not in self.row:
+                    self._add(n, *merged[n])
+            if rank == 0 and todo:
                 self.save()
-                done_since_save = 0
-            log.info("OTI: %d/%d images (%.0f s)", min(c + chunk, len(todo)), len(todo), time.time() - start)
-        if done_since_save:
-            self.save()
+            shard.path.unlink(missing_ok=True)
         return torch.stack([self.ema[self.row[n]] for n in names])
+
+    def _optimise(self, chunks: list[list[str]], features, pos: dict, invert, save_every: int) -> None:
+        chunks = [c for c in chunks if c]
+        total, done, since_save, start = sum(map(len, chunks)), 0, 0, time.time()
+        for names in chunks:
+            tok, ema = invert(features[[pos[n] for n in names]])
+            for j, n in enumerate(names):
+                self._add(n, tok[j], ema[j])
+            done += len(names)
+            since_save += len(names)
+            if since_save >= save_every:
+                self.save()
+                since_save = 0
+            log.info("OTI: %d/%d images (%.0f s)", done, total, time.time() - start)
+        if since_save:
+            self.save()
+
+    def _add(self, name: str, token: torch.Tensor, ema: torch.Tensor) -> None:
+        self.row[name] = len(self.names)
+        self.names.append(name)
+        self.tokens.append(token)
+        self.ema.append(ema)
 
 
 def _oti_key(backbone, text: SearleText, oti_cfg: dict) -> str:
