@@ -6,10 +6,14 @@
     r.search("reference.png", "has a red circle on the left", k=10)  # [(path, score), ...]
 
 The run's `.hydra/config.yaml` rebuilds the backbone and the final stage's module (Hydra
-instantiate); weights come from the best checkpoints listed in `stages/<stage>/done.json` (the
-backbone from the latest stage that trained, the module from the final stage). Gallery embeddings
-are cached on disk with the feature cache (keyed by backbone weights, preprocessing and file list).
-Console: `cirlab-query --run RUN --gallery DIR --image IMG --text "..." -k 10`.
+instantiate) as the pipeline started it; weights come from the best checkpoints listed in
+`stages/<stage>/done.json` (the backbone from the latest stage that trained, the module from the final
+stage) or the stage's weights file. This is evaluation's path: images of the run's dataset take the
+features the run cached (other images are encoded and cached by backbone weights, preprocessing and
+file list), queries are embedded by the module's `query_embedding` and ranked by
+`cirlab.retrieval.search`, so a test query's top-k is its row of the run's predictions.test.json.
+Console: `cirlab-query --run RUN --gallery DIR --image IMG --text "..." -k 10` (no --image for a
+cross-modal run).
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from cirlab.errors import CirlabError
 
@@ -60,38 +63,60 @@ def _checkpoint_of(run_dir: Path, stage: str) -> Path | None:
 
 
 class Retriever:
-    """A trained CIR model with an indexed gallery."""
+    """A trained CIR model with an indexed gallery. Images of the run's dataset take the features the run
+    cached (the bits evaluation used) and queries rank with `cirlab.retrieval.search.search`, the ranking of
+    evaluation: a dataset query's top-k is its row of the run's predictions.<split>.json."""
 
-    def __init__(self, module, cfg, run_dir: Path | None = None, stage: str | None = None):
+    def __init__(self, module, cfg, run_dir: Path | None = None, stage: str | None = None, data=None):
         self.module, self.cfg, self.run_dir, self.stage = module, cfg, run_dir, stage
         self.module.eval()
         self.backbone = module.backbone
+        self.data = data  # the run's datamodule (None: its dataset is not on this machine)
         self.paths: list[Path] = []
-        self.gallery: torch.Tensor | None = None  # [N, D] normalised gallery embeddings
+        self.gallery: torch.Tensor | None = None  # [N, D] gallery embeddings
+        self._row: dict[Path, int] = {}  # resolved gallery path -> row
+        self._known: dict[Path, torch.Tensor] | None = None
 
     @property
     def device(self) -> torch.device:
         return self.backbone.device
 
+    def _run_features(self) -> dict[Path, torch.Tensor]:
+        """resolved path -> the run's cached raw features, for the images of its dataset."""
+        if self._known is None:
+            features = getattr(self.data, "features", None) or {}
+            self._known = {Path(self.data.source.image_path(n)).resolve(): f for n, f in features.items()}
+        return self._known
+
     @torch.no_grad()
-    def raw_features(self, paths: Sequence[Path], encoder=None) -> torch.Tensor:
-        """Raw image features of `paths` by `encoder` (default: the backbone), through the run's feature
-        cache when it has one."""
+    def raw_features(self, paths: Sequence[Path], cache: bool = True) -> torch.Tensor:
+        """Raw image features of `paths` by the module's feature encoder: the run's own for its dataset's
+        images, the others encoded (through the feature cache when `cache` and the run has one)."""
         from cirlab.data.features import FeatureCache, encode_images
 
-        encoder = encoder or self.backbone
+        encoder = self.module.feature_encoder()
         paths = [Path(p).resolve() for p in paths]
-        cache_dir = self.cfg.paths.get("cache_dir") if self.cfg is not None else None
-        if cache_dir:
-            feats = FeatureCache(cache_dir, batch_size=self.cfg.eval.batch_size).get(
-                encoder, [str(p) for p in paths], paths
-            )
-            return torch.stack([feats[str(p)] for p in paths])
-        return encode_images(encoder, paths)
+        known = self._run_features()
+        new = [p for p in paths if p not in known]
+        encoded: dict[Path, torch.Tensor] = {}
+        if new:
+            cache_dir = self.cfg.paths.get("cache_dir") if self.cfg is not None else None
+            if cache and cache_dir:
+                feats = FeatureCache(cache_dir, batch_size=self.cfg.eval.batch_size).get(
+                    encoder, [str(p) for p in new], new
+                )
+                encoded = {p: feats[str(p)] for p in new}
+            else:
+                encoded = dict(zip(new, encode_images(encoder, new)))
+        return torch.stack([known[p] if p in known else encoded[p] for p in paths])
+
+    def _batch_size(self) -> int:
+        return self.cfg.eval.batch_size if self.cfg is not None else 256
 
     @torch.no_grad()
     def index(self, gallery_paths: Sequence[str | Path]) -> Retriever:
-        """Embed the gallery images (cached on disk by backbone weights + file list)."""
+        """Embed the gallery images, in evaluation's batches (new images are cached on disk by backbone
+        weights + file list)."""
         paths = [Path(p) for p in gallery_paths]
         if not paths:
             raise CirlabError("index() needs at least one gallery image")
@@ -99,38 +124,104 @@ class Retriever:
         if missing:
             raise CirlabError(f"{len(missing)} gallery images do not exist, e.g. {missing[0]}")
         raw = self.raw_features(paths)
-        self.gallery = F.normalize(self.module.gallery_embedding(raw.to(self.device)).float(), dim=-1).cpu()
+        self.gallery = torch.cat(
+            [
+                self.module.gallery_embedding(chunk.to(self.device)).float().cpu()
+                for chunk in raw.split(self._batch_size())
+            ]
+        )
         self.paths = paths
+        self._row = {p.resolve(): i for i, p in enumerate(paths)}
         return self
 
     @torch.no_grad()
+    def embed_query(self, reference_image: str | Path | None, text: str) -> torch.Tensor:
+        """The query embedding of evaluation [1, D] (the run's caption view of the text); methods whose
+        queries are texts alone (cross-modal) take no reference image."""
+        ref = None
+        if self.module.query_has_image:
+            if reference_image is None:
+                raise CirlabError(f"{type(self.module).__name__} needs a reference image with the text")
+            ref_path = Path(reference_image)
+            if not ref_path.is_file():
+                raise CirlabError(f"reference image {ref_path} does not exist")
+            ref = self.raw_features([ref_path], cache=False).to(self.device)
+        view = self.module.text_views.get("text")  # e.g. BLIP4CIR+Bi's forward marker, as at evaluation
+        return self.module.query_embedding(ref, [view(text) if view else text]).float().cpu()
+
     def search(
-        self, reference_image: str | Path, text: str, k: int = 10, exclude_reference: bool = True
+        self, reference_image: str | Path | None, text: str, k: int = 10, exclude_reference: bool = True
     ) -> list[tuple[Path, float]]:
-        """Top-k (gallery path, cosine score) for reference image + modification text. The reference
-        itself is left out of the ranking if it is in the gallery (as the benchmarks do), unless
-        exclude_reference=False."""
+        """Top-k (gallery path, score) for reference image + modification text (cross-modal runs: the text
+        alone, reference_image=None). The reference itself is left out of the ranking if it is in the
+        gallery (as the benchmarks do), unless exclude_reference=False."""
+        from cirlab.retrieval.search import search
+
         if self.gallery is None:
             raise CirlabError("call index(gallery_paths) before search()")
-        from cirlab.data.features import encode_images
+        query = self.embed_query(reference_image, text)
+        exclude = None
+        if exclude_reference and reference_image is not None and self.module.query_has_image:
+            row = self._row.get(Path(reference_image).resolve())
+            exclude = None if row is None else torch.tensor([row])
+        scores, rows = search(
+            query,
+            self.gallery,
+            k,
+            exclude=exclude,
+            backend=self.module.search_backend,
+            **self.module.search_options,
+        )
+        return [(self.paths[i], s) for s, i in zip(scores[0].tolist(), rows[0].tolist())]
 
-        ref_path = Path(reference_image)
-        if not ref_path.is_file():
-            raise CirlabError(f"reference image {ref_path} does not exist")
-        ref = encode_images(self.backbone, [ref_path]).to(self.device)
-        view = self.module.text_views.get("text")  # e.g. BLIP4CIR+Bi's forward marker, as at evaluation
-        query = F.normalize(
-            self.module.query_embedding(ref, [view(text) if view else text]).float(), dim=-1
-        ).cpu()[0]
-        scores = self.gallery @ query
-        if exclude_reference:
-            ref_resolved = ref_path.resolve()
-            for i, p in enumerate(self.paths):
-                if p.resolve() == ref_resolved:
-                    scores[i] = float("-inf")
-        k = min(k, int(torch.isfinite(scores).sum()))
-        top = torch.topk(scores, k)
-        return [(self.paths[i], float(s)) for s, i in zip(top.values.tolist(), top.indices.tolist())]
+
+def build_source(cfg):
+    """The run's dataset source as the pipeline built it (its config rebuilds it, unreadable images left
+    out under dataset.missing_images=skip); CirlabError when its data is not here."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from cirlab.data.sources.readable import ReadableOnly
+
+    try:
+        source = instantiate(cfg.dataset.source)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, CirlabError):
+            raise err.__cause__ from None
+        raise
+    return ReadableOnly(source) if cfg.dataset.get("missing_images") == "skip" else source
+
+
+def run_data(cfg, module, stage: str):
+    """The run's datamodule as the pipeline set it up for `stage`, with the image features the stage
+    cached (read when the cache file is there, never encoded); None when the run's dataset is not on
+    this machine. The module sees it as its `eval_data`, as in evaluation."""
+    from cirlab.data.caption_datamodule import CaptionDataModule
+    from cirlab.data.datamodule import CIRDataModule
+    from cirlab.data.features import FeatureCache
+    from cirlab.pipeline import cached_images
+
+    try:
+        source = build_source(cfg)
+    except CirlabError:
+        return None
+    kind = cfg.dataset.get("kind", "cir")
+    dm = (CaptionDataModule if kind == "captions" else CIRDataModule)(
+        source,
+        eval_batch_size=cfg.eval.batch_size,
+        seed=cfg.seed,
+        val_split=cfg.dataset.val_split,
+        test_split=cfg.dataset.test_split,
+    )
+    features = None
+    if module.frozen_image_encoder and cfg.paths.get("cache_dir"):
+        names = cached_images(dm, cfg.method[stage].max_epochs > 0)
+        features = FeatureCache(cfg.paths.cache_dir, batch_size=cfg.eval.batch_size).cached(
+            module.feature_encoder(), names, [source.image_path(n) for n in names]
+        )
+    dm.use(transform=module.backbone.preprocess, features=features, text_views=module.text_views)
+    module.eval_data = dm
+    return dm
 
 
 def _pin_paths(cfg, run_dir: Path) -> None:
@@ -161,6 +252,28 @@ def _pin_paths(cfg, run_dir: Path) -> None:
         cfg.paths[key] = value
 
 
+def _stage_module(cfg, stage: str, backbone):
+    """A stage's module as the pipeline starts it: seeded as the run (an untrained stage keeps the run's
+    initial weights), with the stage's weights file when it names one."""
+    import lightning as L
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from cirlab.weights import load_weights
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = instantiate(
+        cfg.method[stage].module,
+        backbone=backbone,
+        search=cfg.retrieval.search,
+        search_options=OmegaConf.to_container(cfg.retrieval.options),
+    )
+    file = cfg.method[stage].get("checkpoint")
+    if file:
+        load_weights(module.stage_weights(), file, module.checkpoint_layouts(), f"method.{stage}.checkpoint")
+    return module
+
+
 def load(run_dir_or_ckpt: str | Path, overrides: Sequence[str] = (), device: str | None = None) -> Retriever:
     """Rebuild a run's final-stage model (or the stage of a given checkpoint) with its trained weights.
     `overrides` are OmegaConf dotlist overrides of the run's config, e.g. ["paths.cache_dir=/x"]."""
@@ -185,7 +298,8 @@ def load(run_dir_or_ckpt: str | Path, overrides: Sequence[str] = (), device: str
         raise CirlabError(f"stage {stage!r} is not one of the run's stages {stages}")
 
     backbone = instantiate(cfg.backbone.model)
-    # earlier stages may have fine-tuned the backbone: take it from the latest trained stage up to `stage`
+    # earlier stages may have changed the backbone: their best checkpoint, or the weights file they started
+    # from when they did not train (e.g. BLIP4CIR+Bi's released text encoder)
     for name in stages[: stages.index(stage)]:
         best = _checkpoint_of(run_dir, name)
         if best is not None:
@@ -193,12 +307,9 @@ def load(run_dir_or_ckpt: str | Path, overrides: Sequence[str] = (), device: str
             backbone.load_state_dict(
                 {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
             )
-    module = instantiate(
-        cfg.method[stage].module,
-        backbone=backbone,
-        search=cfg.retrieval.search,
-        search_options=OmegaConf.to_container(cfg.retrieval.options),
-    )
+        elif cfg.method[name].get("checkpoint"):
+            _stage_module(cfg, name, backbone)
+    module = _stage_module(cfg, stage, backbone)
     best = ckpt or _checkpoint_of(run_dir, stage)
     if best is not None:
         load_module_weights(module, best)
@@ -209,7 +320,8 @@ def load(run_dir_or_ckpt: str | Path, overrides: Sequence[str] = (), device: str
         )
     if device:
         module.to(device)
-    return Retriever(module, cfg, run_dir, stage)
+    module.stage_dir = run_dir / "stages" / stage
+    return Retriever(module, cfg, run_dir, stage, run_data(cfg, module, stage))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -218,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--run", required=True, help="run folder (or a stage checkpoint .ckpt)")
     parser.add_argument("--gallery", required=True, help="folder of gallery images (searched recursively)")
-    parser.add_argument("--image", required=True, help="reference image")
+    parser.add_argument("--image", default=None, help="reference image (none for a cross-modal run)")
     parser.add_argument("--text", required=True, help="modification text")
     parser.add_argument("-k", type=int, default=10, help="how many results (default 10)")
     parser.add_argument("--device", default=None, help="e.g. cuda; default cpu")

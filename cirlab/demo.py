@@ -6,9 +6,11 @@ Loads the run's final stage with `cirlab.load`, embeds the gallery once through 
 (the run's own test gallery by default, or every image under `--gallery`), then serves a page where a
 person picks a reference (a dataset query, a searchable grid of the gallery, or an upload), types the
 modification text and sees the top-k with rank and cosine score. The search is `Retriever.search`
-(the same query embedding as evaluation); the reference is left out of its own ranking as the run's
-protocol says (always for a `--gallery` folder); a dataset query's true target is outlined green.
-Captions runs (`+method=crossmodal`) get text -> image and image -> caption search instead.
+(evaluation's query embedding and ranking: a dataset query shows its row of predictions.test.json); the
+reference is left out of its own ranking as the run's protocol says (always for a `--gallery` folder); a
+dataset query's true target is outlined green. Every method's run works, SEARLE-OTI included (see
+`SearleOTI.oti_tokens`). Captions runs (`+method=crossmodal`) get text -> image and image -> caption
+search instead, ranked by `cirlab.retrieval.search` too.
 
 Everything the page does lives in `DemoBackend` (no Gradio): the Gradio layer only wires widgets.
 """
@@ -85,22 +87,12 @@ class Answer:
 
 
 # ---- the gallery ---------------------------------------------------------------------------------
-def build_source(cfg):
-    """The run's dataset source (its config rebuilds it); CirlabError when its data is not here."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
+def run_gallery(cfg, source=None) -> Gallery:
+    """The run's own test gallery (union of the test split's eval sets) and its queries; `source`: the
+    run's dataset source when already built."""
+    from cirlab.api import build_source
 
-    try:
-        return instantiate(cfg.dataset.source)
-    except InstantiationException as err:
-        if isinstance(err.__cause__, CirlabError):
-            raise err.__cause__ from None
-        raise
-
-
-def run_gallery(cfg) -> Gallery:
-    """The run's own test gallery (union of the test split's eval sets) and its queries."""
-    source = build_source(cfg)
+    source = source or build_source(cfg)
     split = cfg.dataset.test_split
     if cfg.dataset.get("kind", "cir") == "captions":
         pairs = source.image_captions(split)
@@ -140,7 +132,7 @@ def run_gallery(cfg) -> Gallery:
     )
 
 
-def folder_gallery(folder: Path, cfg=None) -> Gallery:
+def folder_gallery(folder: Path, cfg=None, source=None) -> Gallery:
     """Every image under `folder` (recursively); unreadable files are listed and left out. Example texts
     come from the run's dataset when its data is on this machine."""
     from PIL import Image, UnidentifiedImageError
@@ -175,7 +167,7 @@ def folder_gallery(folder: Path, cfg=None) -> Gallery:
     )
     if cfg is not None:
         try:
-            dataset = run_gallery(cfg)
+            dataset = run_gallery(cfg, source)
         except CirlabError:  # the run's dataset is not on this machine: no example texts, nothing else lost
             dataset = None
         if dataset is not None:
@@ -221,33 +213,30 @@ class DemoBackend:
         return self
 
     def _check_queries(self) -> None:
-        """A method that cannot embed a new query (SEARLE-OTI optimises a token per image offline) stops
-        here with its reason, not at the first click."""
+        """A run whose queries cannot be embedded here (SEARLE-OTI without its dataset) stops at start-up
+        with the reason, not at the first click. A dataset query's reference is tried first: SEARLE-OTI
+        has its token stored, any other image it optimises now."""
+        reference = self.gallery.queries[0].reference_path if self.gallery.queries else self.gallery.paths[0]
         try:
-            self.retriever.search(self.gallery.paths[0], "a photo", k=1)
+            self.retriever.search(reference, "a photo", k=1)
         except CirlabError as err:
             raise CirlabError(
                 f"this run's method ({self.method}) cannot search new queries in the demo: {err}"
             ) from None
 
     def _index_captions(self) -> None:
+        """Images as the run's gallery (its image embedding), captions by its text embedding."""
         import torch
 
-        module = self.retriever.module
-        if not hasattr(module, "text_embedding") or not hasattr(module, "image_embedding"):
-            raise CirlabError(
-                f"the run's dataset has captions but its method ({self.method}) has no text<->image embeddings"
-            )
-        self._encoder = module.feature_encoder() if hasattr(module, "feature_encoder") else module.backbone
-        raw = self.retriever.raw_features(self.gallery.paths, self._encoder)
-        with torch.no_grad():
-            self.image_emb = module.image_embedding(raw.to(module.device)).float().cpu()
-            texts = [c for c, _ in self.gallery.captions]
-            if texts:
+        self.image_emb = self.retriever.index(self.gallery.paths).gallery
+        texts = [c for c, _ in self.gallery.captions]
+        size = self.retriever.cfg.eval.batch_size  # evaluation's batches
+        if texts:
+            with torch.no_grad():
                 self.caption_emb = torch.cat(
                     [
-                        module.text_embedding(texts[i : i + 512]).float().cpu()
-                        for i in range(0, len(texts), 512)
+                        self.retriever.module.query_embedding(None, texts[i : i + size]).float().cpu()
+                        for i in range(0, len(texts), size)
                     ]
                 )
 
@@ -285,37 +274,35 @@ class DemoBackend:
         )
 
     def text_to_image(self, text: str, k: int = 10) -> Answer:
-        import torch
-
         if not text or not text.strip():
             raise CirlabError("type a caption to search images with")
-        with torch.no_grad():
-            q = self.retriever.module.text_embedding([text]).float().cpu()[0]
-        scores = self.image_emb @ q
-        top = torch.topk(scores, min(int(k), len(scores)))
+        found = self.retriever.search(None, text, int(k))
         targets = tuple(sorted(self.caption_images.get(text.strip(), ())))
-        hits = [
-            Hit(r, self.gallery.names[i], s, self.gallery.names[i] in targets, path=self.gallery.paths[i])
-            for r, (s, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1)
-        ]
+        hits = []
+        for rank, (p, score) in enumerate(found, 1):
+            name = self.name_of[str(p)]
+            hits.append(Hit(rank, name, score, name in targets, path=p))
         return Answer(hits, targets, tuple((t, self.gallery.paths[self.index_of[t]]) for t in targets))
 
     def image_to_caption(self, reference: str | Path, k: int = 10) -> Answer:
         import torch
 
-        from cirlab.data.features import encode_images
+        from cirlab.retrieval.search import search
 
         if self.caption_emb is None:
             raise CirlabError("this gallery has no captions to search")
         name, path = self.reference_path(reference)
-        with torch.no_grad():
-            if name is not None and name in self.index_of:
-                v = self.image_emb[self.index_of[name]]
-            else:
-                raw = encode_images(self._encoder, [path]).to(self.retriever.module.device)
-                v = self.retriever.module.image_embedding(raw).float().cpu()[0]
-        scores = self.caption_emb @ v
-        top = torch.topk(scores, min(int(k), len(scores)))
+        module = self.retriever.module
+        if name is not None and name in self.index_of:
+            v = self.image_emb[self.index_of[name]][None]
+        else:
+            with torch.no_grad():
+                v = module.gallery_embedding(
+                    self.retriever.raw_features([path], cache=False).to(module.device)
+                )
+        scores, rows = search(
+            v.float().cpu(), self.caption_emb, int(k), backend=module.search_backend, **module.search_options
+        )
         hits = [
             Hit(
                 r,
@@ -324,7 +311,7 @@ class DemoBackend:
                 self.gallery.captions[i][1] == name,
                 image=self.gallery.captions[i][1],
             )
-            for r, (s, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1)
+            for r, (s, i) in enumerate(zip(scores[0].tolist(), rows[0].tolist()), 1)
         ]
         return Answer(hits, (name,) if name is not None else ())
 
@@ -562,7 +549,11 @@ def load_backend(
     log(
         f"cirlab-demo: loaded {type(retriever.module).__name__} (stage {retriever.stage}) in {time.perf_counter() - t0:.1f} s"
     )
-    g = run_gallery(retriever.cfg) if gallery is None else folder_gallery(Path(gallery), retriever.cfg)
+    source = retriever.data.source if retriever.data is not None else None
+    if gallery is None:
+        g = run_gallery(retriever.cfg, source)
+    else:
+        g = folder_gallery(Path(gallery), retriever.cfg, source)
     for p, why in g.unreadable:
         log(f"cirlab-demo: unreadable image left out: {p} ({why})")
     t1 = time.perf_counter()

@@ -122,6 +122,11 @@ def check_data_kind(cfg: DictConfig, module: RetrievalModule, dm: CIRDataModule)
         )
 
 
+def cached_images(dm: CIRDataModule, trained: bool) -> list[str]:
+    """The images whose features a frozen-encoder stage caches (the cache file is keyed by this list)."""
+    return dm.all_images((("train",) if trained else ()) + (dm.val_split, dm.test_split))
+
+
 def build_module(cfg: DictConfig, name: str, backbone, dm: CIRDataModule, stage_dir: Path) -> RetrievalModule:
     module: RetrievalModule = instantiate(
         cfg.method[name].module,
@@ -147,12 +152,11 @@ def reuse_finished(module: RetrievalModule, name: str, done: Path) -> dict[str, 
 
 def feed_data(cfg: DictConfig, name: str, module: RetrievalModule, backbone, dm: CIRDataModule) -> None:
     """Cached image features when the stage's image encoder is frozen, else preprocessed pixels."""
-    scfg = cfg.method[name]
-    splits = (("train",) if scfg.max_epochs > 0 else ()) + (dm.val_split, dm.test_split)
+    train = cfg.method[name].max_epochs > 0
     if module.frozen_image_encoder:
-        names = dm.all_images(splits)
+        names = cached_images(dm, train)
         cache = FeatureCache(cfg.paths.cache_dir, batch_size=cfg.eval.batch_size, num_workers=cfg.num_workers)
-        encoder = module.feature_encoder() if hasattr(module, "feature_encoder") else backbone
+        encoder = module.feature_encoder()
         dm.use(
             features=cache.get(encoder, names, [dm.source.image_path(n) for n in names]),
             text_views=module.text_views,

@@ -1,8 +1,8 @@
 """`cirlab-demo`: the interactive retrieval page.
 
-Fast tests cover the bad inputs (not a run, unreadable gallery images, empty text, a method that
-cannot embed new queries) without a browser. The slow test starts the real demo on 127.0.0.1 for a
-small finished synthetic run and drives it in headless Chromium (Playwright with Debian's
+Fast tests cover the bad inputs (not a run, unreadable gallery images, empty text, a run that
+cannot embed queries without its dataset) without a browser. The slow test starts the real demo on
+127.0.0.1 for a small finished synthetic run and drives it in headless Chromium (Playwright with Debian's
 `/usr/bin/chromium`): pick a reference in the gallery grid, type a modification, click Search, and
 compare the page with `cirlab.load(run).search(...)`; it saves the screenshot the README shows.
 """
@@ -147,14 +147,14 @@ def test_empty_text_and_missing_reference_are_visible_messages(tmp_path):
     assert retriever.calls == [(paths[0], "make it red", 5, True)]
 
 
-def test_a_method_that_cannot_embed_new_queries_stops_with_the_reason(tmp_path):
+def test_a_run_that_cannot_embed_queries_here_stops_with_the_reason(tmp_path):
     paths = make_images(tmp_path)
     backend = DemoBackend(
-        StubRetriever("SearleOTI embeds queries by their reference image's OTI token"),
+        StubRetriever("SEARLE-OTI needs its run's dataset to embed a query"),
         Gallery([p.name for p in paths], paths, "three images"),
     )
     with pytest.raises(
-        CirlabError, match=r"\(SearleOTI\) cannot search new queries in the demo: .*OTI token"
+        CirlabError, match=r"\(SearleOTI\) cannot search new queries in the demo: .*needs its run's dataset"
     ):
         backend.index()
 

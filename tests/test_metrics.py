@@ -118,6 +118,21 @@ def test_cirr_reference_excluded_and_subset_recall():
     assert res2.predictions["7"][0] == "ref"
 
 
+def test_eval_set_result_keeps_the_scores_of_its_ranking():
+    """Prediction rows and their scores come from one search: what the visualisation and the API read."""
+    names = ["ref", "tgt", "a", "b"]
+    gallery = _rigged(names, [[1, 0, 0], [0.8, 0.6, 0], [0.9, 0.1, 0], [0, 1, 0]])
+    query = _rigged(None, [[1, 0.05, 0]])
+    q = CIRQuery("7", "ref", ("cap",), ("tgt",))
+    res = score_eval_set(
+        Protocol(recall_ks=(1,), exclude_reference=True), EvalSet([q], names), query, gallery
+    )
+    assert res.predictions["7"] == ["a", "tgt", "b"]
+    expected = (query @ gallery.T)[0, [2, 1, 3]].tolist()
+    assert res.scores["7"] == pytest.approx(expected, abs=1e-6)
+    assert res.scores["7"] == sorted(res.scores["7"], reverse=True)
+
+
 def test_fashioniq_group_average():
     proto = Protocol(recall_ks=(10, 50), group_average=True)
 

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cirlab.data.datamodule import CIRDataModule, EpochSampler, GalleryDataset, ImageLookup
+from cirlab.errors import CirlabError
 
 
 class CaptionPairs(Dataset):
@@ -56,6 +57,12 @@ class CaptionDataModule(CIRDataModule):
 
     def text_to_image(self, split: str) -> torch.Tensor:
         return torch.tensor([j for j, (_, caps) in enumerate(self.pairs(split)) for _ in caps])
+
+    def eval_sets(self, split: str):
+        raise CirlabError(
+            "a captions dataset has no CIR queries to visualise: drop eval.visualize (predictions.<split>.json "
+            "has both rankings)"
+        )
 
     def all_images(self, splits: tuple[str, ...] = ("train", "val", "test")) -> list[str]:
         seen: dict[str, None] = {}

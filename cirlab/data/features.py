@@ -82,3 +82,11 @@ class FeatureCache:
         blob = entry.get(encode, valid=lambda blob: blob["names"] == names)
         self.last_hit = entry.hit
         return dict(zip(names, blob["features"]))
+
+    def cached(
+        self, backbone: Backbone, names: list[str], paths: list[Path]
+    ) -> dict[str, torch.Tensor] | None:
+        """name -> embedding from the cache file of exactly these images, or None: never encodes."""
+        entry = CacheEntry(self.dir / f"{self.key(backbone, names, paths)}.pt", what="feature cache")
+        blob, _ = entry.read(valid=lambda blob: blob["names"] == names)
+        return None if blob is None else dict(zip(names, blob["features"]))

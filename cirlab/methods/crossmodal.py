@@ -25,25 +25,41 @@ from cirlab.backbones.base import Backbone
 from cirlab.errors import CirlabError
 from cirlab.methods.losses import cosine_margin, symmetric_infonce
 from cirlab.methods.retrieval_module import RetrievalModule, float64
-from cirlab.retrieval.metrics import Fraction, hit_percent
-from cirlab.retrieval.search import exact_search
+from cirlab.retrieval.metrics import TOP_PREDICTIONS, Fraction, SetResult, hit_percent
+from cirlab.retrieval.search import search
 
 log = logging.getLogger("cirlab")
 
 
 def crossmodal_recalls(
-    image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor, ks=(1, 5, 10)
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    text_to_image: torch.Tensor,
+    ks=(1, 5, 10),
+    backend: str = "exact",
+    **search_options,
 ) -> dict[str, float]:
     """image_emb [N, D], text_emb [T, D] (normalised); text_to_image [T] = index of each caption's image."""
-    kmax = max(ks)
-    _, t2i = exact_search(text_emb, image_emb, kmax)
+    t2i = search(text_emb, image_emb, max(ks), backend=backend, **search_options).indices
+    i2t = search(image_emb, text_emb, max(ks), backend=backend, **search_options).indices
+    return recalls_of_rankings(t2i, i2t, text_to_image, ks)
+
+
+def recalls_of_rankings(
+    t2i: torch.Tensor, i2t: torch.Tensor, text_to_image: torch.Tensor, ks=(1, 5, 10)
+) -> dict[str, float]:
+    """Recalls of the text->image [T, >=K] and image->text [N, >=K] rankings (gallery indices)."""
     out = {f"t2i_recall_at_{k}": v for k, v in hit_percent(t2i == text_to_image[:, None], ks).items()}
-    _, i2t = exact_search(image_emb, text_emb, kmax)
-    owner = text_to_image[i2t]  # [N, kmax]: which image each retrieved caption belongs to
-    hit = owner == torch.arange(len(image_emb))[:, None]
+    owner = text_to_image[i2t]  # [N, K]: which image each retrieved caption belongs to
+    hit = owner == torch.arange(len(i2t))[:, None]
     out.update({f"i2t_recall_at_{k}": v for k, v in hit_percent(hit, ks).items()})
     out["rsum"] = float(sum(map(Fraction, out.values())))  # exact sum, one rounding
     return out
+
+
+def caption_id(image: str, j: int) -> str:
+    """The id of an image's j-th caption in prediction files: `<image name>#<j>`."""
+    return f"{image}#{j}"
 
 
 class CaptionedImages(Dataset):
@@ -133,6 +149,16 @@ def make_loader(images: torch.Tensor, captions: list[list[str]], batch_size: int
     )
 
 
+def ranked_names(ranking, query_ids: list[str], gallery: list[str]) -> SetResult:
+    """A ranking as prediction rows: query id -> top gallery names, and their scores."""
+    return SetResult(
+        {},
+        {q: [gallery[i] for i in row] for q, row in zip(query_ids, ranking.indices.tolist())},
+        {},
+        dict(zip(query_ids, ranking.scores.tolist())),
+    )
+
+
 # ---- +method=crossmodal ----------------------------------------------------------------------------
 TRAIN_MODES = ("none", "adapter", "projections")
 LOSSES = ("margin", "infonce")
@@ -193,9 +219,12 @@ _TEXT_MEMO: weakref.WeakKeyDictionary[Backbone, dict[str, torch.Tensor]] = weakr
 
 class CrossModalRetrieval(RetrievalModule):
     """Text<->image retrieval on a frozen backbone with cached image features; validation/test score
-    crossmodal_recalls ({split}/t2i_recall_at_K, i2t_recall_at_K, rsum) on a CaptionDataModule."""
+    crossmodal_recalls ({split}/t2i_recall_at_K, i2t_recall_at_K, rsum) on a CaptionDataModule and keep
+    both rankings as results (groups `text_to_image`: caption id -> images, `image_to_text`: image ->
+    caption ids). A query is a text: `query_embedding` ignores the reference image."""
 
     frozen_image_encoder = True
+    query_has_image = False
     data_kind = "captions"
 
     def __init__(
@@ -283,11 +312,11 @@ class CrossModalRetrieval(RetrievalModule):
             self._text_memo.update(zip(missing, emb))
         return torch.stack([self._text_memo[t] for t in texts]).to(self.device)
 
+    def gallery_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        return self.image_embedding(images)
+
     def query_embedding(self, reference, texts):
-        raise CirlabError(
-            "method crossmodal does text<->image retrieval: use a captions dataset "
-            "(dataset=synthetic_captions, coco, flickr30k or captions_jsonl)"
-        )
+        return self.text_embedding(texts)
 
     # ---- training ---------------------------------------------------------------------------------
     def temperature_scale(self) -> torch.Tensor:
@@ -325,9 +354,17 @@ class CrossModalRetrieval(RetrievalModule):
             raise CirlabError("method crossmodal evaluates on one device: use trainer=cpu or trainer=gpu")
         images, texts = (torch.cat(self._eval[i]) for i in (0, 1))
         self._eval.clear()
-        metrics = {
-            f"{split}/{k}": v
-            for k, v in crossmodal_recalls(images, texts, self.eval_data.text_to_image(split)).items()
+        pairs = self.eval_data.pairs(split)
+        names = [n for n, _ in pairs]
+        captions = [caption_id(n, j) for n, caps in pairs for j in range(len(caps))]
+        opts = dict(backend=self.search_backend, **self.search_options)
+        t2i = search(texts, images, TOP_PREDICTIONS, **opts)
+        i2t = search(images, texts, TOP_PREDICTIONS, **opts)
+        recalls = recalls_of_rankings(t2i.indices, i2t.indices, self.eval_data.text_to_image(split))
+        metrics = {f"{split}/{k}": v for k, v in recalls.items()}
+        self.results[split] = {
+            "text_to_image": ranked_names(t2i, captions, names),
+            "image_to_text": ranked_names(i2t, names, captions),
         }
         self.metrics.update(metrics)
         self.log_dict(float64(metrics, self.device), sync_dist=False)

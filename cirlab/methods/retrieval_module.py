@@ -40,10 +40,12 @@ class RetrievalModule(L.LightningModule):
         self.gallery_on_disk: Path | None = None  # eval.gallery_on_disk: stream gallery embeddings to files
         self._writers: dict[int, EmbeddingWriter] = {}
         self._text_memo: dict[str, torch.Tensor] = {}
+        self.stage_dir: Path | None = None  # the run's stage folder, when cirlab.load rebuilt this module
 
     # ---- what a method defines ------------------------------------------------------------------
     frozen_image_encoder: bool = False  # True: batches carry cached image features [B, D], not pixels
     frozen_text_encoder: bool = False  # True: no text gradients; eval text features memoised
+    query_has_image: bool = True  # False: a query is a text alone (text -> image retrieval)
     # batch key -> caption view (a function rewriting each raw caption, or None); "text" also builds the
     # eval queries. BLIP4CIR+Bi adds direction-marked views; see CIRDataModule.use.
     text_views: dict = {"text": None}
@@ -73,6 +75,10 @@ class RetrievalModule(L.LightningModule):
                 feats = self.backbone.encode_texts(missing).float()
             self._text_memo.update(zip(missing, feats))
         return torch.stack([self._text_memo[t] for t in texts])
+
+    def feature_encoder(self) -> Backbone:
+        """What encodes the cached image features of a frozen-encoder stage."""
+        return self.backbone
 
     def gallery_embedding(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_features(images), dim=-1)

@@ -251,6 +251,11 @@ def _oti_key(backbone, text: SearleText, oti_cfg: dict) -> str:
     return h.hexdigest()[:16]
 
 
+def _feature_key(features: torch.Tensor) -> str:
+    """An image's identity by its raw features' bits (the run's cached features name no file)."""
+    return hashlib.sha1(features.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
 class _SearleBase(RetrievalModule):
     frozen_image_encoder = True
 
@@ -292,6 +297,8 @@ class _SearleBase(RetrievalModule):
             folder = Path(self.token_dir)
         elif self._trainer is not None:
             folder = Path(self.trainer.default_root_dir) / "oti_tokens"
+        elif self.stage_dir is not None:
+            folder = self.stage_dir / "oti_tokens"
         else:
             raise CirlabError("set method.token_dir: the folder of the OTI token files")
         return OTIStore(folder / f"{tag}-{key}.pt", key)
@@ -356,6 +363,7 @@ class SearleOTI(_SearleBase):
     def __init__(self, backbone, **kwargs):
         super().__init__(backbone, **kwargs)
         self._query_tokens: dict[int, torch.Tensor] = {}
+        self._stored: dict[str, torch.Tensor] | None = None  # feature key -> stored token (oti_tokens)
 
     def _prepare(self, split: str) -> None:
         super()._prepare(split)
@@ -373,7 +381,33 @@ class SearleOTI(_SearleBase):
         return self._query_tokens[dataloader_idx][batch["index"].cpu()]
 
     def query_embedding(self, reference, texts):
-        raise CirlabError("SearleOTI embeds queries by their reference image's OTI token (see _eval_step)")
+        """A query outside evaluation (`cirlab.load`, the demo): see `oti_tokens`."""
+        return self.encode_queries(self.oti_tokens(self.image_features(reference)), [[t] for t in texts])
+
+    def oti_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """The OTI tokens of reference images given by their raw features. An image the run inverted (a
+        reference of its evaluated splits, recognised by its cached features) reuses its stored token, so
+        its queries rank exactly as in evaluation; any other image is inverted now with the run's OTI
+        settings (steps, seed, `oti.batch_size` images at a time), not stored."""
+        if self.eval_data is None:
+            raise CirlabError(
+                "SEARLE-OTI needs its run's dataset to embed a query (the concept vocabulary, the stored tokens)"
+            )
+        if self._stored is None:
+            store, features_of = self.store(self.eval_data.source.name), self.eval_data.features or {}
+            self._stored = {
+                _feature_key(features_of[n]): store.ema[store.row[n]] for n in store.names if n in features_of
+            }
+        keys = [_feature_key(f) for f in features]
+        new = [i for i, key in enumerate(keys) if key not in self._stored]
+        fresh = {}
+        if new:
+            self.backbone.eval()
+            with torch.enable_grad(), torch.inference_mode(False):
+                chunks = features[new].float().split(int(self.oti_cfg["batch_size"]))
+                ema = torch.cat([oti(self.backbone, self.text(), c.clone(), self.oti_cfg)[1] for c in chunks])
+            fresh = dict(zip(new, ema))
+        return torch.stack([fresh[i] if i in fresh else self._stored[key] for i, key in enumerate(keys)])
 
     def training_step(self, batch, batch_idx):
         raise CirlabError("searle_oti has nothing to train: keep max_epochs: 0")

@@ -13,7 +13,7 @@ cases where the definitions coincide.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 
 import torch
@@ -77,9 +77,13 @@ def subset_ranking(queries: torch.Tensor, gallery: torch.Tensor, members: torch.
 
 @dataclass
 class SetResult:
+    """One eval set's ranking as every consumer reads it: metrics, the top-50 gallery names per query id
+    and their scores (prediction/submission files, visualisation), CIRR's subset top-3."""
+
     metrics: dict[str, float]
     predictions: dict[str, list[str]]
     subset_predictions: dict[str, list[str]]
+    scores: dict[str, list[float]] = field(default_factory=dict)
 
 
 def score_eval_set(
@@ -101,8 +105,10 @@ def score_eval_set(
     if protocol.exclude_reference:
         exclude = torch.tensor([index.get(q.reference, -1) for q in queries])
     k = max([TOP_PREDICTIONS, *protocol.recall_ks, *protocol.map_ks])
-    _, topk = search(query_emb, gallery_emb, k, exclude=exclude, backend=backend, **search_options)
+    ranking = search(query_emb, gallery_emb, k, exclude=exclude, backend=backend, **search_options)
+    topk = ranking.indices
     predictions = {q.qid: [names[i] for i in row[:TOP_PREDICTIONS]] for q, row in zip(queries, topk.tolist())}
+    scores = {q.qid: row[:TOP_PREDICTIONS] for q, row in zip(queries, ranking.scores.tolist())}
 
     subset_predictions: dict[str, list[str]] = {}
     ranked_subset = None
@@ -140,7 +146,7 @@ def score_eval_set(
             hits = hit_percent(ranked_subset == target[:, None], protocol.subset_ks)
             metrics.update({f"recall_subset_at_{k}": v for k, v in hits.items()})
         metrics.update(derived_metrics(metrics, protocol))
-    return SetResult(metrics, predictions, subset_predictions)
+    return SetResult(metrics, predictions, subset_predictions, scores)
 
 
 def derived_metrics(metrics: dict[str, float], protocol: Protocol) -> dict[str, float]:

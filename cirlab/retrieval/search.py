@@ -1,5 +1,8 @@
 """Top-k search of queries against a gallery: exact chunked matmul (default) or faiss.
 
+`search` is the one ranking of cirlab: evaluation (metrics, prediction and submission files, the
+visualisation) and `cirlab.load(run).search` / `cirlab-demo` all read its `Ranking`, none re-ranks.
+
 Exact search keeps a running top-k over gallery chunks, so memory is bounded by the chunk,
 not the gallery (galleries may be memory-mapped arrays larger than RAM). Order is by score
 descending, ties by gallery index ascending, which equals a stable sort of the full matrix.
@@ -9,6 +12,8 @@ few candidates left are ordered, with exact tie handling at the k-th score (`_se
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 
@@ -16,6 +21,14 @@ from cirlab.errors import CirlabError
 
 _GROUP = 32  # columns per group in the chunk pre-selection (see _chunk_candidates)
 _PAD = 2**62  # gallery index of padding candidates (score -inf): loses every tie, never kept
+
+
+class Ranking(NamedTuple):
+    """The top-k of each query, best first: scores [Q, k] (inner products) and gallery indices [Q, k].
+    Unpacks as (scores, indices)."""
+
+    scores: torch.Tensor
+    indices: torch.Tensor
 
 
 def _order(scores: torch.Tensor, index: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +107,7 @@ def _chunk_candidates(
 
 def exact_search(
     queries: torch.Tensor, gallery, k: int, exclude: torch.Tensor | None = None, chunk: int = 16384
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> Ranking:
     """Top-k inner products. `gallery` is a tensor or a (memory-mapped) numpy array [N, D].
 
     `exclude[q]` is a gallery index removed from query q's ranking (-1 for none): CIRR and Shoes
@@ -109,7 +122,7 @@ def exact_search(
     best_s = torch.full((len(queries), 0), float("-inf"), device=device)
     best_i = torch.zeros((len(queries), 0), dtype=torch.long, device=device)
     if k <= 0:
-        return best_s.cpu(), best_i.cpu()
+        return Ranking(best_s.cpu(), best_i.cpu())
     if exclude is not None:
         exclude = exclude.to(device)
     for start in range(0, n, chunk):
@@ -125,7 +138,7 @@ def exact_search(
         best_s, best_i = _select(
             torch.cat([best_s, cand_s], 1), torch.cat([best_i, cand_i], 1), min(k, start + s.shape[1])
         )
-    return best_s.cpu(), best_i.cpu()
+    return Ranking(best_s.cpu(), best_i.cpu())
 
 
 def faiss_search(
@@ -136,7 +149,7 @@ def faiss_search(
     index_type: str = "flat",
     nlist: int = 1024,
     nprobe: int = 16,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> Ranking:
     """faiss inner-product search. `flat` is exact; `ivf` and `hnsw` trade recall for speed."""
     try:
         import faiss
@@ -163,7 +176,7 @@ def faiss_search(
     if exclude is not None:
         s = s.masked_fill(i == exclude[:, None], float("-inf"))
     # faiss orders ties arbitrarily: restore (score desc, index asc) as exact search does
-    return _order(s, i, min(k, len(xb) - extra))
+    return Ranking(*_order(s, i, min(k, len(xb) - extra)))
 
 
 def search(
@@ -173,7 +186,8 @@ def search(
     exclude: torch.Tensor | None = None,
     backend: str = "exact",
     **options,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> Ranking:
+    """Top-k of `queries` in `gallery` with `retrieval.search` (`backend`) and its `retrieval.options`."""
     if backend == "exact":
         return exact_search(queries, gallery, k, exclude, chunk=options.get("chunk", 16384))
     if backend == "faiss":

@@ -3,7 +3,8 @@
 CIRR (Cuberick-Orion/CIRR, ABaldrati/CLIP4Cir:src/cirr_test_submission.py): two JSON files with
 sorted keys, {"version": "rc2", "metric": "recall", "<pairid>": [top-50 names]} and the same with
 "recall_subset" and the top-3 within the query's img_set. CIRCO (miccunifi/CIRCO): {"<query id>":
-[50 unique COCO image ids as ints]}.
+[50 unique COCO image ids as ints]}. Which format a split gets is its source's choice
+(`CIRSource.write_submission`).
 """
 
 from __future__ import annotations
@@ -34,16 +35,22 @@ def circo_submission(results: dict[str, SetResult]) -> dict[str, list[int]]:
     return {qid: [int(n) for n in names[:50]] for qid, names in merged_predictions(results).items()}
 
 
+def write_cirr_submission(folder: Path, split: str, results: dict[str, SetResult]) -> list[Path]:
+    recall, subset = cirr_submission(results)
+    return [
+        write_json(folder / f"recall_submission_{split}.json", recall, sort_keys=True),
+        write_json(folder / f"recall_subset_submission_{split}.json", subset, sort_keys=True),
+    ]
+
+
+def write_circo_submission(folder: Path, split: str, results: dict[str, SetResult]) -> list[Path]:
+    return [write_json(folder / f"circo_submission_{split}.json", circo_submission(results))]
+
+
 def write_predictions(folder: Path, split: str, source, results: dict[str, SetResult]) -> list[Path]:
-    """predictions.<split>.json always (top-50 per official query id); submission files where the
-    split has no public answers."""
+    """predictions.<split>.json always (top-50 per official query id); the source's submission files
+    where the split has no public answers."""
     written = [write_json(folder / f"predictions.{split}.json", merged_predictions(results))]
-    if source.has_answers(split):
-        return written
-    if source.name == "cirr":
-        recall, subset = cirr_submission(results)
-        written.append(write_json(folder / f"recall_submission_{split}.json", recall, sort_keys=True))
-        written.append(write_json(folder / f"recall_subset_submission_{split}.json", subset, sort_keys=True))
-    elif source.name == "circo":
-        written.append(write_json(folder / f"circo_submission_{split}.json", circo_submission(results)))
+    if not source.has_answers(split):
+        written += source.write_submission(folder, split, results)
     return written

@@ -242,57 +242,24 @@ def write_visualization(
     return png, page
 
 
-# ---- from a trained module (the pipeline's hook) --------------------------------------------------
-def _eval_set_scores(module, dm, es, ranked: list[list[str]]) -> list[list[float]]:
-    """Cosine similarity of each query to each of its ranked gallery names, with the module's embeddings."""
-    import torch
-
-    from cirlab.data.datamodule import GalleryDataset, ImageLookup, QueryDataset, collate
-
-    lookup = ImageLookup(dm.source, dm.transform, dm.features)
-    needed = list(dict.fromkeys(n for row in ranked for n in row))
-    row_of = {n: i for i, n in enumerate(needed)}
-    loader = lambda ds: torch.utils.data.DataLoader(ds, batch_size=dm.eval_batch_size, collate_fn=collate)  # noqa: E731
-    was_training = module.training
-    module.eval()
-    with torch.no_grad():
-        gal = torch.cat(
-            [
-                module.gallery_embedding(b["image"].to(module.device)).float().cpu()
-                for b in loader(GalleryDataset(needed, lookup))
-            ]
-        )
-        qry = torch.cat(
-            [
-                module.query_embedding(b["reference"].to(module.device), b["text"]).float().cpu()
-                for b in loader(QueryDataset(es.queries, dm.source, lookup, dm.text_views.get("text")))
-            ]
-        )
-    module.train(was_training)
-    return [[float(qry[i] @ gal[row_of[n]]) for n in row] for i, row in enumerate(ranked)]
-
-
+# ---- from an evaluated stage (the pipeline's hook) --------------------------------------------------
 def visualize_split(
     module, dm, split: str, folder: Path, n: int = 8, k: int = 5, logger=None
 ) -> tuple[Path, Path] | None:
-    """Write the PNG + HTML of one evaluated split of a stage; log the PNG to wandb if that is the logger."""
+    """Write the PNG + HTML of one evaluated split of a stage, ranks and scores as evaluation ranked them
+    (`module.results`); log the PNG where the logger takes images (wandb)."""
     results = module.results.get(split)
     if not results:
         return None
     views: list[QueryView] = []
     for es in dm.eval_sets(split):
-        res = results.get(es.group)
-        if res is None:
-            continue
-        ranked = [res.predictions.get(q.qid, [])[:k] for q in es.queries]
-        try:
-            scores = _eval_set_scores(module, dm, es, ranked)
-        except Exception as err:  # scores are a nicety: never fail a finished stage over them
-            log.warning("visualisation without scores (%s: %s)", type(err).__name__, err)
-            scores = [None] * len(ranked)
-        for q, row, sc in zip(es.queries, ranked, scores):
+        res = results[es.group]
+        for q in es.queries:
             qid = f"{es.group}/{q.qid}" if es.group else q.qid
-            views.append(QueryView(qid, q.reference, dm.source.eval_text(q), tuple(q.targets), row, sc))
+            ranked, scores = res.predictions[q.qid][:k], res.scores[q.qid][:k]
+            views.append(
+                QueryView(qid, q.reference, dm.source.eval_text(q), tuple(q.targets), ranked, scores)
+            )
     if not views:
         return None
     png, page = write_visualization(

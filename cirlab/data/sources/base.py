@@ -39,6 +39,11 @@ class CIRSource:
         """False for test splits scored by an evaluation server (then a submission file is written)."""
         return True
 
+    def write_submission(self, folder: Path, split: str, results: dict) -> list[Path]:
+        """The evaluation server's files for a split without public answers (`results`: eval-set group ->
+        `cirlab.retrieval.metrics.SetResult`); none by default."""
+        return []
+
     def train_text(self, query: CIRQuery, rng: random.Random) -> str:
         """The caption rule at training time (FashionIQ randomises the order of its two captions)."""
         return self.eval_text(query)

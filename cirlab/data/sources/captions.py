@@ -50,6 +50,9 @@ class CaptionSource:
     def image_path(self, name: str) -> Path:
         return self.root / name
 
+    def has_answers(self, split: str) -> bool:
+        return True
+
     def image_captions(self, split: str) -> list[tuple[str, list[str]]]:
         if split not in self.splits:
             raise CirlabError(f"{self.name}: no split {split!r}; splits: {', '.join(self.splits)}")

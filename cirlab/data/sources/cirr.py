@@ -10,6 +10,7 @@ from cirlab.data.sources.base import CIRSource
 from cirlab.data.sources.common import check_targets, read_records
 from cirlab.errors import CirlabError
 from cirlab.io import read_json
+from cirlab.retrieval.submission import write_cirr_submission
 
 SPLITS = {"train": "train", "val": "val", "test": "test1", "test1": "test1"}
 IMAGE_DIRS = ("train", "dev", "test1")  # the split files' paths start with one of these
@@ -128,6 +129,9 @@ class CIRRSource(CIRSource):
 
     def has_answers(self, split: str) -> bool:
         return self._official(split) != "test1"
+
+    def write_submission(self, folder: Path, split: str, results: dict) -> list[Path]:
+        return write_cirr_submission(folder, split, results)
 
     @staticmethod
     def _official(split: str) -> str:

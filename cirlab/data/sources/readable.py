@@ -81,6 +81,9 @@ class ReadableOnly(CIRSource):
     def has_answers(self, split: str) -> bool:
         return self.source.has_answers(split)
 
+    def write_submission(self, folder: Path, split: str, results: dict) -> list[Path]:
+        return self.source.write_submission(folder, split, results)
+
     def train_text(self, query: CIRQuery, rng: random.Random) -> str:
         return self.source.train_text(query, rng)
 
