@@ -166,7 +166,7 @@ def feed_data(cfg: DictConfig, name: str, module: RetrievalModule, backbone, dm:
         )
     else:
         dm.use(transform=backbone.preprocess, text_views=module.text_views)
-    dm.batch_size = scfg.batch_size
+    dm.batch_size = cfg.method[name].batch_size
 
 
 def load_given_weights(module: RetrievalModule, name: str, file: str) -> dict[str, str]:
