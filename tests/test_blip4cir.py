@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from cirlab.errors import CirlabError
 from cirlab.methods.blip4cir import (
     Blip4CirCombiner,
     Blip4CirFinetune,
+    encoder_cosine,
     mark_learned,
     mark_text,
     stage1_reverse_logits,
@@ -150,7 +152,12 @@ def test_stage2_trains_on_cached_features_only(small_blip, monkeypatch):
 
 
 def test_stage1_optimiser_groups_and_unclamped_cosine(small_blip):
-    module = Blip4CirFinetune(small_blip, lr=1e-4, cosine_epochs=10)
+    module = Blip4CirFinetune(
+        small_blip,
+        proj_lr_scale=100.0,
+        optimizer=partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.05),
+        scheduler=partial(encoder_cosine, epochs=10),
+    )
     opt_cfg = module.configure_optimizers()
     opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
     encoder, proj = opt.param_groups

@@ -373,8 +373,6 @@ class Searle(_SearleBase):
         self,
         backbone,
         dropout: float = 0.5,
-        lr: float = 1e-4,
-        weight_decay: float = 0.01,
         temperature: float = 0.25,
         lambda_distil: float = 1.0,
         lambda_gpt: float = 0.75,
@@ -391,7 +389,7 @@ class Searle(_SearleBase):
         super().__init__(backbone, **kwargs)
         d = backbone.embed_dim
         self.phi = Phi(d, 4 * d, backbone.token_dim, dropout)
-        self.lr, self.weight_decay, self.temperature = lr, weight_decay, temperature
+        self.temperature = temperature
         self.lambda_distil, self.lambda_gpt, self.top_k_concepts = lambda_distil, lambda_gpt, top_k_concepts
         self.max_images, self.cache_dir, self.image_splits = max_images, cache_dir, tuple(image_splits)
         self.unlabeled_source = (
@@ -492,8 +490,8 @@ class Searle(_SearleBase):
     def query_embedding(self, reference, texts):
         return self.encode_queries(self.tokens(self.image_features(reference)), [[t] for t in texts])
 
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.phi.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+    def optimizer_params(self) -> list:
+        return list(self.phi.parameters())
 
     # ---- phi files (cirlab/weights.py) --------------------------------------------------------------
     def stage_weights(self) -> nn.Module:
