@@ -40,8 +40,9 @@ from torch import nn
 
 from cirlab.data.augmented import AugmentedReferences
 from cirlab.errors import CirlabError
+from cirlab.methods.clip4cir import CLIP4CirCombiner
 from cirlab.methods.combiner import Combiner
-from cirlab.methods.retrieval_module import RetrievalModule
+from cirlab.methods.losses import batch_contrastive
 from cirlab.weights import Layout, cirlab_stage
 
 
@@ -111,11 +112,9 @@ def sscl_loss(clean: dict, aug: dict, scale: torch.Tensor) -> dict:
 
 
 # ---- the Lightning module -----------------------------------------------------------------------
-class MLCLCombiner(RetrievalModule):
-    """Stage II of MLCL on a frozen backbone (cached image features)."""
-
-    frozen_image_encoder = True
-    frozen_text_encoder = True
+class MLCLCombiner(CLIP4CirCombiner):
+    """Stage II of MLCL: CLIP4Cir's stage II (frozen backbone, cached image features) with the
+    multi-level combiner, learnable temperatures and the mCCL + SSCL loss."""
 
     def __init__(
         self,
@@ -133,10 +132,9 @@ class MLCLCombiner(RetrievalModule):
         cache_dir: str | None = None,
         **kwargs,
     ):
-        super().__init__(backbone, **kwargs)
-        for p in backbone.parameters():
-            p.requires_grad_(False)
-        self.mlc = MultiLevelCombiner(backbone.embed_dim, projection_dim, hidden_dim, dropout)
+        super().__init__(backbone, projection_dim, hidden_dim, dropout, logit_scale, **kwargs)
+        if self.gather_negatives:
+            raise CirlabError("MLCL's losses use the local batch only: drop gather_negatives")
         self.fixed_log_scale = math.log(logit_scale)  # what --learn_t 0 keeps constant
         init = torch.tensor(self.fixed_log_scale)
         self.logit_scale = nn.Parameter(init.clone(), requires_grad=learn_t)
@@ -151,8 +149,8 @@ class MLCLCombiner(RetrievalModule):
                 "reference_aug": AugmentedReferences(backbone, sscl_views, seed, cache_dir or ".cache/cirlab")
             }
 
-    def on_train_epoch_start(self) -> None:
-        self.backbone.eval()
+    def build_combiner(self, feature_dim: int, projection_dim, hidden_dim, dropout: float) -> None:
+        self.mlc = MultiLevelCombiner(feature_dim, projection_dim, hidden_dim, dropout)
 
     # ---- the authors' combiner*.pt: one flat state dict, scalars of shape [1] ------------------------
     _SCALARS = ("loss_weight", "logit_scale", "logit_scale_sl")
@@ -211,13 +209,7 @@ class MLCLCombiner(RetrievalModule):
             out = mccl_loss(levels, self.image_features(target), scale, self.mlc.w)
             loss = out["mccl"]
         else:
-            out = {
-                "high": _ce(
-                    scale
-                    * F.normalize(levels["high"], dim=-1)
-                    @ F.normalize(self.image_features(target), dim=-1).T
-                )
-            }
+            out = {"high": batch_contrastive(levels["high"], self.image_features(target), scale)}
             loss = out["high"]
         if self.sscl:
             if aug_reference is None:
@@ -231,12 +223,11 @@ class MLCLCombiner(RetrievalModule):
         out["loss"] = loss
         return out
 
-    def training_step(self, batch, batch_idx):
+    def loss(self, batch: dict) -> torch.Tensor:
         out = self.compute_loss(
             batch["reference"], batch.get("reference_aug"), batch["text"], batch["target"]
         )
         n = len(batch["text"])
-        self.log("train/loss", out["loss"], prog_bar=True, batch_size=n)
         for k in ("high", "mid", "low", "sscl"):
             if k in out:
                 self.log(f"train/{k}", out[k], batch_size=n)
