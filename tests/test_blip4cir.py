@@ -141,6 +141,23 @@ def test_reverse_weight_scales_the_reverse_loss(small_blip, cls):
     assert losses["w04"] == pytest.approx(losses["fwd"] + 0.4 * reverse, abs=1e-4)
 
 
+def test_stage2_forward_term_is_clip4cir_stage2_with_gather_negatives(small_blip, monkeypatch):
+    """The forward term is CLIP4Cir's stage II loss, so gather_negatives reaches batch_contrastive."""
+    import cirlab.methods.clip4cir as clip4cir
+
+    seen = []
+    real = clip4cir.batch_contrastive
+    monkeypatch.setattr(
+        clip4cir, "batch_contrastive", lambda *a, gather=False: seen.append(gather) or real(*a, gather=gather)
+    )
+    torch.manual_seed(0)
+    plain = Blip4CirCombiner(small_blip, bidirectional=False).eval().training_step(_batch(), 0)
+    torch.manual_seed(0)
+    gathered = Blip4CirCombiner(small_blip, bidirectional=False, gather_negatives=True).eval()
+    assert seen == [False] and torch.equal(gathered.training_step(_batch(), 0), plain)  # one process: no-op
+    assert seen == [False, True]
+
+
 def test_stage2_trains_on_cached_features_only(small_blip, monkeypatch):
     module = Blip4CirCombiner(small_blip)
     assert module.frozen_image_encoder and module.frozen_text_encoder
