@@ -53,7 +53,8 @@ def main() -> None:
         backbone.encode_text_with_pseudo_tokens(tokens, phi(feats))
         t_phi = (time.perf_counter() - t0) / len(queries)
     t0 = time.perf_counter()
-    _, ema, _ = oti(backbone, text, feats, {"steps": args.steps, "batch_size": len(queries)})
+    settings = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/method/searle_oti.yaml").oti)
+    _, ema, _ = oti(backbone, text, feats, {**settings, "steps": args.steps, "batch_size": len(queries)})
     with torch.no_grad():
         backbone.encode_text_with_pseudo_tokens(tokens, ema)
     t_oti = (time.perf_counter() - t0) / len(queries)

@@ -160,12 +160,17 @@ def feed_data(cfg: DictConfig, name: str, module: RetrievalModule, backbone, dm:
         dm.use(
             features=cache.get(encoder, names, [dm.source.image_path(n) for n in names]),
             text_views=module.text_views,
+            reference_views=module.reference_views,
         )
         log.info(
             "stage %s: %s image features %s", name, len(names), "from cache" if cache.last_hit else "encoded"
         )
     else:
-        dm.use(transform=backbone.preprocess, text_views=module.text_views)
+        dm.use(
+            transform=backbone.preprocess,
+            text_views=module.text_views,
+            reference_views=module.reference_views,
+        )
     dm.batch_size = cfg.method[name].batch_size
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from cirlab.errors import CirlabError
 from cirlab.methods.blip4cir import (
     Blip4CirCombiner,
     Blip4CirFinetune,
+    encoder_cosine,
     mark_learned,
     mark_text,
     stage1_reverse_logits,
@@ -139,6 +141,23 @@ def test_reverse_weight_scales_the_reverse_loss(small_blip, cls):
     assert losses["w04"] == pytest.approx(losses["fwd"] + 0.4 * reverse, abs=1e-4)
 
 
+def test_stage2_forward_term_is_clip4cir_stage2_with_gather_negatives(small_blip, monkeypatch):
+    """The forward term is CLIP4Cir's stage II loss, so gather_negatives reaches batch_contrastive."""
+    import cirlab.methods.clip4cir as clip4cir
+
+    seen = []
+    real = clip4cir.batch_contrastive
+    monkeypatch.setattr(
+        clip4cir, "batch_contrastive", lambda *a, gather=False: seen.append(gather) or real(*a, gather=gather)
+    )
+    torch.manual_seed(0)
+    plain = Blip4CirCombiner(small_blip, bidirectional=False).eval().training_step(_batch(), 0)
+    torch.manual_seed(0)
+    gathered = Blip4CirCombiner(small_blip, bidirectional=False, gather_negatives=True).eval()
+    assert seen == [False] and torch.equal(gathered.training_step(_batch(), 0), plain)  # one process: no-op
+    assert seen == [False, True]
+
+
 def test_stage2_trains_on_cached_features_only(small_blip, monkeypatch):
     module = Blip4CirCombiner(small_blip)
     assert module.frozen_image_encoder and module.frozen_text_encoder
@@ -150,7 +169,12 @@ def test_stage2_trains_on_cached_features_only(small_blip, monkeypatch):
 
 
 def test_stage1_optimiser_groups_and_unclamped_cosine(small_blip):
-    module = Blip4CirFinetune(small_blip, lr=1e-4, cosine_epochs=10)
+    module = Blip4CirFinetune(
+        small_blip,
+        proj_lr_scale=100.0,
+        optimizer=partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.05),
+        scheduler=partial(encoder_cosine, epochs=10),
+    )
     opt_cfg = module.configure_optimizers()
     opt, sched = opt_cfg["optimizer"], opt_cfg["lr_scheduler"]["scheduler"]
     encoder, proj = opt.param_groups

@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 from conftest import ROOT, results, run_cli
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 
 from cirlab.backbones.openclip import OpenCLIPBackbone
 from cirlab.data.caption_datamodule import CaptionDataModule
@@ -186,10 +188,15 @@ def test_adapter_structure_and_trainable_parameters():
         if isinstance(m, torch.nn.Linear):
             torch.nn.init.zeros_(m.weight)
     assert torch.allclose(adapter(v), 0.8 * v)
-    module = CrossModalRetrieval(_small_backbone(vit=False), train="adapter", loss="margin")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["method=crossmodal", "dataset=synthetic_captions"])
+    module = instantiate(cfg.method.finetune.module, backbone=_small_backbone(vit=False))
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert trainable == {"logit_scale", "adapter.net.0.weight", "adapter.net.2.weight"}
-    opt = module.configure_optimizers()
+    opt = module.configure_optimizers()  # conf/method/crossmodal.yaml's AdamW, the reference's settings
+    assert isinstance(opt, torch.optim.AdamW) and opt.param_groups[0]["params"] == list(
+        filter(lambda p: p.requires_grad, module.parameters())
+    )
     assert opt.defaults["lr"] == 1e-4 and opt.defaults["betas"] == (0.9, 0.98)
     assert opt.defaults["eps"] == 1e-6 and opt.defaults["weight_decay"] == 1e-3
 
@@ -238,7 +245,7 @@ def test_crossmodal_cli_adapter_beats_zero_shot_on_a_new_image_domain(tmp_path):
         "dataset=synthetic_captions_shifted",
         "dataset.source.train_split=val",
         "method.loss=infonce",
-        "method.finetune.module.lr=1e-2",
+        "method.finetune.module.optimizer.lr=1e-2",
         "method.finetune.max_epochs=3",
     )
     res = results(tmp_path / "run")

@@ -110,8 +110,18 @@ def test_paper_experiments_pin_the_reference_setup(name, dataset):
     assert cfg.dataset.preprocess == "targetpad" and cfg.backbone.model.target_ratio == 1.25
     assert cfg.trainer.accelerator == "gpu"
     ft, cb = cfg.method.finetune, cfg.method.combiner
-    assert (ft.module.encoders, ft.module.lr, ft.batch_size, ft.max_epochs) == ("both", 2e-6, 128, 100)
-    assert (cb.module.lr, cb.batch_size, cb.max_epochs) == (2e-5, 4096, 300)
+    assert (ft.module.encoders, ft.module.optimizer.lr, ft.batch_size, ft.max_epochs) == (
+        "both",
+        2e-6,
+        128,
+        100,
+    )
+    assert (ft.module.optimizer.eps, ft.module.optimizer.weight_decay) == (1e-7, 0.01)
+    assert (ft.module.optimizer._target_, cb.module.optimizer._target_) == (
+        "torch.optim.AdamW",
+        "torch.optim.Adam",
+    )
+    assert (cb.module.optimizer.lr, cb.batch_size, cb.max_epochs) == (2e-5, 4096, 300)
     assert (cb.module.projection_dim, cb.module.hidden_dim) == (2560, 5120)
     assert list(cfg.method.stages) == ["finetune", "combiner"]
 

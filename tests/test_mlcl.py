@@ -4,6 +4,7 @@ and (slow) the full two-stage method against the zero-shot sum baseline on the s
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -12,8 +13,10 @@ from conftest import results, run_cli
 from torch import nn
 
 from cirlab.backbones.base import Backbone
-from cirlab.data.datamodule import EpochSampler
-from cirlab.methods.mlcl import AugmentedTriplets, MLCLCombiner, MultiLevelCombiner, mccl_loss, sscl_loss
+from cirlab.data.augmented import AugmentedReferences
+from cirlab.data.datamodule import EpochSampler, TripletDataset
+from cirlab.data.records import CIRQuery
+from cirlab.methods.mlcl import MLCLCombiner, MultiLevelCombiner, mccl_loss, sscl_loss
 
 
 class FakeBackbone(Backbone):
@@ -51,7 +54,7 @@ def test_levels_shapes_and_query_is_unit_norm():
 
 
 def test_loss_weight_starts_at_two_thirds_with_its_own_lr():
-    module = MLCLCombiner(FakeBackbone(), lr=5e-4, loss_weight_lr=1e-3)
+    module = MLCLCombiner(FakeBackbone(), loss_weight_lr=1e-3, optimizer=partial(torch.optim.Adam, lr=5e-4))
     assert module.mlc.loss_weight.item() == pytest.approx(math.log(0.5))
     assert module.mlc.w.item() == pytest.approx(2 / 3)
     assert module.logit_scale.exp().item() == pytest.approx(100.0)
@@ -106,23 +109,20 @@ def test_sscl_positive_is_the_same_querys_other_view():
     assert logits.argmax(dim=1).tolist() == torch.argsort(perm).tolist()
 
 
-def test_augmented_triplets_draw_a_view_of_the_same_reference():
-    class Q:
-        def __init__(self, ref):
-            self.reference = ref
+def test_augmented_reference_view_draws_a_view_of_the_same_reference():
+    class Source:
+        def train_text(self, query, rng):
+            return query.captions[0]
 
-    class Triplets:
-        queries = [Q("a"), Q("b"), Q("a")]
-        epoch = 0
-
-        def __len__(self):
-            return 3
-
-        def __getitem__(self, i):
-            return {"reference": torch.zeros(2), "text": "t", "index": i}
-
-    views = {"a": torch.tensor([[1.0, 1.0], [2.0, 2.0]]), "b": torch.tensor([[-1.0, -1.0], [-2.0, -2.0]])}
-    ds = AugmentedTriplets(Triplets(), views, seed=0)
+    queries = [CIRQuery(str(i), ref, ("t",), (f"tgt{i}",)) for i, ref in enumerate("aba")]
+    view = AugmentedReferences(FakeBackbone(), views=2, seed=0, cache_dir=None)
+    view.features = {
+        "a": torch.tensor([[1.0, 1.0], [2.0, 2.0]]),
+        "b": torch.tensor([[-1.0, -1.0], [-2.0, -2.0]]),
+    }
+    ds = TripletDataset(
+        queries, Source(), lambda name: torch.zeros(2), 0, reference_views={"reference_aug": view}
+    )
     sampler = EpochSampler(ds, seed=0)
     drawn = set()
     for e in range(8):
@@ -130,8 +130,8 @@ def test_augmented_triplets_draw_a_view_of_the_same_reference():
         assert ds.epoch == e and sorted(sampler) == [0, 1, 2]
         for i in range(3):
             item = ds[i]
-            ref = Triplets.queries[i].reference
-            assert any(torch.equal(item["reference_aug"], v) for v in views[ref])
+            ref = queries[i].reference
+            assert any(torch.equal(item["reference_aug"], v) for v in view.features[ref])
             drawn.add((ref, float(item["reference_aug"][0])))
             assert ds[i]["reference_aug"].tolist() == item["reference_aug"].tolist()  # deterministic
     assert drawn == {("a", 1.0), ("a", 2.0), ("b", -1.0), ("b", -2.0)}  # both views get sampled
@@ -144,7 +144,7 @@ def test_sscl_without_augmented_views_says_what_to_do():
     with pytest.raises(CirlabError, match="sscl=false"):
         module.compute_loss(torch.randn(2, 8), None, ["a", "b"], torch.randn(2, 8))
     off = MLCLCombiner(FakeBackbone(), sscl=False)
-    assert off.train_loader(None) is None
+    assert off.reference_views == {} and "reference_aug" in module.reference_views
     assert torch.isfinite(off.compute_loss(torch.randn(2, 8), None, ["a", "b"], torch.randn(2, 8))["loss"])
 
 

@@ -89,11 +89,15 @@ def test_searle_rows(name):
         source = module["unlabeled_source"]
         assert source["_target_"] == "cirlab.data.sources.imagefolder.ImageFolderSource"
         assert (source["split"], source["extensions"], module["max_images"]) == ("test", [".JPEG"], 100000)
+        assert module["optimizer"] == {
+            "_target_": "torch.optim.AdamW",
+            "_partial_": True,
+            "lr": 1e-4,
+            "weight_decay": 0.01,
+        }
         assert {
             k: module[k]
             for k in (
-                "lr",
-                "weight_decay",
                 "dropout",
                 "temperature",
                 "lambda_distil",
@@ -101,8 +105,6 @@ def test_searle_rows(name):
                 "top_k_concepts",
             )
         } == dict(
-            lr=1e-4,
-            weight_decay=0.01,
             dropout=0.5,
             temperature=0.25,
             lambda_distil=1.0,
@@ -120,12 +122,16 @@ def test_mlcl_rows(name):
     m = cfg["method"]
     assert m["name"] == "mlcl" and m["stages"] == ["finetune", "combiner"]
     ft, cb = m["finetune"], m["combiner"]
-    assert (ft["max_epochs"], ft["batch_size"], ft["module"]["lr"], ft["module"]["eps"]) == (
-        100,
-        128,
-        2e-6,
-        1e-7,
-    )
+    assert (ft["max_epochs"], ft["batch_size"]) == (100, 128)
+    # CLIP4Cir's stage I: AdamW lr 2e-6, eps 1e-7, wd 0.01; stage II: Adam lr 2e-5 (w: its own group, 1e-3)
+    assert ft["module"]["optimizer"] == {
+        "_target_": "torch.optim.AdamW",
+        "_partial_": True,
+        "lr": 2e-6,
+        "weight_decay": 0.01,
+        "eps": 1e-7,
+    }
+    assert cb["module"]["optimizer"] == {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 2e-5}
     assert ft["module"]["encoders"] == "both" and "encoders" not in ft
     assert (cb["max_epochs"], cb["batch_size"]) == (1000, 2048)
     assert cb["module"]["_target_"] == "cirlab.methods.mlcl.MLCLCombiner"
@@ -135,7 +141,6 @@ def test_mlcl_rows(name):
             "projection_dim",
             "hidden_dim",
             "dropout",
-            "lr",
             "loss_weight_lr",
             "learn_t",
             "mccl",
@@ -145,7 +150,6 @@ def test_mlcl_rows(name):
         projection_dim=2560,
         hidden_dim=5120,
         dropout=0.5,
-        lr=2e-5,
         loss_weight_lr=1e-3,
         learn_t=True,
         mccl=True,
@@ -173,22 +177,16 @@ def test_crossmodal_rows(name):
             "margin",
             "adapter_ratio",
             "adapter_reduction",
-            "lr",
-            "betas",
-            "eps",
-            "weight_decay",
         )
-    } == dict(
-        train="adapter",
-        loss="margin",
-        margin=0.1,
-        adapter_ratio=0.2,
-        adapter_reduction=4,
-        lr=1e-4,
-        betas=[0.9, 0.98],
-        eps=1e-6,
-        weight_decay=1e-3,
-    )
+    } == dict(train="adapter", loss="margin", margin=0.1, adapter_ratio=0.2, adapter_reduction=4)
+    assert ft["module"]["optimizer"] == {
+        "_target_": "torch.optim.AdamW",
+        "_partial_": True,
+        "lr": 1e-4,
+        "betas": [0.9, 0.98],
+        "eps": 1e-6,
+        "weight_decay": 1e-3,
+    }
 
 
 @pytest.mark.parametrize("name", sorted(BLIP))
@@ -201,9 +199,21 @@ def test_blip4cir_rows(name):
     assert (m["direction"], m["bidirectional"], m["stages"]) == ("text", True, ["finetune", "combiner"])
     s1, s2 = m["finetune"], m["combiner"]
     assert (s1["max_epochs"], s1["batch_size"]) == (20, 128)
-    assert (s1["module"]["lr"], s1["module"]["min_lr"], s1["module"]["cosine_epochs"]) == (5e-5, 0.0, 10)
-    assert (s1["module"]["proj_lr_scale"], s1["module"]["weight_decay"]) == (100.0, 0.05)
-    assert (s2["max_epochs"], s2["batch_size"], s2["module"]["lr"]) == (300, 512, 2e-5)
+    assert s1["module"]["optimizer"] == {
+        "_target_": "torch.optim.AdamW",
+        "_partial_": True,
+        "lr": 5e-5,
+        "weight_decay": 0.05,
+    }
+    assert s1["module"]["scheduler"] == {
+        "_target_": "cirlab.methods.blip4cir.encoder_cosine",
+        "_partial_": True,
+        "epochs": 10,
+        "min_lr": 0.0,
+    }
+    assert s1["module"]["proj_lr_scale"] == 100.0
+    assert (s2["max_epochs"], s2["batch_size"]) == (300, 512)
+    assert s2["module"]["optimizer"] == {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 2e-5}
     assert (s2["module"]["projection_dim"], s2["module"]["hidden_dim"]) == (2560, 5120)
     assert (s1["module"]["reverse_weight"], s2["module"]["reverse_weight"]) == BLIP[name]
 

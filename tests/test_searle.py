@@ -20,6 +20,7 @@ from cirlab.methods import searle_text as st
 from cirlab.methods.searle import OTIStore, Phi, SearleText, distillation_loss, oti
 
 TINY = OmegaConf.load(ROOT / "conf/backbone/tiny.yaml").model
+OTI = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/method/searle_oti.yaml").oti)
 
 
 def tiny_random() -> OpenCLIPBackbone:
@@ -214,7 +215,7 @@ def test_oti_lowers_its_loss_on_a_fixed_image(pretrained_tiny_backbone, syntheti
     b = pretrained_tiny_backbone
     text = searle_text(b, tmp_path)
     feats = image_features(b, root, rows[:1])
-    tokens, ema, losses = oti(b, text, feats, {"steps": 40, "top_k": 2})
+    tokens, ema, losses = oti(b, text, feats, {**OTI, "steps": 40, "top_k": 2})
     assert tokens.shape == ema.shape == (1, b.token_dim)
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.05, losses
     assert not torch.equal(tokens, ema)  # EMA lags behind the raw token
@@ -230,7 +231,7 @@ def test_oti_resumes_without_redoing_finished_images(pretrained_tiny_backbone, s
 
     def invert(x):
         seen.append(x.clone())
-        tok, ema, _ = oti(b, text, x, {"steps": 3, "top_k": 2})
+        tok, ema, _ = oti(b, text, x, {**OTI, "steps": 3, "top_k": 2})
         return tok, ema
 
     path = tmp_path / "tokens.pt"

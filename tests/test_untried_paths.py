@@ -187,7 +187,7 @@ def test_fewer_than_one_batch(case, cli, tmp_path):
         ),
         "mlcl": (
             ["+method=mlcl", "method.stages=[combiner]", "method.combiner.batch_size=64"],
-            "36 training triplets are fewer than one batch (64); lower method.combiner.batch_size",
+            "36 training triplets are fewer than one batch (64); lower method.batch_size",
         ),
         "searle_phi": (
             [

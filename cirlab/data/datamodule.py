@@ -2,7 +2,8 @@
 
 Images are served either as pixels (a stage that trains the image encoder) or as cached
 embeddings (a frozen image encoder): `features` maps image name -> embedding. Batches are dicts:
-train {reference, target, text}, gallery {index, image}, query {index, reference, text}.
+train {reference, target, text, + the stage's extra text and reference views}, gallery {index, image},
+query {index, reference, text}.
 Validation/test loaders come in pairs per eval set: [gallery_0, queries_0, gallery_1, ...].
 """
 
@@ -38,6 +39,9 @@ class ImageLookup:
 
 
 CaptionView = Callable[[str], str] | None  # rewrites each raw caption before the source's caption rule
+# (query, seed, epoch, index) -> an extra model input of the triplet's reference (prepared once with
+# `prepare(source, train_queries)`), e.g. cirlab.data.augmented.AugmentedReferences
+ReferenceView = Callable[[CIRQuery, int, int, int], torch.Tensor]
 
 
 def with_view(query: CIRQuery, view: CaptionView) -> CIRQuery:
@@ -51,6 +55,7 @@ class TripletDataset(Dataset):
     `text_views` maps batch key -> caption view: a method that needs several texts per triplet
     (BLIP4CIR+Bi: forward- and backward-marked) gets each under its own key, each view marking
     the raw captions BEFORE the source's caption rule, with its own random draw (as the reference).
+    `reference_views` maps batch key -> reference view (MLCL: an augmented view of the reference).
     """
 
     def __init__(
@@ -60,9 +65,11 @@ class TripletDataset(Dataset):
         lookup: ImageLookup,
         seed: int,
         text_views: dict[str, CaptionView] | None = None,
+        reference_views: dict[str, ReferenceView] | None = None,
     ):
         self.queries, self.source, self.lookup, self.seed = queries, source, lookup, seed
         self.text_views = text_views or {"text": None}
+        self.reference_views = reference_views or {}
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -74,6 +81,8 @@ class TripletDataset(Dataset):
         for key, view in self.text_views.items():
             rng = random.Random(f"{self.seed}-{self.epoch}-{i}" + ("" if key == "text" else f"-{key}"))
             item[key] = self.source.train_text(with_view(q, view), rng)
+        for key, view in self.reference_views.items():
+            item[key] = view(q, self.seed, self.epoch, i)
         return item
 
 
@@ -151,6 +160,7 @@ class CIRDataModule(L.LightningDataModule):
         self._eval_sets: dict[str, list[EvalSet]] = {}
         self._train: TripletDataset | None = None
         self.text_views: dict[str, CaptionView] = {"text": None}
+        self.reference_views: dict[str, ReferenceView] = {}
 
     # ---- configured by the pipeline per stage ---------------------------------------------------
     def use(
@@ -158,10 +168,13 @@ class CIRDataModule(L.LightningDataModule):
         transform: Callable | None = None,
         features: dict[str, torch.Tensor] | None = None,
         text_views: dict[str, CaptionView] | None = None,
+        reference_views: dict[str, ReferenceView] | None = None,
     ) -> None:
-        """`text_views`: the stage's caption views (its `text_views`); "text" is also the eval query view."""
+        """`text_views`: the stage's caption views (its `text_views`); "text" is also the eval query view.
+        `reference_views`: the stage's extra training inputs (its `reference_views`)."""
         self.transform, self.features = transform, features
         self.text_views = text_views or {"text": None}
+        self.reference_views = reference_views or {}
         self._train = None
 
     def eval_sets(self, split: str) -> list[EvalSet]:
@@ -193,7 +206,11 @@ class CIRDataModule(L.LightningDataModule):
             queries = [q for q in self.source.train_queries() if q.targets]
             if not queries:
                 raise CirlabError(f"dataset {self.source.name!r} has no training triplets")
-            self._train = TripletDataset(queries, self.source, self._lookup(), self.seed, self.text_views)
+            for view in self.reference_views.values():
+                view.prepare(self.source, queries)
+            self._train = TripletDataset(
+                queries, self.source, self._lookup(), self.seed, self.text_views, self.reference_views
+            )
         return self._train
 
     def train_dataloader(self) -> DataLoader:

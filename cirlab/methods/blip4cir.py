@@ -21,11 +21,11 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR
 
 from cirlab.backbones.blip import BlipTextSide, text_side_layouts, text_side_state, to_reference_text
 from cirlab.errors import CirlabError
 from cirlab.methods.clip4cir import CLIP4CirCombiner, CLIP4CirFinetune
-from cirlab.methods.losses import batch_contrastive
 
 DIRECTIONS = ("text", "learned")
 LEARNED_TOKENS = {"forward": "[fwd]", "backward": "[bwd]"}
@@ -42,7 +42,8 @@ def mark_learned(caption: str, direction: str) -> str:
 
 
 class BiDirectional:
-    """Mixin: the direction markers as caption views and the loss = forward + w * reverse."""
+    """Mixin over a CLIP4Cir stage: the direction markers as caption views, and its loss (forward
+    queries) plus w * the reverse term of `reverse_logits`."""
 
     def _setup_directions(self, backbone, direction: str, bidirectional: bool, reverse_weight: float) -> None:
         if direction not in DIRECTIONS:
@@ -61,7 +62,8 @@ class BiDirectional:
         if bidirectional:
             self.text_views["text_reverse"] = partial(mark, direction="backward")
 
-    def bidirectional_loss(self, forward: torch.Tensor, batch: dict) -> torch.Tensor:
+    def loss(self, batch: dict) -> torch.Tensor:
+        forward = super().loss(batch)
         if not self.bidirectional:
             return forward
         logits = self.reverse_logits(batch)
@@ -84,9 +86,8 @@ def stage1_reverse_logits(
 
 
 class Blip4CirFinetune(BiDirectional, CLIP4CirFinetune):
-    """Stage I: the BLIP text encoder + text_proj train; two AdamW groups (text_proj at 100x lr),
-    weight decay 0.05, per-epoch cosine on the encoder group only, NOT clamped after `cosine_epochs`
-    (the reference's schedule rises again when training runs longer)."""
+    """Stage I: the BLIP text encoder + text_proj train; two param groups (text_proj at proj_lr_scale x
+    the lr; the stage's scheduler, `encoder_cosine`, moves the encoder group only)."""
 
     def __init__(
         self,
@@ -94,25 +95,15 @@ class Blip4CirFinetune(BiDirectional, CLIP4CirFinetune):
         direction: str = "text",
         bidirectional: bool = True,
         reverse_weight: float = 0.4,
-        lr: float = 5e-5,
-        min_lr: float = 0.0,
-        cosine_epochs: int = 10,
-        proj_lr_scale: float = 100.0,
-        weight_decay: float = 0.05,
         logit_scale: float = 100.0,
+        proj_lr_scale: float | None = None,
         **kwargs,
     ):
         super().__init__(
-            backbone,
-            encoders="text",
-            lr=lr,
-            weight_decay=weight_decay,
-            logit_scale=logit_scale,
-            eval_mode=False,
-            **kwargs,
+            backbone, encoders="text", logit_scale=logit_scale, eval_mode=False, **kwargs
         )  # the reference trains with BERT dropout active
         self._setup_directions(backbone, direction, bidirectional, reverse_weight)
-        self.min_lr, self.cosine_epochs, self.proj_lr_scale = min_lr, cosine_epochs, proj_lr_scale
+        self.proj_lr_scale = proj_lr_scale
 
     # ---- weights in and out in the reference's layout: stage I's own weights are the text side -------
     def stage_weights(self) -> torch.nn.Module:
@@ -138,35 +129,34 @@ class Blip4CirFinetune(BiDirectional, CLIP4CirFinetune):
             self.logit_scale,
         )
 
-    def training_step(self, batch, batch_idx):
-        query = self.image_features(batch["reference"]) + self.text_features(batch["text"])
-        forward = batch_contrastive(query, self.image_features(batch["target"]), self.logit_scale)
-        loss = self.bidirectional_loss(forward, batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(query))
-        return loss
+    def optimizer_params(self) -> list:
+        proj = list(self.backbone.text_proj_parameters())
+        ids = {id(p) for p in proj}
+        return [
+            {"params": [p for p in self.backbone.text_parameters() if id(p) not in ids]},
+            {"params": proj},
+        ]
 
-    def configure_optimizers(self):
-        proj = {id(p) for p in self.backbone.text_proj_parameters()}
-        encoder = [p for p in self.backbone.text_parameters() if id(p) not in proj]
-        opt = torch.optim.AdamW(
-            [
-                {"params": encoder, "lr": self.lr, "weight_decay": self.weight_decay},
-                {
-                    "params": self.backbone.text_proj_parameters(),
-                    "lr": self.lr * self.proj_lr_scale,
-                    "weight_decay": self.weight_decay,
-                },
-            ]
-        )
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        if self.proj_lr_scale is None:
+            raise CirlabError(
+                "BLIP4CIR+Bi stage I trains text_proj at its own lr: set method.finetune.module.proj_lr_scale"
+            )
+        optimizer = super().build_optimizer()
+        optimizer.param_groups[1]["lr"] *= self.proj_lr_scale  # before the scheduler records it
+        return optimizer
 
-        def cosine(epoch: int) -> float:  # (lr0 - min) * 0.5 * (1 + cos(pi * e / max_epoch)) + min, unclamped
-            return (
-                (self.lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * epoch / self.cosine_epochs))
-                + self.min_lr
-            ) / self.lr
 
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, [cosine, lambda epoch: 1.0])
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+def encoder_cosine(optimizer: torch.optim.Optimizer, epochs: int, min_lr: float = 0.0) -> LambdaLR:
+    """The reference's per-epoch cosine on the first param group (the text encoder):
+    lr = (lr0 - min_lr) * 0.5 * (1 + cos(pi * epoch / epochs)) + min_lr, NOT clamped after `epochs`
+    (it rises again when training runs longer); the other groups keep their lr."""
+    lr0 = optimizer.param_groups[0]["lr"]
+
+    def cosine(epoch: int) -> float:
+        return ((lr0 - min_lr) * 0.5 * (1 + math.cos(math.pi * epoch / epochs)) + min_lr) / lr0
+
+    return LambdaLR(optimizer, [cosine] + [lambda epoch: 1.0] * (len(optimizer.param_groups) - 1))
 
 
 class Blip4CirCombiner(BiDirectional, CLIP4CirCombiner):
@@ -199,10 +189,3 @@ class Blip4CirCombiner(BiDirectional, CLIP4CirCombiner):
         return self.logit_scale * torch.einsum(
             "ijd,id->ij", combined, F.normalize(self.image_features(batch["reference"]), dim=-1)
         )
-
-    def training_step(self, batch, batch_idx):
-        query = self.query_embedding(batch["reference"], batch["text"])
-        forward = batch_contrastive(query, self.image_features(batch["target"]), self.logit_scale)
-        loss = self.bidirectional_loss(forward, batch)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(query))
-        return loss

@@ -2,7 +2,8 @@
 
 Facts from ABaldrati/CLIP4Cir (docs/methods/clip4cir.md): stage I query = normalize(f_img(ref) +
 f_txt(text)) of raw features, loss = CE(100 * q @ t^T, arange(B)), AdamW lr 2e-6 eps 1e-7 wd 0.01,
-backbone kept in eval mode; stage II Combiner on the frozen backbone, Adam lr 2e-5.
+backbone kept in eval mode; stage II Combiner on the frozen backbone, Adam lr 2e-5 (optimisers:
+conf/method/clip4cir.yaml, reference values in experiments/clip4cir_*).
 """
 
 from __future__ import annotations
@@ -26,9 +27,6 @@ class CLIP4CirFinetune(RetrievalModule):
         self,
         backbone,
         encoders: str = "both",
-        lr: float = 2e-6,
-        weight_decay: float = 0.01,
-        eps: float = 1e-7,
         logit_scale: float = 100.0,
         eval_mode: bool = True,
         **kwargs,
@@ -38,8 +36,7 @@ class CLIP4CirFinetune(RetrievalModule):
             raise CirlabError(
                 f"unknown method.finetune.encoders={encoders!r}; choose one of {', '.join(ENCODERS)}"
             )
-        self.encoders, self.lr, self.weight_decay, self.eps = encoders, lr, weight_decay, eps
-        self.logit_scale, self.eval_mode = logit_scale, eval_mode
+        self.encoders, self.logit_scale, self.eval_mode = encoders, logit_scale, eval_mode
         trainable = {
             "both": backbone.parameters(),
             "text": backbone.text_parameters(),
@@ -60,11 +57,13 @@ class CLIP4CirFinetune(RetrievalModule):
     def query_embedding(self, reference, texts):
         return F.normalize(self.image_features(reference) + self.text_features(texts), dim=-1)
 
-    def training_step(self, batch, batch_idx):
+    def loss(self, batch: dict) -> torch.Tensor:
         query = self.image_features(batch["reference"]) + self.text_features(batch["text"])
-        target = self.image_features(batch["target"])
-        loss = batch_contrastive(query, target, self.logit_scale)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(query))
+        return batch_contrastive(query, self.image_features(batch["target"]), self.logit_scale)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["text"]))
         return loss
 
     @classmethod
@@ -72,11 +71,8 @@ class CLIP4CirFinetune(RetrievalModule):
         """CLIP4Cir's `tuned_clip_*.pt`: {'epoch', 'CLIP': state dict in OpenAI clip names}."""
         return {"tuned_clip.pt": {"epoch": epoch, "CLIP": strip_prefix(state, "backbone.model.")}}
 
-    def configure_optimizers(self):
-        params = [p for p in self.backbone.parameters() if p.requires_grad]
-        return torch.optim.AdamW(
-            params, lr=self.lr, betas=(0.9, 0.999), eps=self.eps, weight_decay=self.weight_decay
-        )
+    def optimizer_params(self) -> list:
+        return [p for p in self.backbone.parameters() if p.requires_grad]
 
 
 class CLIP4CirCombiner(CombinerStage, RetrievalModule):
@@ -91,7 +87,6 @@ class CLIP4CirCombiner(CombinerStage, RetrievalModule):
         projection_dim: int | None = None,
         hidden_dim: int | None = None,
         dropout: float = 0.5,
-        lr: float = 2e-5,
         logit_scale: float = 100.0,
         gather_negatives: bool = False,
         **kwargs,
@@ -100,8 +95,12 @@ class CLIP4CirCombiner(CombinerStage, RetrievalModule):
         self.gather_negatives = gather_negatives
         for p in backbone.parameters():
             p.requires_grad_(False)
-        self.combiner = Combiner(backbone.embed_dim, projection_dim, hidden_dim, dropout)
-        self.lr, self.logit_scale = lr, logit_scale
+        self.build_combiner(backbone.embed_dim, projection_dim, hidden_dim, dropout)
+        self.logit_scale = logit_scale
+
+    def build_combiner(self, feature_dim: int, projection_dim, hidden_dim, dropout: float) -> None:
+        """The stage's trainable fusion; MLCL builds its multi-level combiner here instead."""
+        self.combiner = Combiner(feature_dim, projection_dim, hidden_dim, dropout)
 
     def on_train_epoch_start(self) -> None:
         self.backbone.eval()
@@ -113,13 +112,16 @@ class CLIP4CirCombiner(CombinerStage, RetrievalModule):
     def query_embedding(self, reference, texts):
         return self.combiner.combine(self.image_features(reference), self.text_features(texts))
 
-    def training_step(self, batch, batch_idx):
+    def loss(self, batch: dict) -> torch.Tensor:
         query = self.query_embedding(batch["reference"], batch["text"])
-        loss = batch_contrastive(
+        return batch_contrastive(
             query, self.image_features(batch["target"]), self.logit_scale, gather=self.gather_negatives
         )
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(query))
+
+    def training_step(self, batch, batch_idx):
+        loss = self.loss(batch)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["text"]))
         return loss
 
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.combiner.parameters(), lr=self.lr)
+    def optimizer_params(self) -> list:
+        return list(self.combiner.parameters())

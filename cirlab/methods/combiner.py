@@ -42,13 +42,26 @@ class Combiner(nn.Module):
             nn.Dropout(dropout),
         )
 
+    # The steps, in the order their dropout masks are drawn; MLCL reuses them for its levels.
+    def project_text(self, text: torch.Tensor) -> torch.Tensor:
+        return self.dropout1(F.relu(self.text_projection_layer(text)))
+
+    def project_image(self, image: torch.Tensor) -> torch.Tensor:
+        return self.dropout2(F.relu(self.image_projection_layer(image)))
+
+    def hidden(self, projected: torch.Tensor) -> torch.Tensor:
+        """The hidden layer on concat(text projection, image projection)."""
+        return self.dropout3(F.relu(self.combiner_layer(projected)))
+
+    def mix(self, hidden, lam, image, text) -> torch.Tensor:
+        """Un-normalised v + lambda * x_t + (1 - lambda) * x_i; lam = dynamic_scalar(projected)."""
+        return self.output_layer(hidden) + lam * text + (1 - lam) * image
+
     def combine(self, image: torch.Tensor, text: torch.Tensor, return_lambda: bool = False):
-        t = self.dropout1(F.relu(self.text_projection_layer(text)))
-        i = self.dropout2(F.relu(self.image_projection_layer(image)))
-        c = torch.cat([t, i], dim=-1)
-        v = self.output_layer(self.dropout3(F.relu(self.combiner_layer(c))))
-        lam = self.dynamic_scalar(c)
-        out = F.normalize(v + lam * text + (1 - lam) * image, dim=-1)
+        projected = torch.cat([self.project_text(text), self.project_image(image)], dim=-1)
+        hidden = self.hidden(projected)
+        lam = self.dynamic_scalar(projected)
+        out = F.normalize(self.mix(hidden, lam, image, text), dim=-1)
         return (out, lam) if return_lambda else out
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

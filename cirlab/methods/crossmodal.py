@@ -236,10 +236,6 @@ class CrossModalRetrieval(RetrievalModule):
         adapter_ratio: float = 0.2,
         adapter_reduction: int = 4,
         init_temperature: float = 0.07,
-        lr: float = 1e-4,
-        betas: tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-6,
-        weight_decay: float = 1e-3,
         **kwargs,
     ):
         super().__init__(backbone, **kwargs)
@@ -248,7 +244,6 @@ class CrossModalRetrieval(RetrievalModule):
         if loss not in LOSSES:
             raise CirlabError(f"unknown method.loss={loss!r}; choose one of {', '.join(LOSSES)}")
         self.train_mode, self.loss_name, self.margin = train, loss, margin
-        self.lr, self.betas, self.eps, self.weight_decay = lr, tuple(betas), eps, weight_decay
         for p in backbone.parameters():
             p.requires_grad_(False)
         self.adapter = (
@@ -332,13 +327,11 @@ class CrossModalRetrieval(RetrievalModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(image))
         return loss
 
-    def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
+    def optimizer_params(self) -> list:
+        params = super().optimizer_params()
         if not params:
             raise CirlabError("method.train=none trains nothing: set the stage's max_epochs to 0")
-        return torch.optim.AdamW(
-            params, lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay
-        )
+        return params
 
     # ---- evaluation: [images, captions] loaders per split -------------------------------------------
     def _eval_step(self, batch: dict, dataloader_idx: int) -> None:

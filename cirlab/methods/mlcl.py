@@ -22,9 +22,8 @@ CE(s2 * normalize(raw) @ normalize(raw_aug)^T) + CE(s2 * normalize(f_h) @ normal
 with labels arange(B) (clean -> augmented only), raw = concat(text proj, image proj) and
 s2 = exp(logit_scale_sl) (learnable, init 100). Total = mCCL + SSCL.
 
-The augmented views cannot be encoded per step with a cached frozen backbone, so K views per training
-reference image are encoded once (seeded) and cached on disk under a key like the feature cache's
-(backbone fingerprint, augmentation, image list, K, seed); each step samples one of the K views.
+The augmented views come from the datamodule as the batch key `reference_aug`
+(cirlab/data/augmented.py: K cached views per training reference image, one drawn per step).
 
 Ablations: `mccl=False` trains the high level alone with a single CE (the CLIP4Cir loss, learnable
 temperature) and retrieves with f_h alone — the untrained mid level is then not used;
@@ -33,30 +32,18 @@ temperature) and retrieves with f_h alone — the untrained mid level is then no
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import math
-import random
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms as T
 
-from cirlab.cache import checksum as _checksum
-from cirlab.data.datamodule import EpochSampler, collate
-from cirlab.data.features import encode_images
-from cirlab.data.transforms import TargetPad
-from cirlab.data.transforms import to_rgb as _to_rgb
+from cirlab.data.augmented import AugmentedReferences
 from cirlab.errors import CirlabError
-from cirlab.io import load_torch, save_torch
+from cirlab.methods.clip4cir import CLIP4CirCombiner
 from cirlab.methods.combiner import Combiner
-from cirlab.methods.retrieval_module import RetrievalModule
+from cirlab.methods.losses import batch_contrastive
 from cirlab.weights import Layout, cirlab_stage
-
-log = logging.getLogger("cirlab")
 
 
 # ---- the multi-level combiner -------------------------------------------------------------------
@@ -79,23 +66,17 @@ class MultiLevelCombiner(nn.Module):
     def w(self) -> torch.Tensor:
         return 2 * torch.sigmoid(self.loss_weight)
 
-    def project_text(self, text: torch.Tensor) -> torch.Tensor:
-        c = self.combiner
-        return c.dropout1(F.relu(c.text_projection_layer(text)))
-
     def fuse(self, image: torch.Tensor, text: torch.Tensor, t: torch.Tensor | None = None) -> dict:
-        """All levels (un-normalised f_h, f_c; normalised f_s) and the concat feature `raw`.
-        `t`: a text projection to reuse (SSCL's augmented branch shares the clean branch's)."""
+        """All levels (un-normalised f_h, f_c; normalised f_s) and the concat feature `raw`, from the
+        Combiner's steps. `t`: a text projection to reuse (SSCL's augmented branch shares the clean one's)."""
         c = self.combiner
-        t = self.project_text(text) if t is None else t
-        v = c.dropout2(F.relu(c.image_projection_layer(image)))
-        raw = torch.cat([t, v], dim=-1)
-        h = c.dropout3(F.relu(c.combiner_layer(raw)))
-        lam = c.dynamic_scalar(raw)
+        t = c.project_text(text) if t is None else t
+        raw = torch.cat([t, c.project_image(image)], dim=-1)
+        h = c.hidden(raw)
         return {
             "t": t,
             "raw": raw,
-            "high": c.output_layer(h) + lam * text + (1 - lam) * image,
+            "high": c.mix(h, c.dynamic_scalar(raw), image, text),
             "mid": self.combiner_proj(F.relu(h)),  # the reference's ReLU(Dropout(p=0)(ReLU(.)))
             "low": F.normalize(image + text, dim=-1),
         }
@@ -130,153 +111,10 @@ def sscl_loss(clean: dict, aug: dict, scale: torch.Tensor) -> dict:
     return out
 
 
-# ---- strong augmentation of the reference (reference `image_aug_transform`) ---------------------
-def _rot(angle: int):
-    return lambda im: im.rotate(angle, expand=True)
-
-
-def _compose(*fs):
-    def f(im):
-        for g in fs:
-            im = g(im)
-        return im
-
-    return f
-
-
-class _Named:
-    """A callable with a stable repr (keys the augmentation cache)."""
-
-    def __init__(self, fn, name: str):
-        self.fn, self.name = fn, name
-
-    def __call__(self, x):
-        return self.fn(x)
-
-    def __repr__(self) -> str:
-        return self.name
-
-
-def augmentation(size: int, mean, std, target_ratio: float = 1.25) -> T.Compose:
-    """TargetPad -> RandomResizedCrop -> RGB -> one of 7 ColorJitters -> one of 8 flips/rotations ->
-    RandomAutocontrast -> RandomPerspective -> RandomGrayscale -> ToTensor -> Normalize."""
-    hf, vf = T.functional.hflip, T.functional.vflip
-    geometric = [
-        _Named(lambda im: im, "identity"),
-        _Named(hf, "hflip"),
-        _Named(vf, "vflip"),
-        _Named(_rot(90), "rot90"),
-        _Named(_rot(180), "rot180"),
-        _Named(_rot(270), "rot270"),
-        _Named(_compose(hf, _rot(90)), "hflip+rot90"),
-        _Named(_compose(hf, _rot(270)), "hflip+rot270"),
-    ]
-    return T.Compose(
-        [
-            TargetPad(target_ratio),
-            T.RandomResizedCrop(size),
-            _to_rgb,
-            T.RandomChoice(
-                [
-                    T.ColorJitter(brightness=0.5),
-                    T.ColorJitter(contrast=0.5),
-                    T.ColorJitter(saturation=0.5),
-                    T.ColorJitter(hue=0.5),
-                    T.ColorJitter(0.1, 0.1, 0.1, 0.1),
-                    T.ColorJitter(0.3, 0.3, 0.3, 0.3),
-                    T.ColorJitter(0.5, 0.5, 0.5, 0.5),
-                ]
-            ),
-            T.RandomChoice(geometric),
-            T.RandomAutocontrast(p=0.5),
-            T.RandomPerspective(p=0.5),
-            T.RandomGrayscale(p=0.5),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ]
-    )
-
-
-def _normalize_of(preprocess) -> T.Normalize:
-    for t in getattr(preprocess, "transforms", []):
-        if isinstance(t, T.Normalize):
-            return t
-    raise CirlabError(
-        "MLCL's SSCL needs the backbone's preprocess to end in a torchvision Normalize; "
-        "use a CLIP-style backbone or set method.sscl=false"
-    )
-
-
-def augmented_features(
-    backbone,
-    names: list[str],
-    paths: list[Path],
-    views: int,
-    seed: int,
-    cache_dir,
-    batch_size: int = 256,
-    num_workers: int = 0,
-) -> dict[str, torch.Tensor]:
-    """name -> [views, D] frozen embeddings of `views` seeded strong augmentations, cached on disk."""
-    norm = _normalize_of(backbone.preprocess)
-    aug = augmentation(backbone.image_size, norm.mean, norm.std)
-    h = hashlib.sha1(b"mlcl-aug\0" + backbone.fingerprint().encode())
-    h.update(repr(aug).encode())
-    h.update(f"{views}\0{seed}\n".encode())
-    for n, p in zip(names, paths):
-        h.update(f"{n}\0{p}\n".encode())
-    path = Path(cache_dir) / "features" / f"aug_{h.hexdigest()[:20]}.pt"
-    if path.is_file():
-        try:
-            blob = load_torch(path)
-            if blob.get("names") == names and blob.get("checksum") == _checksum(blob["features"]):
-                log.info("MLCL: %s x %s augmented reference features from cache", len(names), views)
-                return dict(zip(names, blob["features"]))
-        except (CirlabError, KeyError, TypeError, AttributeError):
-            pass
-        log.warning("augmentation cache %s is corrupt or foreign: rebuilding it", path)
-    feats = []
-    py_state = random.getstate()
-    with torch.random.fork_rng(devices=[]):
-        for k in range(views):
-            torch.manual_seed(seed * 1000 + k)
-            random.seed(seed * 1000 + k)  # RandomChoice draws from Python's random
-            feats.append(
-                encode_images(
-                    backbone, paths, batch_size, 0, transform=aug, desc=f"MLCL augmented view {k + 1}/{views}"
-                )
-            )
-    random.setstate(py_state)
-    feats = torch.stack(feats, dim=1)  # [N, K, D]
-    save_torch(path, {"names": names, "features": feats, "checksum": _checksum(feats)})
-    log.info("MLCL: encoded %s x %s augmented reference views", len(names), views)
-    return dict(zip(names, feats))
-
-
-class AugmentedTriplets(Dataset):
-    """The datamodule's triplets plus `reference_aug`: one of the K cached views, drawn per (seed, epoch, index)."""
-
-    def __init__(self, triplets, aug: dict[str, torch.Tensor], seed: int):
-        self.triplets, self.aug, self.seed, self.epoch = triplets, aug, seed, 0  # epoch: set by EpochSampler
-
-    def __len__(self) -> int:
-        return len(self.triplets)
-
-    def __getitem__(self, i: int) -> dict:
-        self.triplets.epoch = self.epoch
-        item = self.triplets[i]
-        views = self.aug[self.triplets.queries[i].reference]
-        k = random.Random(f"aug-{self.seed}-{self.epoch}-{i}").randrange(len(views))
-        item["reference_aug"] = views[k]
-        return item
-
-
 # ---- the Lightning module -----------------------------------------------------------------------
-class MLCLCombiner(RetrievalModule):
-    """Stage II of MLCL on a frozen backbone (cached image features)."""
-
-    frozen_image_encoder = True
-    frozen_text_encoder = True
+class MLCLCombiner(CLIP4CirCombiner):
+    """Stage II of MLCL: CLIP4Cir's stage II (frozen backbone, cached image features) with the
+    multi-level combiner, learnable temperatures and the mCCL + SSCL loss."""
 
     def __init__(
         self,
@@ -284,8 +122,7 @@ class MLCLCombiner(RetrievalModule):
         projection_dim: int | None = None,
         hidden_dim: int | None = None,
         dropout: float = 0.5,
-        lr: float = 2e-5,
-        loss_weight_lr: float = 1e-3,
+        loss_weight_lr: float | None = None,
         learn_t: bool = True,
         logit_scale: float = 100.0,
         mccl: bool = True,
@@ -295,24 +132,25 @@ class MLCLCombiner(RetrievalModule):
         cache_dir: str | None = None,
         **kwargs,
     ):
-        super().__init__(backbone, **kwargs)
-        if sscl and sscl_views < 1:
-            raise CirlabError(
-                f"method.sscl_views={sscl_views}: need at least 1 augmented view (or method.sscl=false)"
-            )
-        for p in backbone.parameters():
-            p.requires_grad_(False)
-        self.mlc = MultiLevelCombiner(backbone.embed_dim, projection_dim, hidden_dim, dropout)
+        super().__init__(backbone, projection_dim, hidden_dim, dropout, logit_scale, **kwargs)
+        if self.gather_negatives:
+            raise CirlabError("MLCL's losses use the local batch only: drop gather_negatives")
         self.fixed_log_scale = math.log(logit_scale)  # what --learn_t 0 keeps constant
         init = torch.tensor(self.fixed_log_scale)
         self.logit_scale = nn.Parameter(init.clone(), requires_grad=learn_t)
         self.logit_scale_sl = nn.Parameter(init.clone(), requires_grad=learn_t)
-        self.lr, self.loss_weight_lr = lr, loss_weight_lr
-        self.mccl, self.sscl, self.sscl_views, self.seed = mccl, sscl, sscl_views, seed
-        self.cache_dir = cache_dir or ".cache/cirlab"
+        self.loss_weight_lr, self.mccl, self.sscl = loss_weight_lr, mccl, sscl
+        if sscl:
+            if sscl_views < 1:
+                raise CirlabError(
+                    f"method.sscl_views={sscl_views}: need at least 1 augmented view (or method.sscl=false)"
+                )
+            self.reference_views = {
+                "reference_aug": AugmentedReferences(backbone, sscl_views, seed, cache_dir or ".cache/cirlab")
+            }
 
-    def on_train_epoch_start(self) -> None:
-        self.backbone.eval()
+    def build_combiner(self, feature_dim: int, projection_dim, hidden_dim, dropout: float) -> None:
+        self.mlc = MultiLevelCombiner(feature_dim, projection_dim, hidden_dim, dropout)
 
     # ---- the authors' combiner*.pt: one flat state dict, scalars of shape [1] ------------------------
     _SCALARS = ("loss_weight", "logit_scale", "logit_scale_sl")
@@ -363,35 +201,6 @@ class MLCLCombiner(RetrievalModule):
         levels = self.mlc.fuse(self.image_features(reference), self.text_features(texts))
         return self.mlc.query(levels, multi_level=self.mccl)
 
-    # ---- training data: triplets + cached augmented reference views ----------------------------
-    def train_loader(self, dm):
-        if not self.sscl:
-            return None
-        ds = dm.train_dataset()
-        names = list(dict.fromkeys(q.reference for q in ds.queries))
-        aug = augmented_features(
-            self.backbone,
-            names,
-            [dm.source.image_path(n) for n in names],
-            self.sscl_views,
-            self.seed,
-            self.cache_dir,
-        )
-        if len(ds) < dm.batch_size:
-            raise CirlabError(
-                f"{len(ds)} training triplets are fewer than one batch ({dm.batch_size}); "
-                "lower method.combiner.batch_size"
-            )
-        data = AugmentedTriplets(ds, aug, dm.seed)
-        return DataLoader(
-            data,
-            batch_size=dm.batch_size,
-            sampler=EpochSampler(data, dm.seed),
-            drop_last=True,
-            num_workers=0,
-            collate_fn=collate,
-        )
-
     def compute_loss(self, reference, aug_reference, texts, target) -> dict:
         image, text = self.image_features(reference), self.text_features(texts)
         levels = self.mlc.fuse(image, text)
@@ -400,19 +209,13 @@ class MLCLCombiner(RetrievalModule):
             out = mccl_loss(levels, self.image_features(target), scale, self.mlc.w)
             loss = out["mccl"]
         else:
-            out = {
-                "high": _ce(
-                    scale
-                    * F.normalize(levels["high"], dim=-1)
-                    @ F.normalize(self.image_features(target), dim=-1).T
-                )
-            }
+            out = {"high": batch_contrastive(levels["high"], self.image_features(target), scale)}
             loss = out["high"]
         if self.sscl:
             if aug_reference is None:
                 raise CirlabError(
                     "MLCL with method.sscl=true needs batches with 'reference_aug' "
-                    "(MLCLCombiner.train_loader builds them); set method.sscl=false otherwise"
+                    "(the datamodule serves its reference_views); set method.sscl=false otherwise"
                 )
             aug = self.mlc.fuse(self.image_features(aug_reference), text, t=levels["t"])
             out.update(sscl_loss(levels, aug, self.logit_scale_sl.exp()))
@@ -420,12 +223,11 @@ class MLCLCombiner(RetrievalModule):
         out["loss"] = loss
         return out
 
-    def training_step(self, batch, batch_idx):
+    def loss(self, batch: dict) -> torch.Tensor:
         out = self.compute_loss(
             batch["reference"], batch.get("reference_aug"), batch["text"], batch["target"]
         )
         n = len(batch["text"])
-        self.log("train/loss", out["loss"], prog_bar=True, batch_size=n)
         for k in ("high", "mid", "low", "sscl"):
             if k in out:
                 self.log(f"train/{k}", out[k], batch_size=n)
@@ -433,13 +235,18 @@ class MLCLCombiner(RetrievalModule):
         self.log("train/scale", self.logit_scale.exp().detach(), batch_size=n)
         return out["loss"]
 
-    def configure_optimizers(self):
+    def optimizer_params(self) -> list:
+        """The combiner and temperatures; w in its own group (loss_weight_lr), only with mCCL."""
         main = [
             p
             for n, p in self.named_parameters()
             if p.requires_grad and not n.startswith("backbone.") and n != "mlc.loss_weight"
         ]
-        groups = [{"params": main, "lr": self.lr}]
+        groups = [{"params": main}]
         if self.mccl:  # w only enters the mCCL loss
+            if self.loss_weight_lr is None:
+                raise CirlabError(
+                    "MLCL with mCCL trains w at its own lr: set method.combiner.module.loss_weight_lr"
+                )
             groups.append({"params": [self.mlc.loss_weight], "lr": self.loss_weight_lr})
-        return torch.optim.Adam(groups, lr=self.lr)
+        return groups

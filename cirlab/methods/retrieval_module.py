@@ -3,12 +3,15 @@
 Validation/test encode each eval set's gallery and queries (Lightning drives the loops, devices,
 precision), gather them across processes by index (so DDP sampler padding never scores a query
 twice), then rank and score on rank 0 in float32 with the dataset's protocol.
-Subclasses define `query_embedding` (and training).
+Subclasses define `query_embedding` (and training). A stage's optimiser and scheduler come from its
+config (`module.optimizer` / `module.scheduler`, `_partial_: true`): the module only says which
+parameters they step.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -28,9 +31,17 @@ def float64(metrics: dict[str, float], device) -> dict[str, torch.Tensor]:
 
 
 class RetrievalModule(L.LightningModule):
-    def __init__(self, backbone: Backbone, search: str = "exact", search_options: dict | None = None):
+    def __init__(
+        self,
+        backbone: Backbone,
+        search: str = "exact",
+        search_options: dict | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., torch.optim.lr_scheduler.LRScheduler] | None = None,
+    ):
         super().__init__()
         self.backbone = backbone
+        self.make_optimizer, self.make_scheduler = optimizer, scheduler
         self.search_backend = search
         self.search_options = dict(search_options or {})
         self._outputs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
@@ -49,6 +60,9 @@ class RetrievalModule(L.LightningModule):
     # batch key -> caption view (a function rewriting each raw caption, or None); "text" also builds the
     # eval queries. BLIP4CIR+Bi adds direction-marked views; see CIRDataModule.use.
     text_views: dict = {"text": None}
+    # batch key -> an image view served with each training triplet (e.g. MLCL's augmented references);
+    # see CIRDataModule.use.
+    reference_views: dict = {}
 
     def train_loader(self, dm):
         """A method that trains on other data than the CIR triplets (e.g. SEARLE's phi on
@@ -85,6 +99,26 @@ class RetrievalModule(L.LightningModule):
 
     def query_embedding(self, reference: torch.Tensor, texts: list[str]) -> torch.Tensor:
         raise NotImplementedError
+
+    # ---- optimisation: the stage config's optimizer / scheduler on this module's parameters ---------
+    def optimizer_params(self) -> list:
+        """What the optimiser steps: parameters, or param groups with their own settings."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        if self.make_optimizer is None:
+            raise CirlabError(
+                f"{type(self).__name__} has no optimizer: set the stage's module.optimizer "
+                "(e.g. {_target_: torch.optim.AdamW, _partial_: true, lr: 1e-4})"
+            )
+        return self.make_optimizer(params=self.optimizer_params())
+
+    def configure_optimizers(self):
+        optimizer = self.build_optimizer()
+        if self.make_scheduler is None:
+            return optimizer
+        scheduler = self.make_scheduler(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     # ---- weights in and out in the reference layouts (cirlab/weights.py) -------------------------
     def stage_weights(self) -> torch.nn.Module:

@@ -32,20 +32,6 @@ from cirlab.weights import Layout, cirlab_stage, strip_prefix, wrapped
 
 log = logging.getLogger("cirlab")
 
-OTI_DEFAULTS = dict(
-    steps=350,
-    lr=2e-2,
-    weight_decay=0.01,
-    ema_decay=0.99,
-    lambda_cos=1.0,
-    lambda_gpt=0.5,
-    batch_size=32,
-    top_k=15,
-    init_std=0.02,
-    save_every=256,
-    seed=42,
-)
-
 
 class Phi(nn.Module):
     """The reference textual-inversion MLP (state-dict keys layers.0/3/6, as SEARLE's phi.py)."""
@@ -125,8 +111,8 @@ def oti(
     parallelism): AdamW, per step a random PALAVRA template (L_cos to the image) and a random phrase of
     one of the image's top-k concepts with '$' for its first occurrence (L_gpt to the plain phrase),
     loss (l_cos*L_cos + l_gpt*L_gpt)/(l_cos+l_gpt), EMA of the tokens. The phrase is drawn uniformly from
-    all phrases of the image's usable top-k concepts, as the reference's pool. Returns (tokens, ema, losses)."""
-    cfg = {**OTI_DEFAULTS, **cfg}
+    all phrases of the image's usable top-k concepts, as the reference's pool. `cfg`: the settings of
+    conf/method/searle_oti.yaml's `oti`. Returns (tokens, ema, losses)."""
     gen = generator or torch.Generator().manual_seed(int(cfg["seed"]))
     device = backbone.device
     feats = features.float().to(device)
@@ -279,7 +265,7 @@ class _SearleBase(RetrievalModule):
         self.prompt = prompt
         self.concepts_cfg = dict(concepts or {})
         self.phrases_cfg = dict(phrases or {})
-        self.oti_cfg = {**OTI_DEFAULTS, **(oti or {})}
+        self.oti_cfg = dict(oti or {})  # method.oti: inverting needs all of it
         self.token_dir = token_dir
         self._text: SearleText | None = None
         self._queries: dict[int, list] = {}  # query loader index -> its queries (set per evaluation)
@@ -424,8 +410,6 @@ class Searle(_SearleBase):
         self,
         backbone,
         dropout: float = 0.5,
-        lr: float = 1e-4,
-        weight_decay: float = 0.01,
         temperature: float = 0.25,
         lambda_distil: float = 1.0,
         lambda_gpt: float = 0.75,
@@ -442,7 +426,7 @@ class Searle(_SearleBase):
         super().__init__(backbone, **kwargs)
         d = backbone.embed_dim
         self.phi = Phi(d, 4 * d, backbone.token_dim, dropout)
-        self.lr, self.weight_decay, self.temperature = lr, weight_decay, temperature
+        self.temperature = temperature
         self.lambda_distil, self.lambda_gpt, self.top_k_concepts = lambda_distil, lambda_gpt, top_k_concepts
         self.max_images, self.cache_dir, self.image_splits = max_images, cache_dir, tuple(image_splits)
         self.unlabeled_source = (
@@ -543,8 +527,8 @@ class Searle(_SearleBase):
     def query_embedding(self, reference, texts):
         return self.encode_queries(self.tokens(self.image_features(reference)), [[t] for t in texts])
 
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.phi.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+    def optimizer_params(self) -> list:
+        return list(self.phi.parameters())
 
     # ---- phi files (cirlab/weights.py) --------------------------------------------------------------
     def stage_weights(self) -> nn.Module:
