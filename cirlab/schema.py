@@ -274,6 +274,7 @@ METHOD = {
     # hyperparameters, wherever they sit below method (a stage's module, method.oti, an optimiser)
     "method.**.lr": RATE,
     "method.**.min_lr": NONNEG,
+    "method.*.module.scheduler.epochs": POSITIVE,  # BLIP4CIR+Bi: the cosine's period
     "method.**.weight_decay": NONNEG,
     "method.**.eps": RATE,
     "method.**.betas": ListOf(Float(lo=0, hi=1, hi_open=True), min_len=2, max_len=2),
@@ -289,7 +290,6 @@ METHOD = {
     "method.**.init_std": RATE,
     "method.**.save_every": POSITIVE,
     "method.**.logit_scale": RATE,
-    "method.**.cosine_epochs": POSITIVE,
     "method.**.proj_lr_scale": RATE,
     "method.**.reverse_weight": NONNEG,
     "method.**.projection_dim": Int(lo=1, null=True),
