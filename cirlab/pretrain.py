@@ -139,6 +139,7 @@ def pretrain_on_captions(backbone: Backbone, cache_dir: str, cfg: dict, path: Pa
         enable_model_summary=False,
         deterministic=False,
         reload_dataloaders_every_n_epochs=1,
+        gradient_clip_val=cfg.get("grad_clip"),  # blip_tiny: gets a from-scratch BLIP past its first steps
     )
     trainer.fit(module, train_dataloaders=make_loader(train_x, train_caps, cfg["batch_size"], cfg["seed"]))
     metrics = evaluate_captions(backbone, test_x, test_caps)

@@ -226,7 +226,7 @@ BACKBONE = {
     "backbone.model.target_ratio": Float(lo=1),
     **{f"backbone.**.{key}": POSITIVE for key in BLIP_SIZES},
     "backbone.**.vision_config.layer_norm_eps": RATE,
-    "backbone.**.vision_config.initializer_range": RATE,
+    "backbone.**.initializer_range": RATE,
     "backbone.**.text_config.hidden_dropout_prob": PROB,
     "backbone.**.text_config.attention_probs_dropout_prob": PROB,
     # backbone=tiny's open_clip model_cfg
@@ -242,6 +242,7 @@ BACKBONE = {
     "backbone.model.pretrain.lr": RATE,
     "backbone.model.pretrain.weight_decay": NONNEG,
     "backbone.model.pretrain.batch_size": POSITIVE,
+    "backbone.model.pretrain.grad_clip": Float(lo=0, lo_open=True, null=True),
     "backbone.model.pretrain.dataset.seed": SEED,
     "backbone.model.pretrain.edit_captions": Bool(),
 }

@@ -246,7 +246,8 @@ def test_blip4cir_bi_beats_zeroshot_on_held_out_test(tmp_path):
     stages = results(run_dir)["stages"]
     stage1, stage2 = stages["finetune"]["test/recall_at_10"], stages["combiner"]["test/recall_at_10"]
     print(f"blip_tiny test R@10: zero-shot sum {zero_shot:.2f}, stage I {stage1:.2f}, stage II {stage2:.2f}")
-    assert stage1 >= zero_shot + 4 and stage2 >= zero_shot + 4  # measured margins: +6 to +10 over 3 seeds
+    # measured (seed 0): zero-shot sum 13.50, stage I 37.50, stage II 35.00; stage I seed spread ~2.5
+    assert stage1 >= zero_shot + 15 and stage2 >= zero_shot + 15
 
 
 def test_image_grounded_text_encoding_depends_on_the_image(small_blip):
