@@ -577,7 +577,7 @@ def allowed_dirs(paths: Sequence[Path]) -> list[str]:
     return [os.path.commonpath([str(Path(p).resolve().parent) for p in paths])] if paths else []
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="cirlab-demo", description="Interactive retrieval page over a finished cirlab run."
     )
@@ -598,24 +598,34 @@ def main(argv: list[str] | None = None) -> None:
         help="CPU threads per query after start-up (default 1: one small query gains nothing "
         "from more, and on a busy machine they wait on each other; 0 keeps torch's default)",
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> Path:
+    """The run folder, once the arguments and the optional Gradio install are known to be usable."""
+    if args.k < 1:
+        raise CirlabError(f"-k {args.k}: need at least 1")
+    run = Path(args.run)
+    if not run.exists():
+        raise CirlabError(f"{run} does not exist: give a run folder (outputs/runs/<run>)")
+    if run.is_dir() and not (run / ".hydra" / "config.yaml").is_file():
+        raise CirlabError(
+            f"{run} is not a cirlab run folder (no .hydra/config.yaml): give outputs/runs/<run>"
+        )
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise CirlabError("the demo needs Gradio: pip install 'cirlab[demo]'") from None
+    return run
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     start = time.perf_counter()
     from hydra.errors import InstantiationException
 
     try:
-        if args.k < 1:
-            raise CirlabError(f"-k {args.k}: need at least 1")
-        run = Path(args.run)
-        if not run.exists():
-            raise CirlabError(f"{run} does not exist: give a run folder (outputs/runs/<run>)")
-        if run.is_dir() and not (run / ".hydra" / "config.yaml").is_file():
-            raise CirlabError(
-                f"{run} is not a cirlab run folder (no .hydra/config.yaml): give outputs/runs/<run>"
-            )
-        try:
-            import gradio  # noqa: F401
-        except ImportError:
-            raise CirlabError("the demo needs Gradio: pip install 'cirlab[demo]'") from None
+        run = check_args(args)
         backend = load_backend(run, args.gallery, args.device)
         set_query_threads(args.query_threads)
     except (CirlabError, InstantiationException) as err:

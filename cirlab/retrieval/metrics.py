@@ -86,6 +86,23 @@ class SetResult:
     scores: dict[str, list[float]] = field(default_factory=dict)
 
 
+def rank_subsets(queries, index: dict[str, int], names: list[str], query_emb: torch.Tensor, gallery_emb):
+    """CIRR's subset protocol: each query ranks only its image set (its reference left out);
+    returns the top-3 names per query and the [Q, width] ranked gallery indices (-1 = padding)."""
+    width = max(len(q.subset) for q in queries)
+    members = torch.full((len(queries), width), -1, dtype=torch.long)
+    for row, q in enumerate(queries):
+        ids = [index[m] for m in q.subset if m != q.reference and m in index]
+        members[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    gallery_t = torch.as_tensor(gallery_emb[:]) if not isinstance(gallery_emb, torch.Tensor) else gallery_emb
+    ranked = subset_ranking(query_emb, gallery_t, members)
+    predictions = {}
+    for q, row, m in zip(queries, ranked.tolist(), members.tolist()):
+        n_valid = sum(x >= 0 for x in m)
+        predictions[q.qid] = [names[i] for i in row[: min(3, n_valid)]]
+    return predictions, ranked
+
+
 def score_eval_set(
     protocol: Protocol,
     eval_set: EvalSet,
@@ -110,21 +127,9 @@ def score_eval_set(
     predictions = {q.qid: [names[i] for i in row[:TOP_PREDICTIONS]] for q, row in zip(queries, topk.tolist())}
     scores = {q.qid: row[:TOP_PREDICTIONS] for q, row in zip(queries, ranking.scores.tolist())}
 
-    subset_predictions: dict[str, list[str]] = {}
-    ranked_subset = None
+    subset_predictions, ranked_subset = {}, None
     if protocol.subset_ks:
-        width = max(len(q.subset) for q in queries)
-        members = torch.full((len(queries), width), -1, dtype=torch.long)
-        for row, q in enumerate(queries):
-            ids = [index[m] for m in q.subset if m != q.reference and m in index]
-            members[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        gallery_t = (
-            torch.as_tensor(gallery_emb[:]) if not isinstance(gallery_emb, torch.Tensor) else gallery_emb
-        )
-        ranked_subset = subset_ranking(query_emb, gallery_t, members)
-        for q, row, m in zip(queries, ranked_subset.tolist(), members.tolist()):
-            n_valid = sum(x >= 0 for x in m)
-            subset_predictions[q.qid] = [names[i] for i in row[: min(3, n_valid)]]
+        subset_predictions, ranked_subset = rank_subsets(queries, index, names, query_emb, gallery_emb)
 
     metrics: dict[str, float] = {}
     if has_answers:

@@ -144,6 +144,35 @@ def data_uri(path: Path, size: int = 96) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1em; }}
+table {{ border-collapse: collapse; }} td {{ border-bottom: 1px solid #ddd; padding: 4px; vertical-align: top; }}
+.row {{ display: flex; gap: 6px; align-items: flex-start; }}
+figure {{ margin: 0; text-align: center; font-size: 11px; border: 3px solid transparent; }}
+figure img {{ width: {size}px; height: {size}px; object-fit: contain; image-rendering: pixelated; display: block; }}
+figure.ref {{ border-color: #999; }} figure.hit {{ border-color: #0a0; }}
+figure.tgt {{ border: 3px dashed #0a0; margin-right: 12px; }}
+.text {{ width: 220px; font-size: 13px; }} .ok {{ color: #0a0; }} .miss {{ color: #c00; }}
+.qid {{ font-size: 11px; color: #666; }}
+</style></head><body>
+<h2>{title}</h2>
+<p>{summary}. <label><input type="checkbox" id="miss"> only queries whose target is not in the top-k</label></p>
+<table>
+{rows}
+</table>
+<script>
+document.getElementById('miss').addEventListener('change', e => {{
+  document.querySelectorAll('tr[data-hit]').forEach(tr => {{
+    tr.style.display = e.target.checked && tr.dataset.hit === '1' ? 'none' : '';
+  }});
+}});
+</script>
+</body></html>
+"""
+
+
 def render_html(
     views: Sequence[QueryView], path_of: Callable[[str], Path], title: str, size: int = 96
 ) -> str:
@@ -188,33 +217,7 @@ def render_html(
             f'<td><div class="row">{"".join(cells)}</div></td></tr>'
         )
     summary = f"{len(views)} queries, target in the shown top-k for {hits}"
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>
-body {{ font-family: sans-serif; margin: 1em; }}
-table {{ border-collapse: collapse; }} td {{ border-bottom: 1px solid #ddd; padding: 4px; vertical-align: top; }}
-.row {{ display: flex; gap: 6px; align-items: flex-start; }}
-figure {{ margin: 0; text-align: center; font-size: 11px; border: 3px solid transparent; }}
-figure img {{ width: {size}px; height: {size}px; object-fit: contain; image-rendering: pixelated; display: block; }}
-figure.ref {{ border-color: #999; }} figure.hit {{ border-color: #0a0; }}
-figure.tgt {{ border: 3px dashed #0a0; margin-right: 12px; }}
-.text {{ width: 220px; font-size: 13px; }} .ok {{ color: #0a0; }} .miss {{ color: #c00; }}
-.qid {{ font-size: 11px; color: #666; }}
-</style></head><body>
-<h2>{html.escape(title)}</h2>
-<p>{summary}. <label><input type="checkbox" id="miss"> only queries whose target is not in the top-k</label></p>
-<table>
-{chr(10).join(rows)}
-</table>
-<script>
-document.getElementById('miss').addEventListener('change', e => {{
-  document.querySelectorAll('tr[data-hit]').forEach(tr => {{
-    tr.style.display = e.target.checked && tr.dataset.hit === '1' ? 'none' : '';
-  }});
-}});
-</script>
-</body></html>
-"""
+    return PAGE.format(title=html.escape(title), size=size, summary=summary, rows="\n".join(rows))
 
 
 def write_visualization(
