@@ -119,17 +119,8 @@ def check_stage_config(name: str, scfg: DictConfig) -> None:
         raise CirlabError(f"method.{name}.checkpoint={file}: no such file")
 
 
-def run_stage(
-    cfg: DictConfig, name: str, backbone, dm: CIRDataModule, run_dir: Path, resume: bool
-) -> dict[str, Any]:
-    scfg = cfg.method[name]
-    stage_dir = run_dir / "stages" / name
-    module: RetrievalModule = instantiate(
-        scfg.module,
-        backbone=backbone,
-        search=cfg.retrieval.search,
-        search_options=OmegaConf.to_container(cfg.retrieval.options),
-    )
+def check_data_kind(cfg: DictConfig, module: RetrievalModule, dm: CIRDataModule) -> None:
+    """A CIR method on a captions dataset (or the other way round) stops before any data work."""
     data_kind = getattr(module, "data_kind", "cir")
     if data_kind != getattr(dm, "kind", "cir"):
         raise CirlabError(
@@ -141,6 +132,25 @@ def run_stage(
                 else "Pick a CIR dataset, e.g. dataset=synthetic."
             )
         )
+
+
+def image_splits(module: RetrievalModule, dm: CIRDataModule, train: bool) -> tuple[str, ...]:
+    """The splits whose images a stage reads (their features are cached together)."""
+    return (("train",) if train and module.trains_on_dataset_images else ()) + (dm.val_split, dm.test_split)
+
+
+def run_stage(
+    cfg: DictConfig, name: str, backbone, dm: CIRDataModule, run_dir: Path, resume: bool
+) -> dict[str, Any]:
+    scfg = cfg.method[name]
+    stage_dir = run_dir / "stages" / name
+    module: RetrievalModule = instantiate(
+        scfg.module,
+        backbone=backbone,
+        search=cfg.retrieval.search,
+        search_options=OmegaConf.to_container(cfg.retrieval.options),
+    )
+    check_data_kind(cfg, module, dm)
     module.eval_data = dm
     if cfg.eval.gallery_on_disk:
         module.gallery_on_disk = stage_dir / "gallery"
@@ -154,7 +164,7 @@ def run_stage(
         return record
 
     train = scfg.max_epochs > 0
-    splits = (("train",) if train else ()) + (dm.val_split, dm.test_split)
+    splits = image_splits(module, dm, train)
     if module.frozen_image_encoder:
         names = dm.all_images(splits)
         cache = FeatureCache(cfg.paths.cache_dir, batch_size=cfg.eval.batch_size, num_workers=cfg.num_workers)
@@ -183,16 +193,20 @@ def run_stage(
         filename="best",
         monitor=monitor,
         mode="max",
-        save_last=True,
         save_top_k=1,
         enable_version_counter=False,
         save_on_train_epoch_end=True,
     )  # a whole-epoch state: resume starts the next epoch
+    # last.ckpt every epoch; its own callback, as save_last=True (Lightning >= 2.6) writes it only in an
+    # epoch that also saves best.ckpt, and a resume would then repeat every epoch since the best one
+    last_checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="last", enable_version_counter=False, save_on_train_epoch_end=True
+    )
     logger = build_logger(cfg, name, stage_dir)
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         max_epochs=max(scfg.max_epochs, 1),
-        callbacks=[checkpoint, BatchSeed(cfg.seed)],
+        callbacks=[checkpoint, last_checkpoint, BatchSeed(cfg.seed)],  # best first: last.ckpt holds its state
         logger=logger,
         default_root_dir=str(stage_dir),
         plugins=[SafeCheckpointIO()],
@@ -271,6 +285,22 @@ def load_module_weights(module: torch.nn.Module, path: Path) -> None:
         ) from err
 
 
+def build_datamodule(cfg: DictConfig, source) -> CIRDataModule:
+    """The datamodule of the dataset's kind (CIR triplets or image captions)."""
+    kind = cfg.dataset.get("kind", "cir")
+    if kind not in ("cir", "captions"):
+        raise CirlabError(f"unknown dataset.kind={kind!r}; choose cir or captions")
+    dm_class = CaptionDataModule if kind == "captions" else CIRDataModule
+    return dm_class(
+        source,
+        eval_batch_size=cfg.eval.batch_size,
+        num_workers=cfg.num_workers,
+        seed=cfg.seed,
+        val_split=cfg.dataset.val_split,
+        test_split=cfg.dataset.test_split,
+    )
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     start = time.time()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -290,18 +320,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         check_stage_config(name, cfg.method[name])
     source = instantiate(cfg.dataset.source)
     backbone = instantiate(cfg.backbone.model)
-    kind = cfg.dataset.get("kind", "cir")
-    if kind not in ("cir", "captions"):
-        raise CirlabError(f"unknown dataset.kind={kind!r}; choose cir or captions")
-    dm_class = CaptionDataModule if kind == "captions" else CIRDataModule
-    dm = dm_class(
-        source,
-        eval_batch_size=cfg.eval.batch_size,
-        num_workers=cfg.num_workers,
-        seed=cfg.seed,
-        val_split=cfg.dataset.val_split,
-        test_split=cfg.dataset.test_split,
-    )
+    dm = build_datamodule(cfg, source)
     stages: dict[str, Any] = {}
     for name in cfg.method.stages:
         L.seed_everything(cfg.seed, workers=True, verbose=False)

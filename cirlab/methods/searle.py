@@ -397,6 +397,7 @@ class Searle(_SearleBase):
         self.unlabeled_source = (
             unlabeled_source  # e.g. dataset=imagenet's source; None: the evaluated dataset
         )
+        self.trains_on_dataset_images = unlabeled_source is None
         if not (token_norm is None or token_norm == "oti" or isinstance(token_norm, (int, float))):
             raise CirlabError(
                 f"method.phi.module.token_norm={token_norm!r}: use null (reference), oti or a number"
