@@ -68,7 +68,7 @@ CASES = {
     ),
     # SEARLE: phi distilled from OTI targets (cached in token_dir before the first epoch)
     "searle_phi": lightning_case(
-        "searle", "phi", "method.phi.batch_size=128", "method.phi.module.max_images=512"
+        "searle", "phi", "method.phi.batch_size=64", "+trainer.limit_train_batches=24"
     ),
     # the cross-modal retrieval adapter on cached image features
     "crossmodal_adapter": lightning_case(
