@@ -196,26 +196,17 @@ def run_data(cfg, module, stage: str):
     """The run's datamodule as the pipeline set it up for `stage`, with the image features the stage
     cached (read when the cache file is there, never encoded); None when the run's dataset is not on
     this machine. The module sees it as its `eval_data`, as in evaluation."""
-    from cirlab.data.caption_datamodule import CaptionDataModule
-    from cirlab.data.datamodule import CIRDataModule
     from cirlab.data.features import FeatureCache
-    from cirlab.pipeline import cached_images
+    from cirlab.pipeline import build_datamodule, cached_images
 
     try:
         source = build_source(cfg)
     except CirlabError:
         return None
-    kind = cfg.dataset.get("kind", "cir")
-    dm = (CaptionDataModule if kind == "captions" else CIRDataModule)(
-        source,
-        eval_batch_size=cfg.eval.batch_size,
-        seed=cfg.seed,
-        val_split=cfg.dataset.val_split,
-        test_split=cfg.dataset.test_split,
-    )
+    dm = build_datamodule(cfg, source)
     features = None
     if module.frozen_image_encoder and cfg.paths.get("cache_dir"):
-        names = cached_images(dm, cfg.method[stage].max_epochs > 0)
+        names = cached_images(module, dm, cfg.method[stage].max_epochs > 0)
         features = FeatureCache(cfg.paths.cache_dir, batch_size=cfg.eval.batch_size).cached(
             module.feature_encoder(), names, [source.image_path(n) for n in names]
         )

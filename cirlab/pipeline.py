@@ -122,9 +122,9 @@ def check_data_kind(cfg: DictConfig, module: RetrievalModule, dm: CIRDataModule)
         )
 
 
-def cached_images(dm: CIRDataModule, trained: bool) -> list[str]:
+def cached_images(module: RetrievalModule, dm: CIRDataModule, trained: bool) -> list[str]:
     """The images whose features a frozen-encoder stage caches (the cache file is keyed by this list)."""
-    return dm.all_images((("train",) if trained else ()) + (dm.val_split, dm.test_split))
+    return dm.all_images(image_splits(module, dm, trained))
 
 
 def build_module(cfg: DictConfig, name: str, backbone, dm: CIRDataModule, stage_dir: Path) -> RetrievalModule:
@@ -154,7 +154,7 @@ def feed_data(cfg: DictConfig, name: str, module: RetrievalModule, backbone, dm:
     """Cached image features when the stage's image encoder is frozen, else preprocessed pixels."""
     train = cfg.method[name].max_epochs > 0
     if module.frozen_image_encoder:
-        names = cached_images(dm, train)
+        names = cached_images(module, dm, train)
         cache = FeatureCache(cfg.paths.cache_dir, batch_size=cfg.eval.batch_size, num_workers=cfg.num_workers)
         encoder = module.feature_encoder()
         dm.use(
@@ -184,12 +184,12 @@ def load_given_weights(module: RetrievalModule, name: str, file: str) -> dict[st
 
 
 def build_trainer(
-    cfg: DictConfig, name: str, checkpoint: ModelCheckpoint, logger, stage_dir: Path
+    cfg: DictConfig, name: str, checkpoints: list[ModelCheckpoint], logger, stage_dir: Path
 ) -> L.Trainer:
     return instantiate(
         cfg.trainer,
         max_epochs=max(cfg.method[name].max_epochs, 1),
-        callbacks=[checkpoint, BatchSeed(cfg.seed)],
+        callbacks=[*checkpoints, BatchSeed(cfg.seed)],
         logger=logger,
         default_root_dir=str(stage_dir),
         plugins=[SafeCheckpointIO()],
@@ -238,6 +238,11 @@ def write_outputs(
         visualize(cfg, module, dm, split, stage_dir, logger)
 
 
+def image_splits(module: RetrievalModule, dm: CIRDataModule, train: bool) -> tuple[str, ...]:
+    """The splits whose images a stage reads (their features are cached together)."""
+    return (("train",) if train and module.trains_on_dataset_images else ()) + (dm.val_split, dm.test_split)
+
+
 def run_stage(
     cfg: DictConfig, name: str, backbone, dm: CIRDataModule, run_dir: Path, resume: bool
 ) -> dict[str, Any]:
@@ -258,13 +263,18 @@ def run_stage(
         filename="best",
         monitor=module.checkpoint_monitor(),
         mode="max",
-        save_last=True,
         save_top_k=1,
         enable_version_counter=False,
         save_on_train_epoch_end=True,
     )  # a whole-epoch state: resume starts the next epoch
+    # last.ckpt every epoch; its own callback, as save_last=True (Lightning >= 2.6) writes it only in an
+    # epoch that also saves best.ckpt, and a resume would then repeat every epoch since the best one
+    last_checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="last", enable_version_counter=False, save_on_train_epoch_end=True
+    )
     logger = build_logger(cfg, name, stage_dir)
-    trainer = build_trainer(cfg, name, checkpoint, logger, stage_dir)
+    # best first: last.ckpt then holds its state
+    trainer = build_trainer(cfg, name, [checkpoint, last_checkpoint], logger, stage_dir)
     train = scfg.max_epochs > 0
     if train:
         record.update(fit(trainer, module, dm, checkpoint, ckpt_dir / "last.ckpt", resume))
@@ -320,6 +330,24 @@ def load_module_weights(module: torch.nn.Module, path: Path) -> None:
         ) from err
 
 
+def build_datamodule(cfg: DictConfig, source) -> CIRDataModule:
+    """The dataset config's datamodule (CIR triplets or image captions) over `source`."""
+    if "datamodule" not in cfg.dataset:
+        raise CirlabError(
+            f"dataset {cfg.dataset.name!r} names no datamodule: add `datamodule: {{_target_: "
+            "cirlab.data.datamodule.CIRDataModule}` (CaptionDataModule for image captions) to its config"
+        )
+    return instantiate(
+        cfg.dataset.datamodule,
+        source,
+        eval_batch_size=cfg.eval.batch_size,
+        num_workers=cfg.num_workers,
+        seed=cfg.seed,
+        val_split=cfg.dataset.val_split,
+        test_split=cfg.dataset.test_split,
+    )
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     start = time.time()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -333,24 +361,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         file = cfg.method[name].get("checkpoint")  # its type and every other value: cirlab/schema.py
         if file and not Path(file).is_file():
             raise CirlabError(f"method.{name}.checkpoint={file}: no such file")
-    if "datamodule" not in cfg.dataset:
-        raise CirlabError(
-            f"dataset {cfg.dataset.name!r} names no datamodule: add `datamodule: {{_target_: "
-            "cirlab.data.datamodule.CIRDataModule}` (CaptionDataModule for image captions) to its config"
-        )
     source = instantiate(cfg.dataset.source)
     if cfg.dataset.get("missing_images") == "skip":
         source = ReadableOnly(source)
     backbone = instantiate(cfg.backbone.model)
-    dm: CIRDataModule = instantiate(
-        cfg.dataset.datamodule,
-        source,
-        eval_batch_size=cfg.eval.batch_size,
-        num_workers=cfg.num_workers,
-        seed=cfg.seed,
-        val_split=cfg.dataset.val_split,
-        test_split=cfg.dataset.test_split,
-    )
+    dm = build_datamodule(cfg, source)
     stages: dict[str, Any] = {}
     for name in cfg.method.stages:
         L.seed_everything(cfg.seed, workers=True, verbose=False)

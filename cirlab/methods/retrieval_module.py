@@ -57,6 +57,9 @@ class RetrievalModule(L.LightningModule):
     frozen_image_encoder: bool = False  # True: batches carry cached image features [B, D], not pixels
     frozen_text_encoder: bool = False  # True: no text gradients; eval text features memoised
     query_has_image: bool = True  # False: a query is a text alone (text -> image retrieval)
+    # False: training reads no image of the dataset's training split (SEARLE's phi on another source's
+    # images), so a dataset without one (CIRCO) can be trained for
+    trains_on_dataset_images: bool = True
     # batch key -> caption view (a function rewriting each raw caption, or None); "text" also builds the
     # eval queries. BLIP4CIR+Bi adds direction-marked views; see CIRDataModule.use.
     text_views: dict = {"text": None}

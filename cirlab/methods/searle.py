@@ -432,6 +432,7 @@ class Searle(_SearleBase):
         self.unlabeled_source = (
             unlabeled_source  # e.g. dataset=imagenet's source; None: the evaluated dataset
         )
+        self.trains_on_dataset_images = unlabeled_source is None
         if not (token_norm is None or token_norm == "oti" or isinstance(token_norm, (int, float))):
             raise CirlabError(
                 f"method.phi.module.token_norm={token_norm!r}: use null (reference), oti or a number"
@@ -443,6 +444,7 @@ class Searle(_SearleBase):
         )
         self.batch_size, self.seed = batch_size, seed
         self._concepts: torch.Tensor | None = None
+        self._shuffle: torch.Generator | None = None  # phi's batch order (train_loader)
 
     def unlabeled_images(self, source) -> list[str]:
         """phi's training images: the captioned images of `image_splits` where the source has captions
@@ -484,14 +486,23 @@ class Searle(_SearleBase):
                 f"{len(x)} unlabeled images are fewer than one batch ({self.batch_size}): "
                 "lower method.phi.batch_size"
             )
-        gen = torch.Generator().manual_seed(self.seed)
+        self._shuffle = torch.Generator().manual_seed(self.seed)
         return DataLoader(
             TensorDataset(x, tokens, torch.arange(len(x))),
             batch_size=self.batch_size,
             shuffle=True,
             drop_last=True,
-            generator=gen,
+            generator=self._shuffle,
         )
+
+    # The shuffle generator runs on from epoch to epoch: a resumed run takes up its state at the checkpoint,
+    # so the epochs after it see the batches of an uninterrupted run.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["phi_shuffle_rng"] = self._shuffle.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "phi_shuffle_rng" in checkpoint:  # absent from checkpoints written before it was saved
+            self._shuffle.set_state(checkpoint["phi_shuffle_rng"])
 
     def tokens(self, features: torch.Tensor) -> torch.Tensor:
         """phi's pseudo tokens. The reference uses phi's raw output; the distillation loss only sees its

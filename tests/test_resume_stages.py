@@ -1,0 +1,177 @@
+"""SIGKILL in the middle of an epoch (or of an OTI pass) for every kind of stage, then `resume=true`: the
+metrics equal those of an uninterrupted run.
+
+One helper for all stage kinds: the straight and the killed run start together (one core each); in the
+killed run the helper measures the time between two saves of the stage's progress file (`last.ckpt`, or the
+OTI token file), kills 0.4 of such a period after the second save, checks the file still holds that second
+save (so the kill hit the middle of the next epoch / chunk, not a boundary), resumes and compares every
+metric of results.json.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, cli_env, results
+
+TIMEOUT = 600
+
+
+def checkpoint_epoch(path: Path) -> int:
+    return torch.load(path, map_location="cpu", weights_only=True)["epoch"]
+
+
+def oti_images(path: Path) -> int:
+    return len(torch.load(path, map_location="cpu", weights_only=True)["names"])
+
+
+@dataclass
+class Case:
+    args: list[str]
+    watch: str  # the progress file: a glob pattern in the run folder
+    progress: Callable[[Path], int]  # what that file holds: an epoch, a number of OTI tokens
+
+
+def lightning_case(method: str, stage: str, *extra: str) -> Case:
+    """A training stage alone, 3 short epochs: killed in the third, resumed from the second's last.ckpt."""
+    return Case(
+        [f"+method={method}", f"method.stages=[{stage}]", f"method.{stage}.max_epochs=3", *extra],
+        f"stages/{stage}/checkpoints/last.ckpt",
+        checkpoint_epoch,
+    )
+
+
+CASES = {
+    # stage I of CLIP4Cir: pixels through the image tower (BatchNorm running statistics), both encoders
+    "clip4cir_finetune": lightning_case(
+        "clip4cir", "finetune", "method.finetune.batch_size=32", "+trainer.limit_train_batches=12"
+    ),
+    # MLCL's Combiner: a random augmented view per (seed, epoch, triplet)
+    "mlcl_combiner": lightning_case(
+        "mlcl", "combiner", "method.combiner.batch_size=64", "+trainer.limit_train_batches=20"
+    ),
+    # BLIP4CIR+Bi stage I: learned direction tokens, two optimiser groups, cosine schedule per epoch
+    "blip4cir_bi_finetune": lightning_case(
+        "blip4cir_bi",
+        "finetune",
+        "method.direction=learned",
+        "method.finetune.batch_size=32",
+        "+trainer.limit_train_batches=16",
+    ),
+    # SEARLE: phi distilled from OTI targets (cached in token_dir before the first epoch)
+    "searle_phi": lightning_case(
+        "searle", "phi", "method.phi.batch_size=64", "+trainer.limit_train_batches=24"
+    ),
+    # the cross-modal retrieval adapter on cached image features
+    "crossmodal_adapter": lightning_case(
+        "crossmodal",
+        "finetune",
+        "dataset=synthetic_captions",
+        "method.finetune.batch_size=64",
+        "+trainer.limit_train_batches=20",
+    ),
+    # SEARLE-OTI: killed inside the OTI of the evaluated references, between two saves of the token file
+    "searle_oti": Case(
+        [
+            "+method=searle_oti",
+            "method.oti.steps=20",
+            "method.oti.save_every=32",
+            "method.token_dir={run}/tokens",
+        ],
+        "tokens/*.pt",
+        oti_images,
+    ),
+}
+
+
+def arguments(case: Case, run_dir: Path) -> list[str]:
+    return [a.replace("{run}", str(run_dir)) for a in case.args] + ["eval.visualize=false"]
+
+
+def start(tmp_path: Path, case: Case, run_dir: Path, *extra: str) -> subprocess.Popen:
+    """The CLI in the background, its output in <run_dir>.log (or .resume.log)."""
+    env = cli_env(tmp_path) | {"OMP_NUM_THREADS": "1"}  # two runs side by side, one core each
+    cmd = [sys.executable, "-m", "cirlab.cli", *arguments(case, run_dir), *extra, "logger=none"]
+    cmd.append(f"hydra.run.dir={run_dir}")
+    log = run_dir.with_suffix(".resume.log" if extra else ".log")
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    proc.log = log
+    return proc
+
+
+def output(proc: subprocess.Popen) -> str:
+    return proc.log.read_text()[-5000:]
+
+
+def progress_file(run_dir: Path, pattern: str) -> Path | None:
+    files = sorted(run_dir.glob(pattern))
+    assert len(files) <= 1, files
+    return files[0] if files else None
+
+
+def saved(proc: subprocess.Popen, run_dir: Path, pattern: str, after: int | None) -> int:
+    """Wait until the progress file is written anew; its mtime in ns."""
+    deadline = time.time() + TIMEOUT
+    while time.time() < deadline:
+        assert proc.poll() is None, f"the run ended before its progress file was saved twice:\n{output(proc)}"
+        file = progress_file(run_dir, pattern)
+        if file and (mtime := file.stat().st_mtime_ns) != after:
+            return mtime
+        time.sleep(0.05)
+    raise AssertionError(f"{run_dir / pattern} was not written within {TIMEOUT} s")
+
+
+def kill_mid_period(proc: subprocess.Popen, case: Case, run_dir: Path) -> int:
+    """SIGKILL 0.4 of a save period after the second save; returns the progress the file still holds."""
+    first = saved(proc, run_dir, case.watch, None)
+    t0 = time.time()
+    saved(proc, run_dir, case.watch, first)
+    t1 = time.time()
+    held = case.progress(progress_file(run_dir, case.watch))
+    time.sleep(0.4 * (t1 - t0))  # well into the training batches, which come before validation
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert case.progress(progress_file(run_dir, case.watch)) == held, "killed at a save, not between two"
+    return held
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CASES)
+def test_sigkill_mid_epoch_then_resume_gives_same_metrics(name, tmp_path):
+    case = CASES[name]
+    straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
+    straight = start(tmp_path, case, straight_dir)
+    killed = start(tmp_path, case, killed_dir)
+    try:
+        held = kill_mid_period(killed, case, killed_dir)
+    finally:
+        killed.kill()
+    assert held > 0 if case.progress is oti_images else held == 1
+    assert not (killed_dir / "results.json").exists()
+
+    resumed = start(tmp_path, case, killed_dir, "resume=true")
+    assert straight.wait(timeout=TIMEOUT) == 0, output(straight)
+    assert case.progress(progress_file(straight_dir, case.watch)) > held  # it saved to the very end
+    assert resumed.wait(timeout=TIMEOUT) == 0, output(resumed)
+    assert "resuming from" in resumed.log.read_text() or case.progress is oti_images
+    if case.progress is checkpoint_epoch:  # the weights at the end, whichever epoch was selected
+        weights = [
+            torch.load(d / case.watch, weights_only=True)["state_dict"] for d in (straight_dir, killed_dir)
+        ]
+        for key, value in weights[0].items():
+            assert torch.allclose(weights[1][key].float(), value.float(), atol=1e-6), key
+    expected, got = results(straight_dir), results(killed_dir)
+    assert got["stages"].keys() == expected["stages"].keys()
+    for stage, metrics in expected["stages"].items():
+        assert got["stages"][stage].keys() == metrics.keys()
+        for key, value in metrics.items():
+            assert got["stages"][stage][key] == pytest.approx(value, abs=1e-6), (stage, key)
