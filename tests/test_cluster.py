@@ -13,10 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CACHE, ROOT, cli_env, results, run_cli
+from omegaconf import OmegaConf
 
 from cirlab.distributed import rank_overrides
 from cirlab.errors import CirlabError
-from tests.conftest import CACHE, ROOT, cli_env, results, run_cli
+
+OTI = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/method/searle_oti.yaml").oti)
 
 
 def test_rank_overrides(monkeypatch):
@@ -118,7 +121,7 @@ def invert_with(backbone, text, seen: list[int]):
 
     def invert(features):
         seen.append(len(features))
-        tokens, ema, _ = oti(backbone, text, features, {"steps": 3, "top_k": 2})
+        tokens, ema, _ = oti(backbone, text, features, {**OTI, "steps": 3, "top_k": 2})
         return tokens, ema
 
     return invert
