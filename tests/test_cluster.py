@@ -191,7 +191,10 @@ def test_optuna_search(tmp_path):
     proc = run_cli(tmp_path, "-m", "+experiment=optuna_clip4cir_combiner", "method.combiner.max_epochs=1")
     (sweep,) = (tmp_path / "outputs/multirun").iterdir()
     trials = [results(p.parent) for p in sweep.glob("*/results.json")]
-    assert len(trials) == 4 and len({t["config"]["method"]["combiner"]["module"]["optimizer"]["lr"] for t in trials}) == 4
+    assert (
+        len(trials) == 4
+        and len({t["config"]["method"]["combiner"]["module"]["optimizer"]["lr"] for t in trials}) == 4
+    )
     best = max(t["metrics"][t["main_metric"]] for t in trials)  # what each run returned to Optuna
     optuna = (sweep / "optimization_results.yaml").read_text()
     assert f"best_value: {best}" in optuna
