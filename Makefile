@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 run: install
 	$(VENV)/bin/cirlab method=clip4cir
 
-## the test suite (slow integration tests included; ≈27 min on 2 cores from a fresh clone, cold caches: 2026-12-01)
+## lint + the test suite (slow integration tests included; ≈46 min on 2 cores from a fresh clone, cold caches: 2026-12-01)
 ## lint + format check (ruff, configured in pyproject.toml); `make test` runs it first
 lint: install
 	$(VENV)/bin/ruff check .
