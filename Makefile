@@ -20,12 +20,12 @@ $(STAMP): pyproject.toml
 run: install
 	$(VENV)/bin/cirlab method=clip4cir
 
-## lint + the test suite (slow integration tests included; ≈46 min on 2 cores from a fresh clone, cold caches: 2026-12-01)
 ## lint + format check (ruff, configured in pyproject.toml); `make test` runs it first
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+## lint + the test suite (slow integration tests included; ≈46 min on 2 cores from a fresh clone, cold caches: 2026-12-01)
 test: install lint
 	$(PY) -m pytest -q --durations=15
 
