@@ -197,7 +197,7 @@ def run_data(cfg, module, stage: str):
     cached (read when the cache file is there, never encoded); None when the run's dataset is not on
     this machine. The module sees it as its `eval_data`, as in evaluation."""
     from cirlab.data.features import FeatureCache
-    from cirlab.pipeline import build_datamodule, cached_images
+    from cirlab.pipeline import build_datamodule, cached_images, text_table
 
     try:
         source = build_source(cfg)
@@ -211,6 +211,8 @@ def run_data(cfg, module, stage: str):
             module.feature_encoder(), names, [source.image_path(n) for n in names]
         )
     dm.use(transform=module.backbone.preprocess, features=features, text_views=module.text_views)
+    if module.frozen_text_encoder and cfg.paths.get("cache_dir"):  # the run's very text features
+        module.text_table = text_table(cfg, module, dm, cfg.method[stage].max_epochs > 0)
     module.eval_data = dm
     return dm
 

@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from cirlab.data.datamodule import CIRDataModule
-from cirlab.data.features import FeatureCache
+from cirlab.data.features import FeatureCache, TextFeatureCache
 from cirlab.data.sources.readable import ReadableOnly, describe
 from cirlab.distributed import connect
 from cirlab.errors import CirlabError
@@ -172,6 +172,15 @@ def feed_data(cfg: DictConfig, name: str, module: RetrievalModule, backbone, dm:
             reference_views=module.reference_views,
         )
     dm.batch_size = cfg.method[name].batch_size
+    if module.frozen_text_encoder:
+        module.text_table = text_table(cfg, module, dm, train)
+        log.info("stage %s: %s text features (frozen text encoder)", name, len(module.text_table))
+
+
+def text_table(cfg: DictConfig, module: RetrievalModule, dm: CIRDataModule, train: bool) -> dict:
+    """A frozen-text-encoder stage's features of every text it can see, from the text-feature cache."""
+    cache = TextFeatureCache(cfg.paths.cache_dir, batch_size=cfg.eval.batch_size)
+    return cache.get(module.backbone, dm.frozen_texts(image_splits(module, dm, train)))
 
 
 def load_given_weights(module: RetrievalModule, name: str, file: str) -> dict[str, str]:
@@ -239,7 +248,7 @@ def write_outputs(
 
 
 def image_splits(module: RetrievalModule, dm: CIRDataModule, train: bool) -> tuple[str, ...]:
-    """The splits whose images a stage reads (their features are cached together)."""
+    """The splits whose images and texts a stage reads (their features are cached together)."""
     return (("train",) if train and module.trains_on_dataset_images else ()) + (dm.val_split, dm.test_split)
 
 

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from cirlab.backbones.openclip import OpenCLIPBackbone
-from cirlab.data.features import FeatureCache
+from cirlab.data.features import FeatureCache, TextFeatureCache
 
 CFG = dict(
     embed_dim=16,
@@ -74,3 +74,93 @@ def test_cache_entry_records_its_key_and_checksum(tmp_path, caplog):
     entry.get(build)
     assert len(builds) == 2 and entry.hit is False and "corrupt or foreign" in caplog.text
     assert entry.read()[0] is not None
+
+
+# ---- frozen text features ------------------------------------------------------------------------
+def _fashioniq_combiner(tmp_path):
+    """CLIP4Cir's Combiner on a random tiny CLIP over the FashionIQ fixture layout (random caption
+    orders per epoch), fed as the pipeline feeds a stage: cached image features and the text table."""
+    import lightning as L
+    from fixtures.make_images import materialize
+
+    from cirlab.data.datamodule import CIRDataModule
+    from cirlab.data.sources.fashioniq import FashionIQSource
+    from cirlab.methods.clip4cir import CLIP4CirCombiner
+
+    torch.manual_seed(0)
+    bb = OpenCLIPBackbone(model_cfg=CFG, name="t")
+    source = FashionIQSource(materialize("fashioniq", tmp_path / "fiq"))
+    dm = CIRDataModule(source, batch_size=4, seed=0)
+    names = dm.all_images()
+    dm.use(features=FeatureCache(tmp_path / "cache").get(bb, names, [source.image_path(n) for n in names]))
+    L.seed_everything(0, verbose=False)
+    module = CLIP4CirCombiner(bb, optimizer=lambda params: torch.optim.Adam(params, lr=1e-3))
+    module.eval_data = dm
+    module.text_table = TextFeatureCache(tmp_path / "cache", batch_size=8).get(
+        bb, dm.frozen_texts(("train", "val", "test"))
+    )
+    return module, dm
+
+
+def test_text_table_holds_every_caption_order_fashioniq_can_draw(tmp_path):
+    module, dm = _fashioniq_combiner(tmp_path)
+    ds = dm.train_dataset()
+    drawn = set()
+    for epoch in range(8):
+        ds.epoch = epoch
+        drawn |= {ds[i]["text"] for i in range(len(ds))}
+    assert len(drawn) > len(ds)  # the orders really vary between epochs
+    assert drawn <= module.text_table.keys()
+    # each row is the text encoded in the table's sorted batches, whatever batch asks for it
+    texts = sorted(drawn)[:5]
+    module.train()
+    batch = module.text_features(texts[::-1])
+    assert all(torch.equal(batch[i], module.text_table[t]) for i, t in enumerate(texts[::-1]))
+
+
+def test_a_training_text_outside_the_table_is_an_error_not_a_silent_encoding(tmp_path):
+    import pytest
+
+    from cirlab.errors import CirlabError
+
+    module, _ = _fashioniq_combiner(tmp_path)
+    module.train()
+    with pytest.raises(CirlabError, match="not in the stage's text-feature table"):
+        module.text_features(["a text no dataset has"])
+    module.eval()  # evaluation may see a typed query (cirlab.load().search): encoded, then kept
+    assert module.text_features(["a text no dataset has"]).shape == (1, 16)
+
+
+def test_combiner_resumed_from_epoch_one_equals_two_straight_epochs_with_random_caption_orders(tmp_path):
+    """The text table is the same floats in a fresh process-state, so a resume reads what the
+    uninterrupted run read (a memo filled batch by batch would not be)."""
+    import lightning as L
+
+    from cirlab.pipeline import BatchSeed
+
+    def trainer(epochs, root):  # BatchSeed: the dropout masks follow (seed, step), as in cirlab runs
+        return L.Trainer(
+            callbacks=[BatchSeed(0)],
+            max_epochs=epochs,
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            default_root_dir=str(root),
+        )
+
+    module, dm = _fashioniq_combiner(tmp_path)
+    trainer(2, tmp_path / "straight").fit(module, train_dataloaders=dm.train_dataloader())
+    straight = module.combiner.state_dict()
+
+    module, dm = _fashioniq_combiner(tmp_path)
+    first = trainer(1, tmp_path / "first")
+    first.fit(module, train_dataloaders=dm.train_dataloader())
+    first.save_checkpoint(tmp_path / "epoch1.ckpt")
+    module, dm = _fashioniq_combiner(tmp_path)  # a new process's state: the table read from the cache
+    trainer(2, tmp_path / "resumed").fit(
+        module, train_dataloaders=dm.train_dataloader(), ckpt_path=tmp_path / "epoch1.ckpt"
+    )
+    for key, value in module.combiner.state_dict().items():
+        assert torch.equal(value, straight[key]), key

@@ -70,6 +70,12 @@ class CaptionDataModule(CIRDataModule):
             seen.update(dict.fromkeys(n for n, _ in self.pairs(split)))
         return list(seen)
 
+    def frozen_texts(self, splits: tuple[str, ...]) -> list[str]:
+        texts: dict[str, None] = {}
+        for split in splits:
+            texts.update(dict.fromkeys(c for _, caps in self.pairs(split) for c in caps))
+        return list(texts)
+
     def train_dataset(self) -> CaptionPairs:
         if self._train is None:
             self._train = CaptionPairs(self.pairs("train"), self._lookup(), self.seed)

@@ -195,6 +195,21 @@ class CIRDataModule(L.LightningDataModule):
                 seen.update(dict.fromkeys(q.reference for q in es.queries))
         return list(seen)
 
+    def frozen_texts(self, splits: tuple[str, ...]) -> list[str]:
+        """Every text a stage on `splits` can see (each training caption view's every possible draw,
+        each evaluation query text): the rows of a frozen text encoder's feature table."""
+        texts: dict[str, None] = {}
+        if "train" in splits:
+            for q in self.source.train_queries():
+                for view in self.text_views.values():
+                    texts.update(dict.fromkeys(self.source.train_text_choices(with_view(q, view))))
+        for split in splits:
+            if split != "train":
+                for es in self.eval_sets(split):
+                    view = self.text_views.get("text")
+                    texts.update(dict.fromkeys(self.source.eval_text(with_view(q, view)) for q in es.queries))
+        return list(texts)
+
     def _lookup(self) -> ImageLookup:
         if self.transform is None and self.features is None:
             raise CirlabError("internal: datamodule used before the pipeline configured it")

@@ -1,9 +1,9 @@
-"""On-disk cache of frozen-backbone image embeddings.
+"""On-disk caches of frozen-backbone embeddings: images (`FeatureCache`) and texts (`TextFeatureCache`).
 
-Encoding images is the slowest part of every frozen-backbone stage (~25x a Combiner epoch), so
-embeddings are computed once and stored (a `cirlab.cache` entry) under a key that hashes (backbone
-weights, preprocessing, image list). A different backbone or image list gets a new file; a truncated
-or foreign file fails its verification and is rebuilt, never used.
+Encoding is the slowest part of every frozen-backbone stage (~25x a Combiner epoch), so embeddings
+are computed once and stored (a `cirlab.cache` entry) under a key that hashes (backbone weights,
+preprocessing or batch size, the image or text list). A different backbone or list gets a new file;
+a truncated or foreign file fails its verification and is rebuilt, never used.
 """
 
 from __future__ import annotations
@@ -90,3 +90,47 @@ class FeatureCache:
         entry = CacheEntry(self.dir / f"{self.key(backbone, names, paths)}.pt", what="feature cache")
         blob, _ = entry.read(valid=lambda blob: blob["names"] == names)
         return None if blob is None else dict(zip(names, blob["features"]))
+
+
+@torch.no_grad()
+def encode_texts(backbone: Backbone, texts: list[str], batch_size: int, desc: str = "encoding texts"):
+    """Raw text embeddings of `texts`, in batches of `batch_size` taken in the given order."""
+    was_training = backbone.training
+    backbone.eval()
+    starts = range(0, len(texts), batch_size)
+    out = [
+        backbone.encode_texts(texts[i : i + batch_size]).float().cpu()
+        for i in tqdm(starts, desc=desc, leave=False, disable=len(starts) < 2)
+    ]
+    backbone.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, backbone.embed_dim)
+
+
+class TextFeatureCache:
+    """Frozen-text-encoder features of every text a stage can draw (each training caption view, each
+    evaluation query text), so that the stage runs no text encoder while it trains.
+
+    Why a table and not a memo filled as batches come: float results depend on the batch a text was
+    encoded in, so a memo filled by whichever batch came first would give a resumed run other floats.
+    Here the texts are encoded sorted, in batches of a fixed size: the same floats in every run."""
+
+    def __init__(self, cache_dir: str | Path, batch_size: int = 256):
+        self.dir = Path(cache_dir) / "features"
+        self.batch_size = batch_size
+        self.last_hit: bool | None = None
+
+    def get(self, backbone: Backbone, texts: list[str]) -> dict[str, torch.Tensor]:
+        """text -> raw embedding for every distinct text, from the cache or freshly encoded."""
+        texts = sorted(set(texts))
+        h = hashlib.sha1(f"{backbone.fingerprint()}\0{self.batch_size}".encode())
+        for t in texts:
+            h.update(f"{t}\0".encode())
+        entry = CacheEntry(self.dir / f"text_{h.hexdigest()[:20]}.pt", what="text feature cache")
+
+        def encode() -> dict:
+            desc = f"caching text features ({len(texts)} texts)"
+            return {"texts": texts, "features": encode_texts(backbone, texts, self.batch_size, desc)}
+
+        blob = entry.get(encode, valid=lambda blob: blob["texts"] == texts)
+        self.last_hit = entry.hit
+        return dict(zip(texts, blob["features"]))

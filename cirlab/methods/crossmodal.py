@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import random
-import weakref
 
 import lightning as L
 import torch
@@ -212,11 +211,6 @@ class PreProjectionImages(Backbone):
             self.visual.proj = proj
 
 
-# frozen-text-tower caption embeddings, per backbone object, shared by the stages of a run
-# (a train=projections module changes the text tower: it drops its backbone's memo)
-_TEXT_MEMO: weakref.WeakKeyDictionary[Backbone, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
-
-
 class CrossModalRetrieval(RetrievalModule):
     """Text<->image retrieval on a frozen backbone with cached image features; validation/test score
     crossmodal_recalls ({split}/t2i_recall_at_K, i2t_recall_at_K, rsum) on a CaptionDataModule and keep
@@ -267,11 +261,11 @@ class CrossModalRetrieval(RetrievalModule):
                 requires_grad=train == "adapter",
             )
         self._eval: dict[int, list[torch.Tensor]] = {}
-        if train == "projections":
-            _TEXT_MEMO.pop(backbone, None)
-            self._text_memo: dict[str, torch.Tensor] = {}
-        else:
-            self._text_memo = _TEXT_MEMO.setdefault(backbone, {})
+
+    @property
+    def frozen_text_encoder(self) -> bool:
+        """Frozen text tower (captions read from the text-feature table) unless its projection trains."""
+        return self.train_mode != "projections"
 
     def feature_encoder(self) -> Backbone:
         """What the pipeline caches image features with."""
@@ -293,19 +287,7 @@ class CrossModalRetrieval(RetrievalModule):
         return v
 
     def text_embedding(self, texts: list[str]) -> torch.Tensor:
-        if self.train_mode == "projections":  # the text projection trains: no memo
-            return F.normalize(self.text_features(list(texts)), dim=-1)
-        # frozen text tower (eval mode, deterministic): each distinct caption is encoded once per
-        # stage, so per-epoch validation and the repeated training captions cost nothing after the first
-        missing = list(dict.fromkeys(t for t in texts if t not in self._text_memo))
-        if missing:
-            with torch.no_grad():
-                was_training = self.backbone.training
-                self.backbone.eval()
-                emb = F.normalize(self.text_features(missing), dim=-1).cpu()
-                self.backbone.train(was_training)
-            self._text_memo.update(zip(missing, emb))
-        return torch.stack([self._text_memo[t] for t in texts]).to(self.device)
+        return F.normalize(self.text_features(list(texts)), dim=-1)
 
     def gallery_embedding(self, images: torch.Tensor) -> torch.Tensor:
         return self.image_embedding(images)

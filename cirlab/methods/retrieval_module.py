@@ -50,12 +50,14 @@ class RetrievalModule(L.LightningModule):
         self.eval_data = None  # the CIRDataModule whose eval sets are scored; set by the pipeline
         self.gallery_on_disk: Path | None = None  # eval.gallery_on_disk: stream gallery embeddings to files
         self._writers: dict[int, EmbeddingWriter] = {}
-        self._text_memo: dict[str, torch.Tensor] = {}
+        # frozen text encoder: text -> raw feature of every text the stage can draw (set by the pipeline
+        # from cirlab.data.features.TextFeatureCache), so training runs no text encoder
+        self.text_table: dict[str, torch.Tensor] | None = None
         self.stage_dir: Path | None = None  # the run's stage folder, when cirlab.load rebuilt this module
 
     # ---- what a method defines ------------------------------------------------------------------
     frozen_image_encoder: bool = False  # True: batches carry cached image features [B, D], not pixels
-    frozen_text_encoder: bool = False  # True: no text gradients; eval text features memoised
+    frozen_text_encoder: bool = False  # True: no text gradients; text features read from `text_table`
     query_has_image: bool = True  # False: a query is a text alone (text -> image retrieval)
     # False: training reads no image of the dataset's training split (SEARLE's phi on another source's
     # images), so a dataset without one (CIRCO) can be trained for
@@ -79,19 +81,20 @@ class RetrievalModule(L.LightningModule):
     def text_features(self, texts: list[str]) -> torch.Tensor:
         if not self.frozen_text_encoder:
             return self.backbone.encode_texts(texts).float()
-        if self.training:
-            # Not memoised while training: a memo filled by whichever batches came first would make a
-            # resumed run encode texts in other batch shapes, and float results depend on them.
+        if self.text_table is None:  # built outside the pipeline (no table): encoded as they come
             with torch.no_grad():
                 return self.backbone.encode_texts(texts).float()
-        # Evaluation: a frozen text encoder maps a text to the same feature every epoch, so each
-        # distinct query text is encoded once (eval batches are the same in every run).
-        missing = [t for t in dict.fromkeys(texts) if t not in self._text_memo]
+        missing = [t for t in dict.fromkeys(texts) if t not in self.text_table]
         if missing:
+            if self.training:
+                raise CirlabError(
+                    f"internal: training text {missing[0]!r} is not in the stage's text-feature table "
+                    "(its datamodule's frozen_texts() must list every text a stage can draw)"
+                )
+            # evaluation of a text no dataset has (e.g. a query typed into cirlab.load().search)
             with torch.no_grad():
-                feats = self.backbone.encode_texts(missing).float()
-            self._text_memo.update(zip(missing, feats))
-        return torch.stack([self._text_memo[t] for t in texts])
+                self.text_table.update(zip(missing, self.backbone.encode_texts(missing).float().cpu()))
+        return torch.stack([self.text_table[t] for t in texts]).to(self.device)
 
     def feature_encoder(self) -> Backbone:
         """What encodes the cached image features of a frozen-encoder stage."""

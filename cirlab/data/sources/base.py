@@ -48,6 +48,10 @@ class CIRSource:
         """The caption rule at training time (FashionIQ randomises the order of its two captions)."""
         return self.eval_text(query)
 
+    def train_text_choices(self, query: CIRQuery) -> list[str]:
+        """Every text `train_text` can return for `query` (a frozen text encoder encodes them all once)."""
+        return [self.train_text(query, random.Random(0))]
+
     def eval_text(self, query: CIRQuery) -> str:
         return query.captions[0]
 

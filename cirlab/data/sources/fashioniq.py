@@ -99,6 +99,15 @@ class FashionIQSource(CIRSource):
         c1, c2 = (c.strip(STRIP) for c in query.captions)
         return [f"{c1} and {c2}", f"{c2} and {c1}"]
 
+    def train_text_choices(self, query: CIRQuery) -> list[str]:
+        c1, c2 = (c.strip(STRIP) for c in query.captions)
+        return [
+            f"{c1.capitalize()} and {c2}",
+            f"{c2.capitalize()} and {c1}",
+            c1.capitalize(),
+            c2.capitalize(),
+        ]
+
     def train_text(self, query: CIRQuery, rng: random.Random) -> str:
         """CLIP4Cir's generate_randomized_fiq_caption; u exactly 0.25/0.5/0.75 falls to the last branch."""
         c1, c2 = (c.strip(STRIP) for c in query.captions)

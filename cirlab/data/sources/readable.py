@@ -87,6 +87,9 @@ class ReadableOnly(CIRSource):
     def train_text(self, query: CIRQuery, rng: random.Random) -> str:
         return self.source.train_text(query, rng)
 
+    def train_text_choices(self, query: CIRQuery) -> list[str]:
+        return self.source.train_text_choices(query)
+
     def eval_text(self, query: CIRQuery) -> str:
         return self.source.eval_text(query)
 
