@@ -175,6 +175,13 @@ class Retriever:
         return [(self.paths[i], s) for s, i in zip(scores[0].tolist(), rows[0].tolist())]
 
 
+def data_kind(cfg) -> str:
+    """ "cir" or "captions": the kind of data the run's dataset config serves (its datamodule's `kind`)."""
+    from hydra.utils import get_class
+
+    return get_class(cfg.dataset.datamodule._target_).kind
+
+
 def build_source(cfg):
     """The run's dataset source as the pipeline built it (its config rebuilds it, unreadable images left
     out under dataset.missing_images=skip); CirlabError when its data is not here."""

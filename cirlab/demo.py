@@ -90,11 +90,11 @@ class Answer:
 def run_gallery(cfg, source=None) -> Gallery:
     """The run's own test gallery (union of the test split's eval sets) and its queries; `source`: the
     run's dataset source when already built."""
-    from cirlab.api import build_source
+    from cirlab.api import build_source, data_kind
 
     source = source or build_source(cfg)
     split = cfg.dataset.test_split
-    if cfg.dataset.get("kind", "cir") == "captions":
+    if data_kind(cfg) == "captions":
         pairs = source.image_captions(split)
         names = [n for n, _ in pairs]
         captions = [(c, n) for n, caps in pairs for c in caps]
@@ -182,9 +182,9 @@ class DemoBackend:
     def __init__(self, retriever, gallery: Gallery):
         self.retriever, self.gallery = retriever, gallery
         self.exclude_reference = gallery.exclude_reference
-        self.captions_mode = (
-            retriever.cfg is not None and retriever.cfg.dataset.get("kind", "cir") == "captions"
-        )
+        from cirlab.api import data_kind
+
+        self.captions_mode = retriever.cfg is not None and data_kind(retriever.cfg) == "captions"
         self.index_of = {n: i for i, n in enumerate(gallery.names)}
         self.name_of = {str(p): n for n, p in zip(gallery.names, gallery.paths)}
         self.answers = {(q.reference, q.text.strip()): q.targets for q in gallery.queries}

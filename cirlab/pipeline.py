@@ -110,7 +110,7 @@ def close_logger(logger) -> None:
 
 def check_data_kind(cfg: DictConfig, module: RetrievalModule, dm: CIRDataModule) -> None:
     """A method trains and scores one kind of data: CIR triplets or image captions."""
-    wanted, given = getattr(module, "data_kind", "cir"), getattr(dm, "kind", "cir")
+    wanted, given = module.data_kind, dm.kind
     if wanted != given:
         raise CirlabError(
             f"method {cfg.method.name!r} needs a {wanted} dataset, but dataset={cfg.dataset.name} is {given}. "

@@ -171,7 +171,6 @@ TRAINER = {
 
 DATASET = {
     "dataset.name": Str(),
-    "dataset.kind": OneOf("cir", "captions"),
     "dataset.path": Str(),
     "dataset.root": Str(),
     "dataset.image_root": FILE,

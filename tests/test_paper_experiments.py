@@ -161,7 +161,9 @@ def test_mlcl_rows(name):
 def test_crossmodal_rows(name):
     cfg = OmegaConf.to_container(compose_experiment(name), resolve=True)
     _, dataset, bb = name.split("_")
-    assert cfg["dataset"]["name"] == dataset and cfg["dataset"]["kind"] == "captions"
+    assert cfg["dataset"]["name"] == dataset and cfg["dataset"]["datamodule"]["_target_"].endswith(
+        "CaptionDataModule"
+    )
     assert cfg["backbone"]["model"]["model_name"] == {"vitb32": "ViT-B-32", "vitl14": "ViT-L-14"}[bb]
     assert cfg["backbone"]["pretrained"] == "openai" and cfg["dataset"]["preprocess"] == "clip"
     m = cfg["method"]

@@ -140,6 +140,8 @@ class QueryDataset(Dataset):
 
 
 class CIRDataModule(L.LightningDataModule):
+    kind = "cir"  # what a method's `data_kind` must match (CaptionDataModule: "captions")
+
     def __init__(
         self,
         source: CIRSource,

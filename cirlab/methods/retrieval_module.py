@@ -59,6 +59,7 @@ class RetrievalModule(L.LightningModule):
     frozen_image_encoder: bool = False  # True: batches carry cached image features [B, D], not pixels
     frozen_text_encoder: bool = False  # True: no text gradients; text features read from `text_table`
     query_has_image: bool = True  # False: a query is a text alone (text -> image retrieval)
+    data_kind: str = "cir"  # the datamodule `kind` it trains and scores on (cross-modal: "captions")
     # False: training reads no image of the dataset's training split (SEARLE's phi on another source's
     # images), so a dataset without one (CIRCO) can be trained for
     trains_on_dataset_images: bool = True
