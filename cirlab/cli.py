@@ -75,6 +75,10 @@ def print_table(results: dict) -> None:
         from cirlab.data.sources.readable import describe
 
         print(f"  skipped (dataset.missing_images=skip), skipped/all: {describe(results['skipped_images'])}")
+    phases = results.get("phase_wall_time_s")
+    if phases:
+        spent = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in phases.items())
+        print(f"  wall time {results['wall_time_s']:.0f} s: {spent}")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")

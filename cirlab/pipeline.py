@@ -10,9 +10,12 @@ their best weights) and continues the interrupted one from its last checkpoint.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +125,22 @@ def check_data_kind(cfg: DictConfig, module: RetrievalModule, dm: CIRDataModule)
         )
 
 
+class PhaseTimer:
+    """Wall seconds per phase of a run (dataset, backbone, each stage's features / train / eval): where a
+    cold start's time goes, in results.json (`phase_wall_time_s`) and the closing table."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 2)
+
+
 def cached_images(module: RetrievalModule, dm: CIRDataModule, trained: bool) -> list[str]:
     """The images whose features a frozen-encoder stage caches (the cache file is keyed by this list)."""
     return dm.all_images(image_splits(module, dm, trained))
@@ -155,7 +174,7 @@ def feed_data(cfg: DictConfig, name: str, module: RetrievalModule, backbone, dm:
     train = cfg.method[name].max_epochs > 0
     if module.frozen_image_encoder:
         names = cached_images(module, dm, train)
-        cache = FeatureCache(cfg.paths.cache_dir, batch_size=cfg.eval.batch_size, num_workers=cfg.num_workers)
+        cache = FeatureCache(cfg.paths.cache_dir, batch_size=cfg.eval.batch_size, num_workers=dm.num_workers)
         encoder = module.feature_encoder()
         dm.use(
             features=cache.get(encoder, names, [dm.source.image_path(n) for n in names]),
@@ -253,7 +272,7 @@ def image_splits(module: RetrievalModule, dm: CIRDataModule, train: bool) -> tup
 
 
 def run_stage(
-    cfg: DictConfig, name: str, backbone, dm: CIRDataModule, run_dir: Path, resume: bool
+    cfg: DictConfig, name: str, backbone, dm: CIRDataModule, run_dir: Path, resume: bool, timer: PhaseTimer
 ) -> dict[str, Any]:
     scfg = cfg.method[name]
     stage_dir = run_dir / "stages" / name
@@ -261,7 +280,8 @@ def run_stage(
     done = stage_dir / "done.json"
     if resume and done.is_file():
         return reuse_finished(module, name, done)
-    feed_data(cfg, name, module, backbone, dm)
+    with timer(f"{name}/features"):
+        feed_data(cfg, name, module, backbone, dm)
 
     record: dict[str, Any] = {"stage": name, "best_checkpoint": None}
     if scfg.get("checkpoint"):
@@ -286,11 +306,14 @@ def run_stage(
     trainer = build_trainer(cfg, name, [checkpoint, last_checkpoint], logger, stage_dir)
     train = scfg.max_epochs > 0
     if train:
-        record.update(fit(trainer, module, dm, checkpoint, ckpt_dir / "last.ckpt", resume))
+        with timer(f"{name}/train"):
+            record.update(fit(trainer, module, dm, checkpoint, ckpt_dir / "last.ckpt", resume))
     record["selected_on"] = selection(checkpoint.monitor, train, record.get("weights_from"))
-    record["metrics"] = evaluate(trainer, module, dm)
-    if rank_zero_only.rank == 0:  # under DDP every rank holds the same gathered results
-        write_outputs(cfg, module, dm, stage_dir, logger)
+    with timer(f"{name}/eval"):
+        record["metrics"] = evaluate(trainer, module, dm)
+        if rank_zero_only.rank == 0:  # under DDP every rank holds the same gathered results
+            write_outputs(cfg, module, dm, stage_dir, logger)
+    if rank_zero_only.rank == 0:
         write_json(done, record)
     close_logger(logger)
     return record
@@ -339,6 +362,17 @@ def load_module_weights(module: torch.nn.Module, path: Path) -> None:
         ) from err
 
 
+def loader_workers(cfg: DictConfig) -> int:
+    """`num_workers`, with auto = none on CPU and the cores per device (at most 8) on a GPU. Workers never
+    change the data (each item is drawn from (seed, epoch, index)), only how fast it arrives."""
+    if cfg.num_workers != "auto":
+        return int(cfg.num_workers)
+    if cfg.trainer.accelerator == "cpu":
+        return 0
+    devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) and cfg.trainer.devices > 0 else 1
+    return min(8, max(1, (os.cpu_count() or 1) // devices))
+
+
 def build_datamodule(cfg: DictConfig, source) -> CIRDataModule:
     """The dataset config's datamodule (CIR triplets or image captions) over `source`."""
     if "datamodule" not in cfg.dataset:
@@ -350,7 +384,8 @@ def build_datamodule(cfg: DictConfig, source) -> CIRDataModule:
         cfg.dataset.datamodule,
         source,
         eval_batch_size=cfg.eval.batch_size,
-        num_workers=cfg.num_workers,
+        num_workers=loader_workers(cfg),
+        pin_memory=cfg.trainer.accelerator == "gpu",
         seed=cfg.seed,
         val_split=cfg.dataset.val_split,
         test_split=cfg.dataset.test_split,
@@ -370,15 +405,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         file = cfg.method[name].get("checkpoint")  # its type and every other value: cirlab/schema.py
         if file and not Path(file).is_file():
             raise CirlabError(f"method.{name}.checkpoint={file}: no such file")
-    source = instantiate(cfg.dataset.source)
-    if cfg.dataset.get("missing_images") == "skip":
-        source = ReadableOnly(source)
-    backbone = instantiate(cfg.backbone.model)
+    timer = PhaseTimer()
+    with timer("dataset"):  # the synthetic benchmark is generated here on first use
+        source = instantiate(cfg.dataset.source)
+        if cfg.dataset.get("missing_images") == "skip":
+            source = ReadableOnly(source)
+    with timer("backbone"):  # backbone=tiny|blip_tiny are pretrained here on first use
+        backbone = instantiate(cfg.backbone.model)
     dm = build_datamodule(cfg, source)
     stages: dict[str, Any] = {}
     for name in cfg.method.stages:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        stages[name] = run_stage(cfg, name, backbone, dm, run_dir, resume)
+        stages[name] = run_stage(cfg, name, backbone, dm, run_dir, resume, timer)
     final = stages[cfg.method.stages[-1]]
     results = {
         "metrics": final["metrics"],
@@ -393,6 +431,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "config": OmegaConf.to_container(cfg, resolve=True),
         "git_commit": git_commit(),
         "wall_time_s": round(time.time() - start, 2),
+        "phase_wall_time_s": timer.seconds,  # this process's phases (a resumed run: since the resume)
     }
     if isinstance(source, ReadableOnly):  # the numbers are over fewer queries than the full benchmark's
         results["skipped_images"] = source.skipped

@@ -311,7 +311,7 @@ SCHEMA = {
     "seed": SEED,
     "run_name": Str(),
     "resume": Bool(),
-    "num_workers": COUNT,
+    "num_workers": Either(COUNT, OneOf("auto")),
     "eval.batch_size": POSITIVE,
     "eval.gallery_on_disk": Bool(),
     "eval.visualize": Bool(),

@@ -138,3 +138,21 @@ def test_edit_captions_describe_their_image(tmp_path):
     ]
     with_edits = src.image_captions("train", edits=True)
     assert all(len(c) == len(p) + 3 for (_, c), (_, p) in zip(with_edits, src.image_captions("train")))
+
+
+def test_loader_workers_auto_is_none_on_cpu_and_the_cores_per_device_on_gpu(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from cirlab.pipeline import loader_workers
+
+    def cfg(workers, accelerator, devices=1):
+        return OmegaConf.create(
+            {"num_workers": workers, "trainer": {"accelerator": accelerator, "devices": devices}}
+        )
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert loader_workers(cfg("auto", "cpu")) == 0
+    assert loader_workers(cfg("auto", "gpu")) == 8  # capped
+    assert loader_workers(cfg("auto", "gpu", 4)) == 4
+    assert loader_workers(cfg("auto", "gpu", "auto")) == 8
+    assert loader_workers(cfg(3, "cpu")) == 3  # a count is taken as given

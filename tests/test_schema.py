@@ -53,7 +53,11 @@ def test_every_conf_key_has_a_schema_entry_and_every_default_is_valid(configs):
 
 
 # Either rules: (wrong type, out of range), written out as their alternatives make generic values ambiguous
-EITHER_BAD = {"trainer.devices": (["x"], 0), "method.**.token_norm": ([1.0], -1.0)}
+EITHER_BAD = {
+    "trainer.devices": (["x"], 0),
+    "method.**.token_norm": ([1.0], -1.0),
+    "num_workers": ("many", -1),
+}
 
 
 def bad_values(pattern: str, rule) -> tuple[object, object | None]:

@@ -88,12 +88,12 @@ class CaptionDataModule(CIRDataModule):
             batch_size=self.batch_size,
             sampler=EpochSampler(ds, self.seed),
             drop_last=len(ds) > self.batch_size,
-            num_workers=self.num_workers,
+            **self.loader_options(),
         )
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
         pairs = self.pairs(split)
-        kw = dict(batch_size=self.eval_batch_size, num_workers=self.num_workers)
+        kw = dict(batch_size=self.eval_batch_size, **self.loader_options())
         return [
             DataLoader(GalleryDataset([n for n, _ in pairs], self._lookup()), **kw),
             DataLoader(CaptionTexts(pairs), **kw),

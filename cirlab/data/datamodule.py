@@ -151,11 +151,12 @@ class CIRDataModule(L.LightningDataModule):
         seed: int = 0,
         val_split: str = "val",
         test_split: str = "test",
+        pin_memory: bool = False,
     ):
         super().__init__()
         self.source = source
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.num_workers, self.seed = num_workers, seed
+        self.num_workers, self.seed, self.pin_memory = num_workers, seed, pin_memory
         self.val_split, self.test_split = val_split, test_split
         self.transform: Callable | None = None
         self.features: dict[str, torch.Tensor] | None = None
@@ -230,6 +231,11 @@ class CIRDataModule(L.LightningDataModule):
             )
         return self._train
 
+    def loader_options(self) -> dict:
+        """Worker processes and pinned memory of every loader. Not persistent_workers: the pipeline
+        builds new loaders each epoch (reload_dataloaders_every_n_epochs=1), so workers could not be kept."""
+        return {"num_workers": self.num_workers, "pin_memory": self.pin_memory}
+
     def train_dataloader(self) -> DataLoader:
         ds = self.train_dataset()
         if len(ds) < self.batch_size:
@@ -242,8 +248,8 @@ class CIRDataModule(L.LightningDataModule):
             batch_size=self.batch_size,
             sampler=EpochSampler(ds, self.seed),
             drop_last=True,
-            num_workers=self.num_workers,
             collate_fn=collate,
+            **self.loader_options(),
         )
 
     def _eval_loaders(self, split: str) -> list[DataLoader]:
@@ -254,7 +260,7 @@ class CIRDataModule(L.LightningDataModule):
             for ds in (GalleryDataset(es.gallery, lookup), queries):
                 loaders.append(
                     DataLoader(
-                        ds, batch_size=self.eval_batch_size, num_workers=self.num_workers, collate_fn=collate
+                        ds, batch_size=self.eval_batch_size, collate_fn=collate, **self.loader_options()
                     )
                 )
         return loaders

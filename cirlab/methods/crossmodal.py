@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 
 import lightning as L
 import torch
@@ -98,15 +99,22 @@ class ContrastivePretraining(L.LightningModule):
         self.log("pretrain/loss", loss, prog_bar=True, on_epoch=True)
         return loss
 
+    def on_train_start(self) -> None:
+        self._started = time.perf_counter()
+
     def on_train_epoch_end(self) -> None:
-        """A log line per epoch: the progress bar only shows in a terminal, not in a log file."""
+        """A log line per epoch with the time left: the progress bar only shows in a terminal."""
         loss = self.trainer.callback_metrics.get("pretrain/loss_epoch")
+        done, epochs = self.current_epoch + 1, self.trainer.max_epochs
+        elapsed = time.perf_counter() - self._started
         log.info(
-            "pretraining %s: epoch %d/%d, loss %.3f",
+            "pretraining %s: epoch %d/%d, loss %.3f, %.0f s elapsed, about %.0f s left",
             self.backbone.name,
-            self.current_epoch + 1,
-            self.trainer.max_epochs,
+            done,
+            epochs,
             float(loss) if loss is not None else float("nan"),
+            elapsed,
+            elapsed / done * (epochs - done),
         )
 
     def configure_optimizers(self):
