@@ -164,3 +164,15 @@ def test_combiner_resumed_from_epoch_one_equals_two_straight_epochs_with_random_
     )
     for key, value in module.combiner.state_dict().items():
         assert torch.equal(value, straight[key]), key
+
+
+def test_encoding_leaves_every_submodule_in_its_own_mode():
+    """A BLIP sits in eval mode inside its train-mode wrapper; encoding the cache must not switch its
+    dropout on (a cold and a warm cache then trained BLIP4CIR+Bi stage I differently)."""
+    from cirlab.data.features import evaluating
+
+    outer = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Dropout(0.5)))
+    outer[1].eval()
+    with evaluating(outer):
+        assert not any(m.training for m in outer.modules())
+    assert outer.training and outer[0].training and not outer[1].training and not outer[1][0].training

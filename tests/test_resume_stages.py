@@ -144,21 +144,7 @@ def kill_mid_period(proc: subprocess.Popen, case: Case, run_dir: Path) -> int:
     return held
 
 
-KNOWN_BUGS = {
-    # found by this test on 2026-12-01 after the optimiser/scheduler-from-config refactor and the new
-    # blip_tiny recipe landed together: the resumed stage ends at other text-encoder weights (word
-    # embeddings differ by up to 0.1) than the uninterrupted one; open, see issue #20's closing note
-    "blip4cir_bi_finetune": "resumed BLIP4CIR+Bi stage I diverges from the uninterrupted run (open bug)",
-}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN_BUGS[n], strict=False)) if n in KNOWN_BUGS else n
-        for n in CASES
-    ],
-)
+@pytest.mark.parametrize("name", CASES)
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_gives_same_metrics(name, tmp_path):
     case = CASES[name]

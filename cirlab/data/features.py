@@ -9,6 +9,8 @@ a truncated or foreign file fails its verification and is rebuilt, never used.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,6 +36,20 @@ class ImageFiles(Dataset):
         return self.transform(load_image(self.paths[i]))
 
 
+@contextmanager
+def evaluating(module: torch.nn.Module) -> Iterator[None]:
+    """`module` in eval mode, then every submodule back in ITS OWN mode. Not `module.train(was)`: that
+    would put a submodule kept in eval mode (e.g. a BLIP inside its wrapper) in train mode, so a stage's
+    dropout would depend on whether this run encoded the cache or found it built."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 @torch.no_grad()
 def encode_images(
     backbone: Backbone,
@@ -47,13 +63,11 @@ def encode_images(
     loader = DataLoader(
         ImageFiles(paths, transform or backbone.preprocess), batch_size=batch_size, num_workers=num_workers
     )
-    was_training = backbone.training
-    backbone.eval()
-    out = [
-        backbone.encode_image(x.to(backbone.device)).float().cpu()
-        for x in tqdm(loader, desc=desc, leave=False, disable=len(loader) < 2)
-    ]
-    backbone.train(was_training)
+    with evaluating(backbone):
+        out = [
+            backbone.encode_image(x.to(backbone.device)).float().cpu()
+            for x in tqdm(loader, desc=desc, leave=False, disable=len(loader) < 2)
+        ]
     return torch.cat(out)
 
 
@@ -95,14 +109,12 @@ class FeatureCache:
 @torch.no_grad()
 def encode_texts(backbone: Backbone, texts: list[str], batch_size: int, desc: str = "encoding texts"):
     """Raw text embeddings of `texts`, in batches of `batch_size` taken in the given order."""
-    was_training = backbone.training
-    backbone.eval()
     starts = range(0, len(texts), batch_size)
-    out = [
-        backbone.encode_texts(texts[i : i + batch_size]).float().cpu()
-        for i in tqdm(starts, desc=desc, leave=False, disable=len(starts) < 2)
-    ]
-    backbone.train(was_training)
+    with evaluating(backbone):
+        out = [
+            backbone.encode_texts(texts[i : i + batch_size]).float().cpu()
+            for i in tqdm(starts, desc=desc, leave=False, disable=len(starts) < 2)
+        ]
     return torch.cat(out) if out else torch.zeros(0, backbone.embed_dim)
 
 

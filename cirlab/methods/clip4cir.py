@@ -51,8 +51,9 @@ class CLIP4CirFinetune(RetrievalModule):
         return self.encoders == "text"
 
     def on_train_epoch_start(self) -> None:
-        if self.eval_mode:  # the reference never calls .train(): BatchNorm statistics stay frozen
-            self.backbone.eval()
+        # eval_mode: the reference never calls .train() (BatchNorm statistics stay frozen); otherwise
+        # train mode (BLIP4CIR+Bi: BERT dropout on), set here as the backbone may arrive in either
+        self.backbone.train(not self.eval_mode)
 
     def query_embedding(self, reference, texts):
         return F.normalize(self.image_features(reference) + self.text_features(texts), dim=-1)
