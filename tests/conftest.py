@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import json
 import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see cirlab/cli.py
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see cirlab/cli.py
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two cores: one thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # (inherited by the CLI runs a test starts)
+    if "torch" in sys.modules:  # already loaded by a plugin: the variable came too late for it
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "cirlab"
