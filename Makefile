@@ -27,7 +27,7 @@ lint: install
 
 ## lint + the test suite (slow integration tests included; ≈46 min on 2 cores from a fresh clone, cold caches: 2026-12-01)
 test: install lint
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 bench: install
 	for f in bench/*.py; do $(PY) $$f || exit 1; done
