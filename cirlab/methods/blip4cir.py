@@ -45,6 +45,17 @@ class BiDirectional:
     """Mixin over a CLIP4Cir stage: the direction markers as caption views, and its loss (forward
     queries) plus w * the reverse term of `reverse_logits`."""
 
+    def __init__(
+        self,
+        backbone,
+        direction: str = "text",
+        bidirectional: bool = True,
+        reverse_weight: float = 0.5,
+        **kwargs,
+    ):
+        super().__init__(backbone, **kwargs)
+        self._setup_directions(backbone, direction, bidirectional, reverse_weight)
+
     def _setup_directions(self, backbone, direction: str, bidirectional: bool, reverse_weight: float) -> None:
         if direction not in DIRECTIONS:
             raise CirlabError(
@@ -89,20 +100,11 @@ class Blip4CirFinetune(BiDirectional, CLIP4CirFinetune):
     """Stage I: the BLIP text encoder + text_proj train; two param groups (text_proj at proj_lr_scale x
     the lr; the stage's scheduler, `encoder_cosine`, moves the encoder group only)."""
 
-    def __init__(
-        self,
-        backbone,
-        direction: str = "text",
-        bidirectional: bool = True,
-        reverse_weight: float = 0.4,
-        logit_scale: float = 100.0,
-        proj_lr_scale: float | None = None,
-        **kwargs,
-    ):
-        super().__init__(
-            backbone, encoders="text", logit_scale=logit_scale, eval_mode=False, **kwargs
-        )  # the reference trains with BERT dropout active
-        self._setup_directions(backbone, direction, bidirectional, reverse_weight)
+    def __init__(self, backbone, reverse_weight: float = 0.4, proj_lr_scale: float | None = None, **kwargs):
+        """kwargs: direction, bidirectional (BiDirectional), logit_scale, optimizer, ... (CLIP4Cir stage I)."""
+        super().__init__(  # the reference trains with BERT dropout active
+            backbone, reverse_weight=reverse_weight, encoders="text", eval_mode=False, **kwargs
+        )
         self.proj_lr_scale = proj_lr_scale
 
     # ---- weights in and out in the reference's layout: stage I's own weights are the text side -------
@@ -163,16 +165,9 @@ class Blip4CirCombiner(BiDirectional, CLIP4CirCombiner):
     """Stage II: the CLIP4Cir Combiner on the frozen stage-I BLIP (cached image features), with the
     reversed query combine(T_j raw, t_i backward) scored against normalize(r_i)."""
 
-    def __init__(
-        self,
-        backbone,
-        direction: str = "text",
-        bidirectional: bool = True,
-        reverse_weight: float = 0.5,
-        **kwargs,
-    ):
+    def __init__(self, backbone, **kwargs):
+        """kwargs: direction, bidirectional, reverse_weight (BiDirectional), CLIP4Cir stage II's own."""
         super().__init__(backbone, **kwargs)
-        self._setup_directions(backbone, direction, bidirectional, reverse_weight)
         for p in (
             backbone.parameters()
         ):  # direction tokens added only now (stage II run on its own) stay frozen too

@@ -96,12 +96,14 @@ class CLIP4CirCombiner(CombinerStage, RetrievalModule):
         self.gather_negatives = gather_negatives
         for p in backbone.parameters():
             p.requires_grad_(False)
-        self.build_combiner(backbone.embed_dim, projection_dim, hidden_dim, dropout)
+        self.build_combiner(
+            backbone.embed_dim, projection_dim=projection_dim, hidden_dim=hidden_dim, dropout=dropout
+        )
         self.logit_scale = logit_scale
 
-    def build_combiner(self, feature_dim: int, projection_dim, hidden_dim, dropout: float) -> None:
+    def build_combiner(self, feature_dim: int, **sizes) -> None:
         """The stage's trainable fusion; MLCL builds its multi-level combiner here instead."""
-        self.combiner = Combiner(feature_dim, projection_dim, hidden_dim, dropout)
+        self.combiner = Combiner(feature_dim, **sizes)
 
     def on_train_epoch_start(self) -> None:
         self.backbone.eval()

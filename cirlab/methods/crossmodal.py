@@ -268,7 +268,6 @@ class CrossModalRetrieval(RetrievalModule):
                 torch.tensor(float(torch.log(torch.tensor(1 / init_temperature)))),
                 requires_grad=train == "adapter",
             )
-        self._eval: dict[int, list[torch.Tensor]] = {}
 
     @property
     def frozen_text_encoder(self) -> bool:
@@ -330,13 +329,13 @@ class CrossModalRetrieval(RetrievalModule):
             if dataloader_idx == 0
             else self.text_embedding(batch["text"])
         )
-        self._eval.setdefault(dataloader_idx, []).append(emb.float().cpu())
+        self._outputs[dataloader_idx].append(emb.float().cpu())  # in loader order: no gather
 
     def _score(self, split: str) -> None:
         if self.trainer.world_size > 1:
             raise CirlabError("method crossmodal evaluates on one device: use trainer=cpu or trainer=gpu")
-        images, texts = (torch.cat(self._eval[i]) for i in (0, 1))
-        self._eval.clear()
+        images, texts = (torch.cat(self._outputs[i]) for i in (0, 1))
+        self._outputs.clear()
         pairs = self.eval_data.pairs(split)
         names = [n for n, _ in pairs]
         captions = [caption_id(n, j) for n, caps in pairs for j in range(len(caps))]
@@ -351,11 +350,3 @@ class CrossModalRetrieval(RetrievalModule):
         }
         self.metrics.update(metrics)
         self.log_dict(float64(metrics, self.device), sync_dist=False)
-
-    def on_validation_epoch_end(self) -> None:
-        if not self.trainer.sanity_checking:
-            self._score(self.eval_data.val_split)
-        self._eval.clear()
-
-    def on_test_epoch_end(self) -> None:
-        self._score(self.eval_data.test_split)

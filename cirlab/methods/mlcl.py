@@ -50,15 +50,9 @@ from cirlab.weights import Layout, cirlab_stage
 class MultiLevelCombiner(nn.Module):
     """The Combiner plus the mid-level head `combiner_proj: Linear(H, D)`; `loss_weight` sets w."""
 
-    def __init__(
-        self,
-        feature_dim: int,
-        projection_dim: int | None = None,
-        hidden_dim: int | None = None,
-        dropout: float = 0.5,
-    ):
+    def __init__(self, feature_dim: int, **sizes):  # the Combiner's projection_dim, hidden_dim, dropout
         super().__init__()
-        self.combiner = Combiner(feature_dim, projection_dim, hidden_dim, dropout)
+        self.combiner = Combiner(feature_dim, **sizes)
         self.combiner_proj = nn.Linear(self.combiner.combiner_layer.out_features, feature_dim)
         self.loss_weight = nn.Parameter(torch.tensor(math.log(0.5)))
 
@@ -119,12 +113,8 @@ class MLCLCombiner(CLIP4CirCombiner):
     def __init__(
         self,
         backbone,
-        projection_dim: int | None = None,
-        hidden_dim: int | None = None,
-        dropout: float = 0.5,
         loss_weight_lr: float | None = None,
         learn_t: bool = True,
-        logit_scale: float = 100.0,
         mccl: bool = True,
         sscl: bool = True,
         sscl_views: int = 2,
@@ -132,10 +122,11 @@ class MLCLCombiner(CLIP4CirCombiner):
         cache_dir: str | None = None,
         **kwargs,
     ):
-        super().__init__(backbone, projection_dim, hidden_dim, dropout, logit_scale, **kwargs)
+        """kwargs: CLIP4Cir's stage II (projection_dim, hidden_dim, dropout, logit_scale, optimizer, ...)."""
+        super().__init__(backbone, **kwargs)
         if self.gather_negatives:
             raise CirlabError("MLCL's losses use the local batch only: drop gather_negatives")
-        self.fixed_log_scale = math.log(logit_scale)  # what --learn_t 0 keeps constant
+        self.fixed_log_scale = math.log(self.logit_scale)  # what --learn_t 0 keeps constant
         init = torch.tensor(self.fixed_log_scale)
         self.logit_scale = nn.Parameter(init.clone(), requires_grad=learn_t)
         self.logit_scale_sl = nn.Parameter(init.clone(), requires_grad=learn_t)
@@ -149,8 +140,8 @@ class MLCLCombiner(CLIP4CirCombiner):
                 "reference_aug": AugmentedReferences(backbone, sscl_views, seed, cache_dir or ".cache/cirlab")
             }
 
-    def build_combiner(self, feature_dim: int, projection_dim, hidden_dim, dropout: float) -> None:
-        self.mlc = MultiLevelCombiner(feature_dim, projection_dim, hidden_dim, dropout)
+    def build_combiner(self, feature_dim: int, **sizes) -> None:
+        self.mlc = MultiLevelCombiner(feature_dim, **sizes)
 
     # ---- the authors' combiner*.pt: one flat state dict, scalars of shape [1] ------------------------
     _SCALARS = ("loss_weight", "logit_scale", "logit_scale_sl")
