@@ -135,9 +135,11 @@ class Retriever:
         return self
 
     @torch.no_grad()
-    def embed_query(self, reference_image: str | Path | None, text: str) -> torch.Tensor:
+    def embed_query(self, reference_image: str | Path | None, text: str | Sequence[str]) -> torch.Tensor:
         """The query embedding of evaluation [1, D] (the run's caption view of the text); methods whose
-        queries are texts alone (cross-modal) take no reference image."""
+        queries are texts alone (cross-modal) take no reference image. `text` as a list: a query of the
+        run's dataset by its raw captions (FashionIQ's two), composed by the dataset's rule as evaluation
+        composes it (SEARLE: both caption orders averaged)."""
         ref = None
         if self.module.query_has_image:
             if reference_image is None:
@@ -146,11 +148,22 @@ class Retriever:
             if not ref_path.is_file():
                 raise CirlabError(f"reference image {ref_path} does not exist")
             ref = self.raw_features([ref_path], cache=False).to(self.device)
+        if not isinstance(text, str):
+            from cirlab.data.records import CIRQuery
+
+            if self.module.eval_data is None:
+                raise CirlabError("a query given by its captions needs the run's dataset on this machine")
+            query = CIRQuery(qid="query", reference=str(reference_image), captions=tuple(text))
+            return self.module.dataset_query_embedding(ref, query).float().cpu()
         view = self.module.text_views.get("text")  # e.g. BLIP4CIR+Bi's forward marker, as at evaluation
         return self.module.query_embedding(ref, [view(text) if view else text]).float().cpu()
 
     def search(
-        self, reference_image: str | Path | None, text: str, k: int = 10, exclude_reference: bool = True
+        self,
+        reference_image: str | Path | None,
+        text: str | Sequence[str],
+        k: int = 10,
+        exclude_reference: bool = True,
     ) -> list[tuple[Path, float]]:
         """Top-k (gallery path, score) for reference image + modification text (cross-modal runs: the text
         alone, reference_image=None). The reference itself is left out of the ranking if it is in the

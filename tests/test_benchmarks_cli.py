@@ -134,3 +134,21 @@ def test_searle_oti_runs_on_official_layout(dataset, cli, tmp_path):
     metrics = results(run)["metrics"]
     for key in KEYS[dataset]:
         assert key in metrics and 0 <= metrics[key] <= 100, key
+    if dataset == "fashioniq":  # a query by its two raw captions searches as evaluated (both orders)
+        assert_caption_queries_search_as_evaluated(run, results(run)["reported_split"])
+
+
+def assert_caption_queries_search_as_evaluated(run, split: str, k: int = 10) -> None:
+    import cirlab
+
+    retriever = cirlab.load(run)
+    source = retriever.data.source
+    predictions = json.loads((run / "stages" / retriever.stage / f"predictions.{split}.json").read_text())
+    for es in source.eval_sets(split):
+        retriever.index([source.image_path(n) for n in es.gallery])
+        name_of = {source.image_path(n): n for n in es.gallery}
+        for q in es.queries[:3]:  # FashionIQ keeps the reference in the ranking
+            hits = retriever.search(
+                source.image_path(q.reference), list(q.captions), k=k, exclude_reference=False
+            )
+            assert [name_of[p] for p, _ in hits] == predictions[q.qid][:k], q.qid

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from cirlab.backbones.base import Backbone
+from cirlab.data.datamodule import with_view
+from cirlab.data.records import CIRQuery
 from cirlab.errors import CirlabError
 from cirlab.retrieval.embedding_file import EmbeddingWriter
 from cirlab.retrieval.metrics import SetResult, score_eval_set, split_metrics
@@ -106,6 +108,12 @@ class RetrievalModule(L.LightningModule):
 
     def query_embedding(self, reference: torch.Tensor, texts: list[str]) -> torch.Tensor:
         raise NotImplementedError
+
+    def dataset_query_embedding(self, reference: torch.Tensor, query: CIRQuery) -> torch.Tensor:
+        """A query in its dataset's raw form (e.g. FashionIQ's two captions), embedded as evaluation
+        embeds it: the source's caption rule on the stage's text view, then `query_embedding`."""
+        text = self.eval_data.source.eval_text(with_view(query, self.text_views.get("text")))
+        return self.query_embedding(reference, [text])
 
     # ---- optimisation: the stage config's optimizer / scheduler on this module's parameters ---------
     def optimizer_params(self) -> list:

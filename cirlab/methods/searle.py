@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cirlab.cache import CacheEntry
+from cirlab.data.records import CIRQuery
 from cirlab.distributed import all_gather, rank_and_world
 from cirlab.errors import CirlabError
 from cirlab.methods import searle_text as st
@@ -334,6 +335,18 @@ class _SearleBase(RetrievalModule):
     def reference_tokens(self, batch: dict, dataloader_idx: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def token_of(self, features: torch.Tensor) -> torch.Tensor:
+        """The pseudo token of reference images given by their raw features (phi, or OTI)."""
+        raise NotImplementedError
+
+    def query_embedding(self, reference, texts):
+        return self.encode_queries(self.token_of(self.image_features(reference)), [[t] for t in texts])
+
+    def dataset_query_embedding(self, reference, query: CIRQuery) -> torch.Tensor:
+        """The source's query texts (FashionIQ: both caption orders) averaged, as in evaluation."""
+        texts = [self.eval_data.source.query_texts(query)]
+        return self.encode_queries(self.token_of(self.image_features(reference)), texts)
+
     def _eval_step(self, batch: dict, dataloader_idx: int) -> None:
         if dataloader_idx % 2 == 0:
             return super()._eval_step(batch, dataloader_idx)
@@ -366,9 +379,9 @@ class SearleOTI(_SearleBase):
     def reference_tokens(self, batch: dict, dataloader_idx: int) -> torch.Tensor:
         return self._query_tokens[dataloader_idx][batch["index"].cpu()]
 
-    def query_embedding(self, reference, texts):
+    def token_of(self, features: torch.Tensor) -> torch.Tensor:
         """A query outside evaluation (`cirlab.load`, the demo): see `oti_tokens`."""
-        return self.encode_queries(self.oti_tokens(self.image_features(reference)), [[t] for t in texts])
+        return self.oti_tokens(features)
 
     def oti_tokens(self, features: torch.Tensor) -> torch.Tensor:
         """The OTI tokens of reference images given by their raw features. An image the run inverted (a
@@ -535,8 +548,8 @@ class Searle(_SearleBase):
     def reference_tokens(self, batch: dict, dataloader_idx: int) -> torch.Tensor:
         return self.tokens(self.image_features(batch["reference"]))
 
-    def query_embedding(self, reference, texts):
-        return self.encode_queries(self.tokens(self.image_features(reference)), [[t] for t in texts])
+    def token_of(self, features: torch.Tensor) -> torch.Tensor:
+        return self.tokens(features)
 
     def optimizer_params(self) -> list:
         return list(self.phi.parameters())
