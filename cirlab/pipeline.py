@@ -362,12 +362,18 @@ def load_module_weights(module: torch.nn.Module, path: Path) -> None:
         ) from err
 
 
+def on_gpu(cfg: DictConfig) -> bool:
+    """Whether the run's trainer puts the model on a GPU (`accelerator: auto` does when CUDA is here)."""
+    accelerator = cfg.trainer.accelerator
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
 def loader_workers(cfg: DictConfig) -> int:
     """`num_workers`, with auto = none on CPU and the cores per device (at most 8) on a GPU. Workers never
     change the data (each item is drawn from (seed, epoch, index)), only how fast it arrives."""
     if cfg.num_workers != "auto":
         return int(cfg.num_workers)
-    if cfg.trainer.accelerator == "cpu":
+    if not on_gpu(cfg):
         return 0
     devices = cfg.trainer.devices if isinstance(cfg.trainer.devices, int) and cfg.trainer.devices > 0 else 1
     return min(8, max(1, (os.cpu_count() or 1) // devices))
@@ -385,7 +391,7 @@ def build_datamodule(cfg: DictConfig, source) -> CIRDataModule:
         source,
         eval_batch_size=cfg.eval.batch_size,
         num_workers=loader_workers(cfg),
-        pin_memory=cfg.trainer.accelerator == "gpu",
+        pin_memory=on_gpu(cfg),
         seed=cfg.seed,
         val_split=cfg.dataset.val_split,
         test_split=cfg.dataset.test_split,

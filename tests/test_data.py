@@ -156,3 +156,5 @@ def test_loader_workers_auto_is_none_on_cpu_and_the_cores_per_device_on_gpu(monk
     assert loader_workers(cfg("auto", "gpu", 4)) == 4
     assert loader_workers(cfg("auto", "gpu", "auto")) == 8
     assert loader_workers(cfg(3, "cpu")) == 3  # a count is taken as given
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert loader_workers(cfg("auto", "auto", 3)) == 0  # trainer=ddp on a machine without CUDA
