@@ -75,27 +75,27 @@ class Float:
 
 
 @dataclass(frozen=True)
-class Bool:
+class Plain:
+    """A value of one plain type (true/false, a string), or null where `null`."""
+
+    type: type
+    name: str
     null: bool = False
 
     def accepts(self, value) -> bool:
-        return isinstance(value, bool) or (value is None and self.null)
+        return isinstance(value, self.type) or (value is None and self.null)
 
     @property
     def allowed(self) -> str:
-        return "true or false" + (" or null" if self.null else "")
+        return self.name + (" or null" if self.null else "")
 
 
-@dataclass(frozen=True)
-class Str:
-    null: bool = False
+def Bool(null: bool = False) -> Plain:  # named like the type it checks, as Int and Float
+    return Plain(bool, "true or false", null)
 
-    def accepts(self, value) -> bool:
-        return isinstance(value, str) or (value is None and self.null)
 
-    @property
-    def allowed(self) -> str:
-        return "a string" + (" or null" if self.null else "")
+def Str(null: bool = False) -> Plain:
+    return Plain(str, "a string", null)
 
 
 class OneOf:
@@ -114,7 +114,7 @@ class OneOf:
 
 @dataclass(frozen=True)
 class ListOf:
-    item: Int | Float | Str | OneOf
+    item: Int | Float | Plain | OneOf
     min_len: int = 0
     max_len: int | None = None
 

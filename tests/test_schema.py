@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from cirlab.errors import CirlabError
-from cirlab.schema import SCHEMA, Bool, Either, Float, Int, ListOf, OneOf, Str, leaves, pattern_of, validate
+from cirlab.schema import SCHEMA, Either, Float, Int, ListOf, OneOf, Plain, leaves, pattern_of, validate
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -71,10 +71,8 @@ def bad_values(pattern: str, rule) -> tuple[object, object | None]:
         if rule.lo is not None:
             return "x", (rule.lo if rule.lo_open else rule.lo - 1)
         return "x", rule.hi + 1
-    if isinstance(rule, Bool):
-        return "yes", None
-    if isinstance(rule, Str):
-        return 5, None
+    if isinstance(rule, Plain):  # a bool or a string
+        return ("yes" if rule.type is bool else 5), None
     if isinstance(rule, OneOf):
         return [1], "no-such-choice"
     if isinstance(rule, ListOf):
