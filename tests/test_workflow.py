@@ -289,8 +289,13 @@ def test_crossmodal_run_searches_as_evaluated(tmp_path):
     retriever.index([retriever.data.source.image_path(n) for n in names])
     name_of = {retriever.data.source.image_path(n): n for n in names}
     for image, captions in pairs[:5]:
-        hits = retriever.search(None, captions[0], k=10)
-        assert [name_of[p] for p, _ in hits] == predictions[caption_id(image, 0)][:10]
+        hits = [name_of[p] for p, _ in retriever.search(None, captions[0], k=10)]
+        expected = predictions[caption_id(image, 0)][:10]
+        # one query against the gallery here, all 7,529 at once in evaluation: BLAS sums in another order
+        # (last-bit differences), so two images whose scores tie to 1e-6 may swap; nothing else may
+        score = dict(zip(names, (retriever.gallery @ retriever.embed_query(None, captions[0])[0]).tolist()))
+        swapped = [(a, b) for a, b in zip(hits, expected) if a != b]
+        assert all(abs(score[a] - score[b]) < 1e-6 for a, b in swapped), (hits, expected)
         assert all(c.startswith(tuple(names)) for c in predictions[image][:10])  # image -> caption ids
 
 
