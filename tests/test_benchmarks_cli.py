@@ -5,7 +5,7 @@ tests/test_protocol_oracles.py."""
 import json
 
 import pytest
-from conftest import results
+from conftest import assert_same_ranking, results
 from fixtures.make_images import materialize
 
 KEYS = {
@@ -148,7 +148,9 @@ def assert_caption_queries_search_as_evaluated(run, split: str, k: int = 10) -> 
         retriever.index([source.image_path(n) for n in es.gallery])
         name_of = {source.image_path(n): n for n in es.gallery}
         for q in es.queries[:3]:  # FashionIQ keeps the reference in the ranking
-            hits = retriever.search(
-                source.image_path(q.reference), list(q.captions), k=k, exclude_reference=False
-            )
-            assert [name_of[p] for p, _ in hits] == predictions[q.qid][:k], q.qid
+            reference, captions = source.image_path(q.reference), list(q.captions)
+            hits = [
+                name_of[p] for p, _ in retriever.search(reference, captions, k=k, exclude_reference=False)
+            ]
+            scores = (retriever.gallery @ retriever.embed_query(reference, captions)[0]).tolist()
+            assert_same_ranking(hits, predictions[q.qid][:k], dict(zip(es.gallery, scores)))
