@@ -213,11 +213,11 @@ def build_source(cfg):
 
 
 def run_data(cfg, module, stage: str):
-    """The run's datamodule as the pipeline set it up for `stage`, with the image features the stage
-    cached (read when the cache file is there, never encoded); None when the run's dataset is not on
+    """The run's datamodule as the pipeline set it up for `stage`, with the image and text features the
+    stage cached (read when the cache file is there, never encoded); None when the run's dataset is not on
     this machine. The module sees it as its `eval_data`, as in evaluation."""
-    from cirlab.data.features import FeatureCache
-    from cirlab.pipeline import build_datamodule, cached_images, text_table
+    from cirlab.data.features import FeatureCache, TextFeatureCache
+    from cirlab.pipeline import build_datamodule, cached_images, image_splits
 
     try:
         source = build_source(cfg)
@@ -225,14 +225,18 @@ def run_data(cfg, module, stage: str):
         return None
     dm = build_datamodule(cfg, source)
     features = None
+    trained = cfg.method[stage].max_epochs > 0
     if module.frozen_image_encoder and cfg.paths.get("cache_dir"):
-        names = cached_images(module, dm, cfg.method[stage].max_epochs > 0)
+        names = cached_images(module, dm, trained)
         features = FeatureCache(cfg.paths.cache_dir, batch_size=cfg.eval.batch_size).cached(
             module.feature_encoder(), names, [source.image_path(n) for n in names]
         )
     dm.use(transform=module.backbone.preprocess, features=features, text_views=module.text_views)
     if module.frozen_text_encoder and cfg.paths.get("cache_dir"):  # the run's very text features
-        module.text_table = text_table(cfg, module, dm, cfg.method[stage].max_epochs > 0)
+        texts = dm.frozen_texts(image_splits(module, dm, trained))
+        module.text_table = TextFeatureCache(cfg.paths.cache_dir, batch_size=cfg.eval.batch_size).cached(
+            module.backbone, texts
+        )
     module.eval_data = dm
     return dm
 

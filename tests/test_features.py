@@ -176,3 +176,16 @@ def test_encoding_leaves_every_submodule_in_its_own_mode():
     with evaluating(outer):
         assert not any(m.training for m in outer.modules())
     assert outer.training and outer[0].training and not outer[1].training and not outer[1][0].training
+
+
+def test_text_cache_read_only_lookup_never_encodes(tmp_path):
+    """`cirlab.load` reads a run's text table when it is there and never encodes a dataset's texts."""
+    torch.manual_seed(0)
+    bb = OpenCLIPBackbone(model_cfg=CFG, name="t")
+    cache = TextFeatureCache(tmp_path / "cache", batch_size=2)
+    texts = ["a red circle", "a blue square", "a red circle"]
+    assert cache.cached(bb, texts) is None and not (tmp_path / "cache").exists()
+    built = cache.get(bb, texts)
+    read = cache.cached(bb, list(reversed(texts)))  # the same set: the same entry
+    assert read.keys() == built.keys() == {"a red circle", "a blue square"}
+    assert all(torch.equal(read[t], built[t]) for t in built)

@@ -131,13 +131,17 @@ class TextFeatureCache:
         self.batch_size = batch_size
         self.last_hit: bool | None = None
 
-    def get(self, backbone: Backbone, texts: list[str]) -> dict[str, torch.Tensor]:
-        """text -> raw embedding for every distinct text, from the cache or freshly encoded."""
-        texts = sorted(set(texts))
+    def entry(self, backbone: Backbone, texts: list[str]) -> CacheEntry:
+        """The cache entry of exactly these texts (sorted, as they are encoded) with this backbone."""
         h = hashlib.sha1(f"{backbone.fingerprint()}\0{self.batch_size}".encode())
         for t in texts:
             h.update(f"{t}\0".encode())
-        entry = CacheEntry(self.dir / f"text_{h.hexdigest()[:20]}.pt", what="text feature cache")
+        return CacheEntry(self.dir / f"text_{h.hexdigest()[:20]}.pt", what="text feature cache")
+
+    def get(self, backbone: Backbone, texts: list[str]) -> dict[str, torch.Tensor]:
+        """text -> raw embedding for every distinct text, from the cache or freshly encoded."""
+        texts = sorted(set(texts))
+        entry = self.entry(backbone, texts)
 
         def encode() -> dict:
             desc = f"caching text features ({len(texts)} texts)"
@@ -146,3 +150,9 @@ class TextFeatureCache:
         blob = entry.get(encode, valid=lambda blob: blob["texts"] == texts)
         self.last_hit = entry.hit
         return dict(zip(texts, blob["features"]))
+
+    def cached(self, backbone: Backbone, texts: list[str]) -> dict[str, torch.Tensor] | None:
+        """text -> embedding from the cache file of exactly these texts, or None: never encodes."""
+        texts = sorted(set(texts))
+        blob, _ = self.entry(backbone, texts).read(valid=lambda blob: blob["texts"] == texts)
+        return None if blob is None else dict(zip(texts, blob["features"]))
