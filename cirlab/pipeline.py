@@ -416,9 +416,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         source = instantiate(cfg.dataset.source)
         if cfg.dataset.get("missing_images") == "skip":
             source = ReadableOnly(source)
+        dm = build_datamodule(cfg, source)
+        dm.all_images((dm.val_split, dm.test_split))  # annotation errors now, not after pretraining
     with timer("backbone"):  # backbone=tiny|blip_tiny are pretrained here on first use
         backbone = instantiate(cfg.backbone.model)
-    dm = build_datamodule(cfg, source)
     stages: dict[str, Any] = {}
     for name in cfg.method.stages:
         L.seed_everything(cfg.seed, workers=True, verbose=False)

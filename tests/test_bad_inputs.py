@@ -96,7 +96,12 @@ CASES = {
         J + ["dataset.path=ROOT/absent"],
         ["dataset root folder not found", "triplets.train.jsonl"],
     ),
-    "missing_split_file": (None, J + ["dataset.path=ROOT"], ["missing file", "triplets.val.jsonl"]),
+    # the annotations are read before the backbone is built (or pretrained): this checkpoint is never opened
+    "missing_split_file": (
+        None,
+        J + ["dataset.path=ROOT", "backbone.checkpoint=ROOT/never_read.pt"],
+        ["missing file", "triplets.val.jsonl"],
+    ),
     "wrong_layout": (
         _fiq_without_captions,
         ["+method=zeroshot", "dataset=fashioniq", "dataset.root=ROOT"],
