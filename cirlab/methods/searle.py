@@ -333,7 +333,8 @@ class _SearleBase(RetrievalModule):
         self._prepare(self.eval_data.test_split)
 
     def reference_tokens(self, batch: dict, dataloader_idx: int) -> torch.Tensor:
-        raise NotImplementedError
+        """The pseudo tokens of an evaluation batch's reference images."""
+        return self.token_of(self.image_features(batch["reference"]))
 
     def token_of(self, features: torch.Tensor) -> torch.Tensor:
         """The pseudo token of reference images given by their raw features (phi, or OTI)."""
@@ -544,9 +545,6 @@ class Searle(_SearleBase):
             loss = loss + self.lambda_gpt * gpt
         self.log("train/loss", loss, prog_bar=True, batch_size=len(x))
         return loss
-
-    def reference_tokens(self, batch: dict, dataloader_idx: int) -> torch.Tensor:
-        return self.tokens(self.image_features(batch["reference"]))
 
     def token_of(self, features: torch.Tensor) -> torch.Tensor:
         return self.tokens(features)
