@@ -247,7 +247,8 @@ def test_blip4cir_bi_beats_zeroshot_on_held_out_test(tmp_path):
     stages = results(run_dir)["stages"]
     stage1, stage2 = stages["finetune"]["test/recall_at_10"], stages["combiner"]["test/recall_at_10"]
     print(f"blip_tiny test R@10: zero-shot sum {zero_shot:.2f}, stage I {stage1:.2f}, stage II {stage2:.2f}")
-    # measured (seed 0): zero-shot sum 13.50, stage I 37.50, stage II 35.00; stage I seed spread ~2.5
+    # measured (README, seeds 0-2): zero-shot sum 13.50; stage I 37.50 +- 3.00 (min 34.5); stage II at its
+    # defaults 40.83 +- 0.76 (this shortened one: 35.00 on seed 0 before the stage-I dropout fix)
     assert stage1 >= zero_shot + 15 and stage2 >= zero_shot + 15
 
 
