@@ -90,27 +90,6 @@ def cli(tmp_path, monkeypatch, capsys):
     return call
 
 
-@pytest.fixture(scope="session", autouse=True)
-def blip_tiny_pretrained_alongside_tiny(request, tmp_path_factory) -> None:
-    """`make test` runs two workers, and on a fresh clone the first tests of both need backbone=tiny: one
-    worker pretrains it (minutes), the other waited for it. Instead the second worker pretrains
-    blip_tiny meanwhile, when a collected test is marked `backbone("blip_tiny")` (it would later
-    pretrain it alone). A no-op when it is cached, without xdist, or when no such test is selected."""
-    if os.environ.get("PYTEST_XDIST_WORKER") != "gw1":
-        return
-    if not any(m.args == ("blip_tiny",) for i in request.session.items for m in i.iter_markers("backbone")):
-        return
-    code = (
-        "from hydra import compose, initialize_config_dir\n"
-        "from hydra.utils import instantiate\n"
-        f"with initialize_config_dir(config_dir={str(ROOT / 'conf')!r}, version_base=None):\n"
-        "    instantiate(compose('config', overrides=['backbone=blip_tiny']).backbone.model)"
-    )  # a process of its own: the worker's RNG and torch state stay as the tests expect them
-    env = cli_env(tmp_path_factory.mktemp("blip_tiny"))
-    # not checked: a failure here is the marked test's own to report (it pretrains again and says why)
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True)
-
-
 @pytest.fixture(scope="session")
 def synthetic_root() -> Path:
     """The default synthetic benchmark folder (generated on first use)."""

@@ -222,7 +222,6 @@ def test_saved_blip_folder_loads_with_the_same_features(small_blip, tmp_path):
 
 # ---- end to end ----------------------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.backbone("blip_tiny")
 def test_blip4cir_bi_beats_zeroshot_on_held_out_test(tmp_path):
     zs_dir = tmp_path / "zs"
     run_cli(
