@@ -34,6 +34,15 @@ def test_synthetic_is_deterministic_and_splits_are_disjoint(tmp_path):
     assert len(src.queries("test")) == 6 and all(q.targets for q in src.queries("test"))
 
 
+def test_more_pretraining_images_than_distinct_scenes_is_a_clear_error(tmp_path):
+    """3 slots of 2 x 2 objects or nothing: 5**3 - 1 = 124 scenes; the CIR splits take some of them."""
+    spec = SyntheticSpec(
+        n_colors=2, n_shapes=2, n_pretrain=124, n_train=10, n_val=2, n_test=2, hard_negatives=1
+    )
+    with pytest.raises(CirlabError, match=r"n_pretrain=124, but only \d+ distinct scenes are left"):
+        generate(spec, tmp_path / "b")
+
+
 def test_synthetic_style_changes_pixels_only(tmp_path):
     """A rendering style is an image-domain shift of the same benchmark: same scenes, captions and
     triplets, other pixels. A field at its neutral value stays out of the cache key (edit_captions=0 is

@@ -304,6 +304,12 @@ def pretrain_scenes(gen: Generator, rng: random.Random, held_out: set[Scene]) ->
     """Distinct scenes, none held out, for the backbone's caption pretraining."""
     scenes: list[Scene] = []
     seen = set(held_out)
+    free = len(gen.objects_space()) - len(seen)
+    if gen.spec.n_pretrain > free:  # the loop below would never end
+        raise CirlabError(
+            f"synthetic spec: n_pretrain={gen.spec.n_pretrain}, but only {free} distinct scenes are left after "
+            "the CIR splits: lower n_pretrain or raise n_colors/n_shapes/slots"
+        )
     while len(scenes) < gen.spec.n_pretrain:
         s = gen.random_scene(rng)
         if s not in seen:
