@@ -217,7 +217,7 @@ def run_data(cfg, module, stage: str):
     stage cached (read when the cache file is there, never encoded); None when the run's dataset is not on
     this machine. The module sees it as its `eval_data`, as in evaluation."""
     from cirlab.data.features import FeatureCache, TextFeatureCache
-    from cirlab.pipeline import build_datamodule, cached_images, image_splits
+    from cirlab.pipeline import build_datamodule, cached_images, cached_texts
 
     try:
         source = build_source(cfg)
@@ -233,9 +233,8 @@ def run_data(cfg, module, stage: str):
         )
     dm.use(transform=module.backbone.preprocess, features=features, text_views=module.text_views)
     if module.frozen_text_encoder and cfg.paths.get("cache_dir"):  # the run's very text features
-        texts = dm.frozen_texts(image_splits(module, dm, trained))
         module.text_table = TextFeatureCache(cfg.paths.cache_dir, batch_size=cfg.eval.batch_size).cached(
-            module.backbone, texts
+            module.backbone, cached_texts(module, dm, trained)
         )
     module.eval_data = dm
     return dm

@@ -146,6 +146,11 @@ def cached_images(module: RetrievalModule, dm: CIRDataModule, trained: bool) -> 
     return dm.all_images(image_splits(module, dm, trained))
 
 
+def cached_texts(module: RetrievalModule, dm: CIRDataModule, trained: bool) -> list[str]:
+    """The texts whose features a frozen-text-encoder stage caches (the cache file is keyed by this list)."""
+    return dm.frozen_texts(image_splits(module, dm, trained))
+
+
 def build_module(cfg: DictConfig, name: str, backbone, dm: CIRDataModule, stage_dir: Path) -> RetrievalModule:
     module: RetrievalModule = instantiate(
         cfg.method[name].module,
@@ -199,7 +204,7 @@ def feed_data(cfg: DictConfig, name: str, module: RetrievalModule, backbone, dm:
 def text_table(cfg: DictConfig, module: RetrievalModule, dm: CIRDataModule, train: bool) -> dict:
     """A frozen-text-encoder stage's features of every text it can see, from the text-feature cache."""
     cache = TextFeatureCache(cfg.paths.cache_dir, batch_size=cfg.eval.batch_size)
-    return cache.get(module.backbone, dm.frozen_texts(image_splits(module, dm, train)))
+    return cache.get(module.backbone, cached_texts(module, dm, train))
 
 
 def load_given_weights(module: RetrievalModule, name: str, file: str) -> dict[str, str]:
