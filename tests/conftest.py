@@ -56,6 +56,11 @@ def results(run_dir: Path) -> dict:
     return json.loads((run_dir / "results.json").read_text())
 
 
+def gallery_scores(retriever, gallery: list[str], reference, text) -> dict[str, float]:
+    """Image name -> the retriever's score of one query (its gallery indexed in the order of `gallery`)."""
+    return dict(zip(gallery, (retriever.gallery @ retriever.embed_query(reference, text)[0]).tolist()))
+
+
 def assert_same_ranking(got: list[str], expected: list[str], score: dict[str, float]) -> None:
     """`got` is evaluation's ranking `expected` but for swaps of images whose scores tie to 1e-6: one query
     scored alone here and a whole batch in evaluation sum in another BLAS order (last-bit differences;
