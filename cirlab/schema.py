@@ -244,6 +244,8 @@ BACKBONE = {
     "backbone.model.pretrain.grad_clip": Float(lo=0, lo_open=True, null=True),
     "backbone.model.pretrain.dataset.seed": SEED,
     "backbone.model.pretrain.edit_captions": Bool(),
+    "backbone.model.pretrain.position_init": OneOf("random", "sincos"),
+    "backbone.model.pretrain.position_scale": RATE,
 }
 
 METHOD = {

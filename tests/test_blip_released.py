@@ -8,6 +8,7 @@ blip_pretrain.py; Cuberick-Orion/Bi-Blip4CIR utils.save_model, combiner.py), not
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -500,6 +501,36 @@ def test_blip_tiny_takes_a_tuned_blip_file_over_its_pretrained_weights(tmp_path,
     assert torch.equal(text, features(tuned)[1]) and torch.equal(image, features(build(0))[0])
     with pytest.raises(CirlabError, match="no such file or folder"):
         build(0, checkpoint=str(tmp_path / "missing.pt"))
+
+
+def test_sincos_position_codes_by_hand():
+    from cirlab.pretrain import sincos_2d
+
+    # grid 2, dim 4: one frequency (w = 1); columns sin y, cos y, sin x, cos x; patches row-major
+    s, c = math.sin(1), math.cos(1)
+    expected = torch.tensor([[0, 1, 0, 1], [0, 1, s, c], [s, c, 0, 1], [s, c, s, c]])
+    assert torch.allclose(sincos_2d(2, 4), expected.float())
+    # dim 8: frequencies 1 and 1e-2, sin(y w0), sin(y w1), cos(y w0), ...
+    assert torch.allclose(
+        sincos_2d(2, 8)[2], torch.tensor([s, math.sin(0.01), c, math.cos(0.01), 0, 0, 1, 1])
+    )
+
+
+def test_blip_tiny_starts_from_sincos_positions(monkeypatch, synthetic_root):
+    import yaml
+
+    from cirlab import pretrain
+
+    monkeypatch.setattr(pretrain, "load_or_pretrain", lambda backbone, *args: backbone)  # untrained
+    model = yaml.safe_load(open("conf/backbone/blip_tiny.yaml"))["model"]
+    assert (model["pretrain"]["position_init"], model["pretrain"]["position_scale"]) == ("sincos", 2.0)
+    built = pretrain.pretrained_blip_tiny(str(CACHE), model["model_cfg"], model["pretrain"])
+    positions = built.model.vision_model.embeddings.position_embedding[0]
+    assert torch.equal(positions[1:], 2 * pretrain.sincos_2d(4, 64)) and not positions[0].any()  # 4x4 patches
+    random_init = pretrain.pretrained_blip_tiny(
+        str(CACHE), model["model_cfg"], {**model["pretrain"], "position_init": "random"}
+    )
+    assert not torch.equal(random_init.model.vision_model.embeddings.position_embedding[0, 1:], positions[1:])
 
 
 @pytest.mark.parametrize("dataset", ["fashioniq", "cirr"])
