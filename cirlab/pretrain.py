@@ -113,6 +113,11 @@ def sincos_positions(position_embedding: torch.Tensor, scale: float) -> None:
     embeddings at blip_tiny's init (RMS 2.06). Measured in conf/backbone/blip_tiny.yaml."""
     n, dim = position_embedding.shape[1:]
     grid = math.isqrt(n - 1)
+    if dim % 4 or grid * grid != n - 1:
+        raise CirlabError(
+            f"backbone.model.pretrain.position_init=sincos needs a square patch grid and a ViT width divisible "
+            f"by 4 (got {n - 1} patches, width {dim}): use position_init=random"
+        )
     position_embedding[0, 0] = 0
     position_embedding[0, 1:] = scale * sincos_2d(grid, dim)
 

@@ -234,21 +234,19 @@ def test_blip4cir_bi_beats_zeroshot_on_held_out_test(tmp_path):
     )
     zero_shot = results(zs_dir)["metrics"]["test/recall_at_10"]
     run_dir = tmp_path / "bi"
-    # stage II shortened for CI time (its B x B reversed pairs dominate); README rows use the defaults
-    run_cli(
-        tmp_path,
-        "+method=blip4cir_bi",
-        "method.combiner.max_epochs=2",
-        "method.combiner.batch_size=32",
-        "eval.visualize=false",
-        run_dir=run_dir,
-    )
+    # the README's row; about 500 s on one idle core, so twice the usual time limit
+    run_cli(tmp_path, "+method=blip4cir_bi", "eval.visualize=false", run_dir=run_dir, timeout=1800)
     stages = results(run_dir)["stages"]
     stage1, stage2 = stages["finetune"]["test/recall_at_10"], stages["combiner"]["test/recall_at_10"]
     print(f"blip_tiny test R@10: zero-shot sum {zero_shot:.2f}, stage I {stage1:.2f}, stage II {stage2:.2f}")
-    # measured (README, seeds 0-2): zero-shot sum 13.50; stage I 37.50 +- 3.00 (min 34.5); stage II at its
-    # defaults 40.83 +- 0.76 (this shortened one: 35.00 on seed 0 before the stage-I dropout fix)
-    assert stage1 >= zero_shot + 15 and stage2 >= zero_shot + 15
+    # measured (README, seeds 0-2): zero-shot sum 23.50 (= image only, the best zero-shot); stage I
+    # 48.67 +- 2.16 (min 46.75: 23.25 over zero-shot); stage I + Combiner 52.08 +- 0.88, its gain over
+    # stage I +3.0 / +2.0 / +5.25. So stage I clears zero-shot by 15 (4 spreads below the least gap) and
+    # the Combiner must gain at least one query of 400 (its least gain is 8 queries). A shortened stage II
+    # does not keep that ordering: 2 epochs at batch 32 or 64 lost to stage I on seed 1 (49.0 / 49.5 vs
+    # 51.0), so the whole stage runs (about 7 minutes of one core: BLIP4CIR+Bi combines all B x B pairs).
+    assert stage1 >= zero_shot + 15
+    assert stage2 >= stage1 + 0.25
 
 
 def test_image_grounded_text_encoding_depends_on_the_image(small_blip):

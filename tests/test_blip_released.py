@@ -504,7 +504,7 @@ def test_blip_tiny_takes_a_tuned_blip_file_over_its_pretrained_weights(tmp_path,
 
 
 def test_sincos_position_codes_by_hand():
-    from cirlab.pretrain import sincos_2d
+    from cirlab.pretrain import sincos_2d, sincos_positions
 
     # grid 2, dim 4: one frequency (w = 1); columns sin y, cos y, sin x, cos x; patches row-major
     s, c = math.sin(1), math.cos(1)
@@ -514,6 +514,8 @@ def test_sincos_position_codes_by_hand():
     assert torch.allclose(
         sincos_2d(2, 8)[2], torch.tensor([s, math.sin(0.01), c, math.cos(0.01), 0, 0, 1, 1])
     )
+    with pytest.raises(CirlabError, match="divisible by 4"):
+        sincos_positions(torch.zeros(1, 5, 6), 1.0)
 
 
 def test_blip_tiny_starts_from_sincos_positions(monkeypatch, synthetic_root):
