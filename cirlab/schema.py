@@ -246,6 +246,7 @@ BACKBONE = {
     "backbone.model.pretrain.edit_captions": Bool(),
     "backbone.model.pretrain.position_init": OneOf("random", "sincos"),
     "backbone.model.pretrain.position_scale": RATE,
+    "backbone.model.pretrain.threads": Int(lo=1, null=True),
 }
 
 METHOD = {

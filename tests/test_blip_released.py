@@ -518,6 +518,29 @@ def test_sincos_position_codes_by_hand():
         sincos_positions(torch.zeros(1, 5, 6), 1.0)
 
 
+def test_blip_tiny_pretrains_on_a_pinned_thread_count(monkeypatch, tmp_path):
+    """The thread count decides the float sums, so the weights: blip_tiny pins it while it pretrains."""
+    import yaml
+
+    from cirlab import pretrain
+
+    assert yaml.safe_load(open("conf/backbone/blip_tiny.yaml"))["model"]["pretrain"]["threads"] == 1
+    seen = []
+    monkeypatch.setattr(
+        pretrain, "pretrain_on_captions", lambda *a: seen.append(torch.get_num_threads()) or {}
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # as on a 2-core machine (the test workers run on 1)
+    try:
+        for threads in (1, None):
+            pretrain.load_or_pretrain(
+                small(tmp_path), str(tmp_path), {"t": threads}, {"threads": threads}, "b"
+            )
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_blip_tiny_starts_from_sincos_positions(monkeypatch, synthetic_root):
     import yaml
 
