@@ -40,18 +40,11 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
 
 
 def run_cli(
-    tmp_path: Path,
-    *args: str,
-    run_dir: Path | None = None,
-    check: bool = True,
-    logger: str = "none",
-    timeout: float = 900,
+    tmp_path: Path, *args: str, run_dir: Path | None = None, check: bool = True, logger: str = "none"
 ) -> subprocess.CompletedProcess:
     run_dir = run_dir or tmp_path / "run"
     cmd = [sys.executable, "-m", "cirlab.cli", *args, f"logger={logger}", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.run(
-        cmd, cwd=ROOT, env=cli_env(tmp_path), capture_output=True, text=True, timeout=timeout
-    )
+    proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(tmp_path), capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"cirlab {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"

@@ -234,19 +234,24 @@ def test_blip4cir_bi_beats_zeroshot_on_held_out_test(tmp_path):
     )
     zero_shot = results(zs_dir)["metrics"]["test/recall_at_10"]
     run_dir = tmp_path / "bi"
-    # the README's row; about 500 s on one idle core, so twice the usual time limit
-    run_cli(tmp_path, "+method=blip4cir_bi", "eval.visualize=false", run_dir=run_dir, timeout=1800)
+    # stage II shortened for CI time (BLIP4CIR+Bi's Combiner scores all B x B reversed pairs: the whole
+    # stage is about 7 minutes of one core, this one about one); README rows use the defaults
+    run_cli(
+        tmp_path,
+        "+method=blip4cir_bi",
+        "method.combiner.max_epochs=2",
+        "method.combiner.batch_size=32",
+        "eval.visualize=false",
+        run_dir=run_dir,
+    )
     stages = results(run_dir)["stages"]
     stage1, stage2 = stages["finetune"]["test/recall_at_10"], stages["combiner"]["test/recall_at_10"]
     print(f"blip_tiny test R@10: zero-shot sum {zero_shot:.2f}, stage I {stage1:.2f}, stage II {stage2:.2f}")
-    # measured (README, seeds 0-2): zero-shot sum 23.50 (= image only, the best zero-shot); stage I
-    # 48.67 +- 2.16 (min 46.75: 23.25 over zero-shot); stage I + Combiner 52.08 +- 0.88, its gain over
-    # stage I +3.0 / +2.0 / +5.25. So stage I clears zero-shot by 15 (4 spreads below the least gap) and
-    # the Combiner must gain at least one query of 400 (its least gain is 8 queries). A shortened stage II
-    # does not keep that ordering: 2 epochs at batch 32 or 64 lost to stage I on seed 1 (49.0 / 49.5 vs
-    # 51.0), so the whole stage runs (about 7 minutes of one core: BLIP4CIR+Bi combines all B x B pairs).
-    assert stage1 >= zero_shot + 15
-    assert stage2 >= stage1 + 0.25
+    # measured (README, seeds 0-2): zero-shot sum 23.00 (the best zero-shot); stage I 51.58 +- 1.88
+    # (min 49.75); this shortened stage II on seed 0: 50.25 (stage I 51.5). Both clear zero-shot by more
+    # than 25 R@10; 15 is five stage-I spreads below that. Stage II is not asserted above stage I: with
+    # the whole stage it gained -0.75 / +2.0 / +4.0 over seeds 0-2 (README), not an ordering to hold.
+    assert stage1 >= zero_shot + 15 and stage2 >= zero_shot + 15
 
 
 def test_image_grounded_text_encoding_depends_on_the_image(small_blip):
