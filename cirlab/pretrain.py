@@ -98,9 +98,8 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
     a quarter of the channels sin(y * w), then cos(y * w), sin(x * w), cos(x * w), w = 10000^(-i / (dim / 4))."""
     quarter = dim // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    ys, xs = torch.meshgrid(
-        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
-    )
+    steps = torch.arange(grid, dtype=torch.float64)
+    ys, xs = torch.meshgrid(steps, steps, indexing="ij")
     angles = [c.flatten()[:, None] * omega for c in (ys, xs)]
     return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1).float()
 
