@@ -190,6 +190,7 @@ DATASET = {
     "dataset.source.n_colors": Int(lo=1, hi=8),
     "dataset.source.n_shapes": Int(lo=1, hi=4),
     "dataset.source.max_edits": POSITIVE,
+    "dataset.source.n_pretrain": POSITIVE,
     "dataset.source.n_train": POSITIVE,
     "dataset.source.n_val": POSITIVE,
     "dataset.source.n_test": POSITIVE,

@@ -106,7 +106,27 @@ def convert_blip(cfg: DictConfig) -> None:
     print(f"wrote {cfg.out}: use it with backbone=blip_base backbone.hf_id={cfg.out}")
 
 
-TASKS = {"check_data": check_data, "report": report, "export": export, "convert_blip": convert_blip}
+def prepare(cfg: DictConfig) -> None:
+    """Build what a run would build first, and stop: the dataset (the synthetic benchmark is generated)
+    and the backbone (backbone=tiny/blip_tiny are pretrained), both into the cache. Before a parallel
+    sweep, on a login node, or beside other work: `cirlab +task=prepare [dataset=...] [backbone=...]`."""
+    import time
+
+    start = time.time()
+    source = instantiate(cfg.dataset.source)
+    print(f"dataset {cfg.dataset.name} ready in {time.time() - start:.0f} s: {getattr(source, 'root', '')}")
+    start = time.time()
+    instantiate(cfg.backbone.model)
+    print(f"backbone {cfg.backbone.name} ready in {time.time() - start:.0f} s")
+
+
+TASKS = {
+    "check_data": check_data,
+    "report": report,
+    "export": export,
+    "convert_blip": convert_blip,
+    "prepare": prepare,
+}
 
 
 def run_task(cfg: DictConfig):

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,47 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers on two
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / ".cache" / "cirlab"
+
+
+# A quarter-size synthetic benchmark for the tests that compare two runs of the same code (resume, DDP,
+# cluster, export, demo): they assert equality, which holds at any size, and the default benchmark's 400
+# val and 400 test queries made most of their time. Generated once into CACHE, like the default one.
+SMALL = (
+    "++dataset.source.n_pretrain=1000",
+    "++dataset.source.n_train=1000",
+    "++dataset.source.n_val=100",
+    "++dataset.source.n_test=100",
+)
+PREBUILT = ("tiny", "blip_tiny")  # the backbones of the integration tests
+
+
+def pytest_configure(config):
+    """`make test` (two xdist workers) on a cold cache: both small backbones start pretraining at once, in
+    the background, so that both cores work on them (about 5 minutes) while the workers run the tests
+    that need neither; a test that needs one waits on its cache lock. Warm, each check takes seconds."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or not getattr(config.option, "numprocesses", None):
+        return
+    CACHE.mkdir(parents=True, exist_ok=True)
+    env = cli_env(Path(tempfile.mkdtemp(prefix="cirlab-prepare-"))) | {"OMP_NUM_THREADS": "1"}
+    config.cirlab_prepare = []
+    for name in PREBUILT:
+        with (CACHE.parent / f"prepare-{name}.log").open("w") as log:
+            command = [sys.executable, "-m", "cirlab.cli", "+task=prepare", f"backbone={name}"]
+            command.append(f"hydra.run.dir={env['CIRLAB_OUTPUTS']}/{name}")
+            config.cirlab_prepare.append(
+                subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            )
+
+
+def prepare(tmp_path: Path, backbone: str = "tiny") -> None:
+    """The backbone built into CACHE (or waited for while another process builds it)."""
+    run_cli(tmp_path, "+task=prepare", f"backbone={backbone}", run_dir=tmp_path / f"prepare-{backbone}")
+
+
+def pytest_unconfigure(config):
+    for proc in getattr(config, "cirlab_prepare", []):  # done by now unless the run stopped early
+        proc.terminate()
+        proc.wait()
 
 
 def cli_env(tmp_path: Path) -> dict[str, str]:
@@ -50,6 +93,24 @@ def run_cli(
             f"cirlab {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
         )
     return proc
+
+
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory):
+    """`shared_run(*args)`: the run folder of `cirlab *args`, made once per test session and shared by the
+    xdist workers (a lock file): the zero-shot baselines several tests compare against are the same runs."""
+    from cirlab.io import build_lock
+
+    shared = tmp_path_factory.getbasetemp().parent / "shared-runs"  # the workers' common parent
+
+    def run(*args: str) -> Path:
+        run_dir = shared / re.sub(r"\W+", "_", " ".join(args)).strip("_")
+        with build_lock(run_dir):
+            if not (run_dir / "results.json").is_file():
+                run_cli(shared, *args, run_dir=run_dir)
+        return run_dir
+
+    return run
 
 
 def results(run_dir: Path) -> dict:

@@ -1,9 +1,10 @@
 """The real `cirlab` CLI: usage, friendly errors, and the methods beating their baselines."""
 
 import json
+from pathlib import Path
 
 import pytest
-from conftest import results, run_cli
+from conftest import CACHE, results, run_cli
 
 
 def test_bare_cirlab_lists_choices_and_exits_2(tmp_path):
@@ -61,15 +62,13 @@ def test_image_listed_but_absent_is_named(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def _zeroshot(tmp_path, fusion):
-    run_dir = tmp_path / f"zs-{fusion}"
-    run_cli(tmp_path, "+method=zeroshot", f"method.fusion={fusion}", run_dir=run_dir)
-    return results(run_dir)["metrics"]
+def _zeroshot(shared_run, fusion):
+    return results(shared_run("+method=zeroshot", f"method.fusion={fusion}"))["metrics"]
 
 
 @pytest.mark.slow
-def test_zeroshot_baselines_write_results(tmp_path):
-    m = {f: _zeroshot(tmp_path, f) for f in ("image", "text", "sum")}
+def test_zeroshot_baselines_write_results(shared_run):
+    m = {f: _zeroshot(shared_run, f) for f in ("image", "text", "sum")}
     for fusion, metrics in m.items():
         assert {f"test/recall_at_{k}" for k in (1, 5, 10, 50)} <= set(metrics)
         print(fusion, {k: round(v, 2) for k, v in metrics.items() if k.startswith("test/")})
@@ -79,8 +78,8 @@ def test_zeroshot_baselines_write_results(tmp_path):
 
 
 @pytest.mark.slow
-def test_clip4cir_beats_zeroshot_on_held_out_test(tmp_path):
-    zs = _zeroshot(tmp_path, "sum")["test/recall_at_10"]
+def test_clip4cir_beats_zeroshot_on_held_out_test(tmp_path, shared_run):
+    zs = _zeroshot(shared_run, "sum")["test/recall_at_10"]
     run_dir = tmp_path / "clip4cir"
     proc = run_cli(tmp_path, "+method=clip4cir", run_dir=run_dir)
     res = results(run_dir)
@@ -126,3 +125,17 @@ def test_ckpt_path_points_to_resume(cli):
     code, _, err = cli("method=zeroshot", "ckpt_path=/some/file.ckpt")
     assert code == 2
     assert "resume=true" in err and "method.<stage>.checkpoint=FILE" in err
+
+
+def test_prepare_builds_the_dataset_and_backbone_and_trains_nothing(cli, tmp_path):
+    spec = ["++dataset.source.n_pretrain=40", "dataset.source.n_train=40", "dataset.source.n_val=8"]
+    code, out, err = cli("+task=prepare", *spec, "dataset.source.n_test=8", run_dir=tmp_path / "run")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[-2].startswith("dataset synthetic ready in ") and lines[-1].startswith(
+        "backbone tiny ready in "
+    )
+    root = Path(lines[-2].split(": ", 1)[1])
+    assert root.parent == CACHE and (root / "spec.json").is_file()
+    assert json.loads((root / "spec.json").read_text())["n_test"] == 8
+    assert not (tmp_path / "run" / "results.json").exists() and not (tmp_path / "outputs").exists()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CACHE, ROOT, cli_env, results, run_cli
+from conftest import CACHE, ROOT, SMALL, cli_env, results, run_cli
 from omegaconf import OmegaConf
 
 from cirlab.distributed import rank_overrides
@@ -54,7 +54,7 @@ def test_torchrun_two_nodes_evaluate_as_one_process(tmp_path):
                 *torchrun,
                 *(f"--node-rank={rank}", f"--rdzv-endpoint=127.0.0.1:{port}"),
                 *("-m", "cirlab.cli", "+method=clip4cir_combiner", "method.combiner.max_epochs=1"),
-                *("trainer=ddp", "trainer.num_nodes=2", "trainer.devices=1", f"hydra.run.dir={run}"),
+                *("trainer=ddp", "trainer.num_nodes=2", "trainer.devices=1", f"hydra.run.dir={run}", *SMALL),
                 "logger=none",
             ],
             cwd=ROOT,
@@ -88,6 +88,7 @@ def test_torchrun_two_nodes_evaluate_as_one_process(tmp_path):
         "+method=clip4cir_combiner",
         "method.combiner.max_epochs=0",
         f"method.combiner.checkpoint={stage / 'checkpoints/best.ckpt'}",
+        *SMALL,
         run_dir=one,
     )
     assert results(one)["metrics"] == ddp["metrics"]
@@ -176,6 +177,7 @@ def test_submitit_local_sweep(tmp_path):
         "seed=0",
         "method.combiner.module.optimizer.lr=5e-4,1e-3",
         "method.combiner.max_epochs=1",
+        *SMALL,
     )
     (sweep,) = (tmp_path / "outputs/multirun").iterdir()
     assert len(list(sweep.glob(".submitit/*"))) >= 2  # the jobs went through submitit
@@ -185,10 +187,25 @@ def test_submitit_local_sweep(tmp_path):
     assert len(rows) == 2 and any("| 0.0005 " in r for r in rows) and any("| 0.001 " in r for r in rows)
 
 
+def test_sweep_job_folder_names_fit_the_file_system():
+    from cirlab.cli import short_dirname
+
+    assert short_dirname("lr=0.1,seed=0") == "lr=0.1,seed=0"
+    long = ",".join(f"++dataset.source.n_{s}=1000" for s in ("pretrain", "train", "val", "test")) + ",lr=1e-3"
+    assert len(long) > 100
+    cut = short_dirname(long, limit=100)
+    assert cut.startswith(long[:100]) and len(cut) == 109  # the first 100 bytes, "-", 8 hex digits
+    assert short_dirname(long[:-1] + "4", limit=100) != cut  # another override, another name
+    assert len(short_dirname("é" * 200).encode()) <= 160 + 9  # never a split UTF-8 character
+
+
 @pytest.mark.slow
 def test_optuna_search(tmp_path):
+    """Optuna trials on the small benchmark: its four overrides make the job folder names long (cut)."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    proc = run_cli(tmp_path, "-m", "+experiment=optuna_clip4cir_combiner", "method.combiner.max_epochs=1")
+    proc = run_cli(
+        tmp_path, "-m", "+experiment=optuna_clip4cir_combiner", "method.combiner.max_epochs=1", *SMALL
+    )
     (sweep,) = (tmp_path / "outputs/multirun").iterdir()
     trials = [results(p.parent) for p in sweep.glob("*/results.json")]
     assert (

@@ -7,7 +7,7 @@ from cirlab's own state dicts alone.
 
 import pytest
 import torch
-from conftest import ROOT, results, run_cli
+from conftest import ROOT, SMALL, results, run_cli
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -216,6 +216,7 @@ def test_exported_reference_files_reproduce_the_run(tmp_path):
         "method.finetune.max_epochs=1",
         "method.combiner.max_epochs=2",
         "eval.visualize=false",
+        *SMALL,
         run_dir=trained,
     )
     out = tmp_path / "released"
@@ -239,6 +240,7 @@ def test_exported_reference_files_reproduce_the_run(tmp_path):
         f"method.combiner.checkpoint={out / 'combiner.pt'}",
         "method.combiner.max_epochs=0",
         "eval.visualize=false",
+        *SMALL,
         run_dir=again,
     )
     first, second = results(trained), results(again)

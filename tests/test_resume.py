@@ -6,9 +6,9 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, cli_env, results, run_cli
+from conftest import ROOT, SMALL, cli_env, results, run_cli
 
-ARGS = ["+method=clip4cir", "method.finetune.max_epochs=1", "method.combiner.max_epochs=6"]
+ARGS = ["+method=clip4cir", "method.finetune.max_epochs=1", "method.combiner.max_epochs=6", *SMALL]
 
 
 @pytest.mark.slow

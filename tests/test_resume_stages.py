@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, cli_env, results
+from conftest import ROOT, SMALL, cli_env, results
 
 TIMEOUT = 600
 
@@ -66,9 +66,15 @@ CASES = {
         "method.finetune.batch_size=32",
         "+trainer.limit_train_batches=16",
     ),
-    # SEARLE: phi distilled from OTI targets (cached in token_dir before the first epoch)
+    # SEARLE: phi distilled from OTI targets (cached in token_dir before the first epoch; few OTI steps:
+    # what is resumed here is phi's training)
     "searle_phi": lightning_case(
-        "searle", "phi", "method.phi.batch_size=64", "+trainer.limit_train_batches=24"
+        "searle",
+        "phi",
+        "method.phi.batch_size=64",
+        "method.phi.module.max_images=640",
+        "method.oti.steps=5",
+        "method.token_dir={run}/tokens",
     ),
     # the cross-modal retrieval adapter on cached image features
     "crossmodal_adapter": lightning_case(
@@ -93,7 +99,7 @@ CASES = {
 
 
 def arguments(case: Case, run_dir: Path) -> list[str]:
-    return [a.replace("{run}", str(run_dir)) for a in case.args] + ["eval.visualize=false"]
+    return [a.replace("{run}", str(run_dir)) for a in case.args] + [*SMALL, "eval.visualize=false"]
 
 
 def start(tmp_path: Path, case: Case, run_dir: Path, *extra: str) -> subprocess.Popen:

@@ -2,18 +2,18 @@
 
 import pytest
 import torch
-from conftest import results, run_cli
+from conftest import SMALL, results, run_cli
 
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 
 
 @pytest.mark.slow
 def test_ddp_evaluation_with_sampler_padding_equals_single_process(tmp_path):
-    # 3 processes over 400 queries: the distributed sampler pads 2 duplicates, which the gathered-by-index
+    # 3 processes over 100 queries: the distributed sampler pads 2 duplicates, which the gathered-by-index
     # scoring must not count twice
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    run_cli(tmp_path, "+method=zeroshot", run_dir=single)
-    run_cli(tmp_path, "+method=zeroshot", *DDP[:-1], "trainer.devices=3", run_dir=ddp)
+    run_cli(tmp_path, "+method=zeroshot", *SMALL, run_dir=single)
+    run_cli(tmp_path, "+method=zeroshot", *SMALL, *DDP[:-1], "trainer.devices=3", run_dir=ddp)
     a, b = results(single)["metrics"], results(ddp)["metrics"]
     assert a.keys() == b.keys() and a == b
 
@@ -35,6 +35,7 @@ def test_one_ddp_epoch_with_gathered_negatives_equals_one_process_on_the_same_gl
         "method.combiner.module.dropout=0",
         "+trainer.limit_train_batches=6",
         "eval.visualize=false",
+        *SMALL,
     ]
 
     def train(name, *args):

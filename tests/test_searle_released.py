@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, results, run_cli
+from conftest import ROOT, SMALL, results, run_cli
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -381,6 +381,7 @@ def test_exported_phi_reproduces_the_run(tmp_path):
         "method.phi.batch_size=32",
         "method.phi.max_epochs=1",
         f"method.token_dir={tmp_path / 'tokens'}",
+        *SMALL,
         run_dir=train,
     )
     trained = results(train)
@@ -400,6 +401,7 @@ def test_exported_phi_reproduces_the_run(tmp_path):
         f"method.concepts.vocabulary={tmp_path / 'absent.csv'}",
         f"method.phrases.file={tmp_path / 'absent.pkl'}",
         f"method.token_dir={tmp_path / 'eval_tokens'}",
+        *SMALL,
         run_dir=evaluated,
     )
     again = results(evaluated)

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import assert_same_ranking, gallery_scores, results, run_cli
+from conftest import SMALL, assert_same_ranking, gallery_scores, results, run_cli
 from PIL import Image
 
 from cirlab.errors import CirlabError
@@ -158,7 +158,7 @@ def test_trained_run_visualisation_and_search_agree(tmp_path, capsys):
     from cirlab.data.sources.synthetic import synthetic_source
 
     run_dir = tmp_path / "run"
-    run_cli(tmp_path, "+method=clip4cir_combiner", "method.combiner.max_epochs=3", run_dir=run_dir)
+    run_cli(tmp_path, "+method=clip4cir_combiner", "method.combiner.max_epochs=3", *SMALL, run_dir=run_dir)
     res = results(run_dir)
     stage = run_dir / "stages" / "combiner"
     for split in ("val", "test"):
@@ -243,12 +243,18 @@ def test_searle_runs_search_as_evaluated(tmp_path):
     predictions, and the SEARLE-OTI visualisation shows evaluation's scores."""
     tokens = f"method.token_dir={tmp_path / 'tokens'}"
     phi = tmp_path / "phi"
-    run_cli(tmp_path, "+method=searle", "method.phi.max_epochs=0", tokens, run_dir=phi)
+    run_cli(tmp_path, "+method=searle", "method.phi.max_epochs=0", tokens, *SMALL, run_dir=phi)
     assert_search_equals_predictions(phi)
 
     oti = tmp_path / "oti"
     run_cli(
-        tmp_path, "+method=searle_oti", "method.oti.steps=20", "method.oti.batch_size=64", tokens, run_dir=oti
+        tmp_path,
+        "+method=searle_oti",
+        "method.oti.steps=20",
+        "method.oti.batch_size=64",
+        tokens,
+        *SMALL,
+        run_dir=oti,
     )
     assert_search_equals_predictions(oti)
     import cirlab
@@ -283,6 +289,7 @@ def test_crossmodal_run_searches_as_evaluated(tmp_path):
         "+method=crossmodal",
         "dataset=synthetic_captions",
         "method.finetune.max_epochs=1",
+        *SMALL,
         run_dir=run_dir,
     )
     predictions = json.loads((run_dir / "stages" / "finetune" / "predictions.test.json").read_text())
