@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cirlab.data.datamodule import CIRDataModule
 from cirlab.data.features import FeatureCache, TextFeatureCache
+from cirlab.data.images import check_present
 from cirlab.data.sources.readable import ReadableOnly, describe
 from cirlab.distributed import connect
 from cirlab.errors import CirlabError
@@ -422,7 +423,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         if cfg.dataset.get("missing_images") == "skip":
             source = ReadableOnly(source)
         dm = build_datamodule(cfg, source)
-        dm.all_images((dm.val_split, dm.test_split))  # annotation errors now, not after pretraining
+        images = dm.all_images((dm.val_split, dm.test_split))  # annotation errors now, not after pretraining
+        if cfg.dataset.get("missing_images") != "skip":
+            check_present([source.image_path(name) for name in images])
     with timer("backbone"):  # backbone=tiny|blip_tiny are pretrained here on first use
         backbone = instantiate(cfg.backbone.model)
     stages: dict[str, Any] = {}

@@ -1,17 +1,21 @@
 """Shared test helpers: run the real `cirlab` CLI on tiny configs.
 
-The synthetic benchmark and the pretrained tiny backbone are cached in <repo>/.cache/cirlab, so
-they are built once per machine (about 2 minutes) and reused by every integration test.
+The synthetic benchmark and the pretrained tiny and blip_tiny backbones are cached in
+<repo>/.cache/cirlab, so they are built once per machine (about 5 minutes, both at once under
+`make test`) and reused by every integration test.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 import pytest
@@ -83,16 +87,75 @@ def cli_env(tmp_path: Path) -> dict[str, str]:
 
 
 def run_cli(
-    tmp_path: Path, *args: str, run_dir: Path | None = None, check: bool = True, logger: str = "none"
+    tmp_path: Path,
+    *args: str,
+    run_dir: Path | None = None,
+    check: bool = True,
+    logger: str = "none",
+    process: bool = False,
 ) -> subprocess.CompletedProcess:
+    """`cirlab *args`, its exit code and output. In this process by default: a new interpreter spends
+    about 7 s of CPU importing torch, Lightning and torchmetrics, which over the suite's runs was a fifth
+    of `make test`. `process=True` where it must be a process of its own: DDP (Lightning starts the
+    other ranks by re-running the command line) and the submitit launcher."""
     run_dir = run_dir or tmp_path / "run"
-    cmd = [sys.executable, "-m", "cirlab.cli", *args, f"logger={logger}", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=cli_env(tmp_path), capture_output=True, text=True, timeout=900)
+    argv = [*args, f"logger={logger}", f"hydra.run.dir={run_dir}"]
+    if process:
+        proc = subprocess.run(
+            [sys.executable, "-m", "cirlab.cli", *argv],
+            cwd=ROOT,
+            env=cli_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+    else:
+        proc = run_in_process(tmp_path, argv)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"cirlab {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
         )
     return proc
+
+
+def main_in_process(argv: list[str]) -> subprocess.CompletedProcess:
+    """`cirlab.cli.main()` as `python -m cirlab.cli *argv` would run it in this environment (working
+    folder, exit code; an uncaught exception exits 1 with its traceback on stderr)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from cirlab.cli import main
+
+    saved = sys.argv, os.getcwd()
+    sys.argv = ["cirlab", *argv]
+    os.chdir(ROOT)
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    GlobalHydra.instance().clear()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        GlobalHydra.instance().clear()
+        sys.argv = saved[0]
+        os.chdir(saved[1])
+    return subprocess.CompletedProcess(["cirlab", *argv], code, out.getvalue(), err.getvalue())
+
+
+def run_in_process(tmp_path: Path, argv: list[str]) -> subprocess.CompletedProcess:
+    """main_in_process in the environment run_cli gives a subprocess, restored afterwards."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(cli_env(tmp_path))
+    try:
+        return main_in_process(argv)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")
@@ -131,27 +194,17 @@ def assert_same_ranking(got: list[str], expected: list[str], score: dict[str, fl
 
 
 @pytest.fixture
-def cli(tmp_path, monkeypatch, capsys):
-    """Run `cirlab` in-process (no interpreter start-up): returns (exit code, stdout, stderr)."""
-    from hydra.core.global_hydra import GlobalHydra
-
-    from cirlab.cli import main
-
+def cli(tmp_path, monkeypatch):
+    """Run `cirlab` in-process: returns (exit code, stdout, stderr). The environment is run_cli's for the
+    whole test, so a test may change a variable (monkeypatch.setenv) between two calls."""
     for key, value in cli_env(tmp_path).items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
 
     def call(*args: str, run_dir: Path | None = None, logger: str = "none") -> tuple[int, str, str]:
         run_dir = run_dir or tmp_path / "run"
-        monkeypatch.setattr(sys, "argv", ["cirlab", *args, f"logger={logger}", f"hydra.run.dir={run_dir}"])
-        GlobalHydra.instance().clear()
-        code = 0
-        try:
-            main()
-        except SystemExit as exc:
-            code = exc.code or 0
-        out = capsys.readouterr()
-        return code, out.out, out.err
+        proc = main_in_process([*args, f"logger={logger}", f"hydra.run.dir={run_dir}"])
+        return proc.returncode, proc.stdout, proc.stderr
 
     return call
 

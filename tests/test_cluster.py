@@ -178,6 +178,7 @@ def test_submitit_local_sweep(tmp_path):
         "method.combiner.module.optimizer.lr=5e-4,1e-3",
         "method.combiner.max_epochs=1",
         *SMALL,
+        process=True,
     )
     (sweep,) = (tmp_path / "outputs/multirun").iterdir()
     assert len(list(sweep.glob(".submitit/*"))) >= 2  # the jobs went through submitit

@@ -149,9 +149,8 @@ def test_sscl_without_augmented_views_says_what_to_do():
 
 
 @pytest.mark.slow
-def test_mlcl_beats_zeroshot_sum_on_synthetic(tmp_path):
-    zs_dir, mlcl_dir = tmp_path / "zs", tmp_path / "mlcl"
-    run_cli(tmp_path, "+method=zeroshot", "method.fusion=sum", run_dir=zs_dir)
+def test_mlcl_beats_zeroshot_sum_on_synthetic(tmp_path, shared_run):
+    zs_dir, mlcl_dir = shared_run("+method=zeroshot", "method.fusion=sum"), tmp_path / "mlcl"
     run_cli(
         tmp_path,
         "+method=mlcl",

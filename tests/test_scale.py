@@ -13,7 +13,7 @@ def test_ddp_evaluation_with_sampler_padding_equals_single_process(tmp_path):
     # scoring must not count twice
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     run_cli(tmp_path, "+method=zeroshot", *SMALL, run_dir=single)
-    run_cli(tmp_path, "+method=zeroshot", *SMALL, *DDP[:-1], "trainer.devices=3", run_dir=ddp)
+    run_cli(tmp_path, "+method=zeroshot", *SMALL, *DDP[:-1], "trainer.devices=3", run_dir=ddp, process=True)
     a, b = results(single)["metrics"], results(ddp)["metrics"]
     assert a.keys() == b.keys() and a == b
 
@@ -39,7 +39,7 @@ def test_one_ddp_epoch_with_gathered_negatives_equals_one_process_on_the_same_gl
     ]
 
     def train(name, *args):
-        run_cli(tmp_path, *common, *args, run_dir=tmp_path / name)
+        run_cli(tmp_path, *common, *args, run_dir=tmp_path / name, process="trainer=ddp" in args)
         return combiner_weights(tmp_path / name)
 
     single = train("single", "method.combiner.batch_size=64")
