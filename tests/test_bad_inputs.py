@@ -117,9 +117,10 @@ CASES = {
         ["+method=zeroshot", "dataset=fashioniq", "dataset.root=ROOT"],
         ["malformed JSON", "cap.dress.val.json", "line 2"],
     ),
+    # so is every evaluation image's presence (not its decoding): again the checkpoint is never opened
     "image_missing": (
         lambda r: jsonl_data(r, images=("a",)),
-        J + ["dataset.path=ROOT"],
+        J + ["dataset.path=ROOT", "backbone.checkpoint=ROOT/never_read.pt"],
         ["image not found", "b.png"],
     ),
     "zero_byte_image": (_zero_byte, J + ["dataset.path=ROOT"], ["corrupt or unreadable image", "a.png"]),
