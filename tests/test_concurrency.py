@@ -51,7 +51,7 @@ def test_two_runs_generate_the_synthetic_benchmark_once(tmp_path):
     assert sorted(p.name for p in cache.iterdir()) == [root.name, root.name + ".lock"]  # no temp folder left
 
 
-SMALL = [
+ZEROSHOT_SMALL = [
     "+method=zeroshot",
     "+dataset.source.n_pretrain=300",
     "dataset.source.n_train=300",
@@ -82,7 +82,7 @@ def test_two_cli_runs_at_once_on_a_fresh_cache(cli, tmp_path, monkeypatch):
                 sys.executable,
                 "-m",
                 "cirlab.cli",
-                *SMALL,
+                *ZEROSHOT_SMALL,
                 "logger=none",
                 f"hydra.run.dir={tmp_path / f'run{i}'}",
             ],
@@ -101,7 +101,7 @@ def test_two_cli_runs_at_once_on_a_fresh_cache(cli, tmp_path, monkeypatch):
     assert len([p for p in cache.iterdir() if p.name.startswith("synthetic-") and p.is_dir()]) == 1
 
     monkeypatch.setenv("CIRLAB_CACHE", str(fresh_cache(tmp_path / "lone-cache")))
-    code, out, err = cli(*SMALL, run_dir=tmp_path / "lone")
+    code, out, err = cli(*ZEROSHOT_SMALL, run_dir=tmp_path / "lone")
     assert code == 0, err
     lone = results(tmp_path / "lone")["metrics"]
     assert lone and results(tmp_path / "run0")["metrics"] == lone
