@@ -420,11 +420,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     timer = PhaseTimer()
     with timer("dataset"):  # the synthetic benchmark is generated here on first use
         source = instantiate(cfg.dataset.source)
-        if cfg.dataset.get("missing_images") == "skip":
+        skip_missing = cfg.dataset.get("missing_images") == "skip"
+        if skip_missing:
             source = ReadableOnly(source)
         dm = build_datamodule(cfg, source)
         images = dm.all_images((dm.val_split, dm.test_split))  # annotation errors now, not after pretraining
-        if cfg.dataset.get("missing_images") != "skip":
+        if not skip_missing:
             check_present([source.image_path(name) for name in images])
     with timer("backbone"):  # backbone=tiny|blip_tiny are pretrained here on first use
         backbone = instantiate(cfg.backbone.model)
