@@ -150,6 +150,30 @@ def test_visualization_grid_and_html(tmp_path):
     assert html.count("<tr data-hit=") == 4 and html.count('class="hit"') == 3  # q0, q1, q3 hit in top-4
 
 
+def test_page_thumbnails_small_files_as_they_are_large_ones_shrunk(tmp_path):
+    import base64
+
+    from cirlab.retrieval.visualize import data_uri
+
+    def decoded(uri: str) -> tuple[str, bytes]:
+        head, b64 = uri.split(",", 1)
+        return head, base64.b64decode(b64)
+
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / "small.png")
+    Image.new("RGB", (40, 20), (30, 200, 30)).save(tmp_path / "small.jpg", quality=90)
+    Image.new("RGB", (500, 300), (30, 30, 200)).save(tmp_path / "big.jpg")
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    for name, mime in (("small.png", "png"), ("small.jpg", "jpeg")):  # embedded byte for byte
+        assert decoded(data_uri(tmp_path / name)) == (
+            f"data:image/{mime};base64",
+            (tmp_path / name).read_bytes(),
+        )
+    head, body = decoded(data_uri(tmp_path / "big.jpg", size=96))
+    assert head == "data:image/jpeg;base64" and Image.open(io.BytesIO(body)).size == (96, 58)
+    head, body = decoded(data_uri(tmp_path / "broken.jpg"))  # a placeholder, not a crash
+    assert Image.open(io.BytesIO(body)).getpixel((0, 0)) == (255, 0, 255)
+
+
 # ---- end to end: pipeline visualisation + Python API / cirlab-query ---------------------------
 @pytest.mark.slow
 def test_trained_run_visualisation_and_search_agree(tmp_path, capsys):
