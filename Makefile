@@ -26,7 +26,7 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 ## lint + the test suite on two workers (slow integration tests included; ≈21-23 min on 2 cores from a fresh clone with
-## cold caches and the install, ≈16 min warm: 2026-12-02)
+## cold caches and the install, ≈13 min warm: 2026-12-02)
 test: install lint
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
