@@ -145,6 +145,9 @@ def test_released_model_experiments_evaluate_given_weights_only(name):
         assert cfg.backbone.pretrained is None and cfg.backbone.quick_gelu is True
     if "quick_gelu" in cfg.backbone:  # OpenAI's CLIP, as the authors trained on it
         assert cfg.backbone.quick_gelu in (None, True)
+    # every reference evaluates in fp32 (CLIP4Cir's validate.py: clip_model.float(), Combiner without autocast;
+    # SEARLE's and Bi-Blip4CIR's validation likewise): under bf16 one of seven rankings changed in a check
+    assert cfg.trainer.precision == "32-true", "released weights are evaluated at the reference's precision"
 
 
 def test_clip4cir_released_experiments_exist():
