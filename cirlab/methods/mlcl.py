@@ -209,7 +209,8 @@ class MLCLCombiner(CLIP4CirCombiner):
                     "(the datamodule serves its reference_views); set method.sscl=false otherwise"
                 )
             aug = self.mlc.fuse(self.image_features(aug_reference), text, t=levels["t"])
-            out.update(sscl_loss(levels, aug, self.logit_scale_sl.exp()))
+            sl = sscl_loss(levels, aug, self.logit_scale_sl.exp())  # its "high" is not mCCL's: renamed
+            out.update(sscl=sl["sscl"], sscl_raw=sl["raw"], sscl_high=sl["high"])
             loss = loss + out["sscl"]
         out["loss"] = loss
         return out
