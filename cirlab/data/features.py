@@ -2,8 +2,8 @@
 
 Encoding is the slowest part of every frozen-backbone stage (~25x a Combiner epoch), so embeddings
 are computed once and stored (a `cirlab.cache` entry) under a key that hashes (backbone weights,
-preprocessing or batch size, the image or text list). A different backbone or list gets a new file;
-a truncated or foreign file fails its verification and is rebuilt, never used.
+preprocessing and `images.DECODE_VERSION`, or batch size, the image or text list). A different backbone
+or list gets a new file; a truncated or foreign file fails its verification and is rebuilt, never used.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from cirlab.cache import CacheEntry, stable_repr
-from cirlab.data.images import load_image
+from cirlab.data.images import DECODE_VERSION, load_image
 
 if TYPE_CHECKING:  # data sits below backbones: only the type is named here
     from cirlab.backbones.base import Backbone
@@ -80,6 +80,7 @@ class FeatureCache:
     def key(self, backbone: Backbone, names: list[str], paths: list[Path]) -> str:
         h = hashlib.sha1(backbone.fingerprint().encode())
         h.update(stable_repr(backbone.preprocess).encode())
+        h.update(f"decode {DECODE_VERSION}\n".encode())  # other decoded pixels, other features
         for n, p in zip(names, paths):
             h.update(f"{n}\0{p}\n".encode())
         return h.hexdigest()[:20]

@@ -1,4 +1,11 @@
-"""Image decoding with errors that name the file."""
+"""Image decoding with errors that name the file.
+
+Images are decoded as the reference code decodes them (`PIL.Image.open`, nothing else): in the file's own
+mode (palette, RGBA, LA, CMYK, 16-bit grey ...) and without applying an EXIF orientation. The transforms
+pad, resize and crop in that mode and convert to RGB after the centre crop, as openai/CLIP's `_transform`
+and CLIP4Cir's `targetpad_transform` do; converting here would change the pixels of every non-RGB file
+(Pillow resizes palette images with NEAREST, RGBA premultiplied; a pad fill 0 is white in CMYK).
+"""
 
 from __future__ import annotations
 
@@ -25,12 +32,19 @@ def check_present(paths: list[Path]) -> None:
         raise not_found(missing[0], len(missing) - 1)
 
 
+# Part of every image-feature cache key: bump it when the pixels `load_image` hands to a transform change,
+# so that features cached from the old pixels are never reused ("raw-1": the file's own mode; before it,
+# caches held features of images converted to RGB at decoding).
+DECODE_VERSION = "raw-1"
+
+
 def load_image(path: str | Path) -> Image.Image:
+    """The image at `path` decoded in its own mode, no EXIF rotation (the preprocess converts to RGB)."""
     path = Path(path)
     try:
         with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
+            img.load()  # decode now (errors name the file here) and release the file handle
+            return img
     except FileNotFoundError as err:
         raise not_found(path) from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:

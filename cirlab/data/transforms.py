@@ -1,8 +1,13 @@
 """Image preprocessing of CLIP4Cir (ABaldrati/CLIP4Cir:src/data_utils.py), reference-exact.
 
 `squarepad` pads to a square, `targetpad` pads only images whose aspect ratio exceeds the
-target ratio (1.25) up to that ratio; both then Resize(bicubic) + CenterCrop + Normalize.
+target ratio (1.25) up to that ratio; both then Resize(bicubic) + CenterCrop + RGB + Normalize.
 torchvision has no such pads, hence written here.
+
+Images arrive in their file's own mode (`cirlab.data.images.load_image`): pad (fill 0 in that mode: palette
+index 0, transparent black, white in CMYK), resize and crop happen in it, and `to_rgb` comes after the
+crop, in the order of openai/CLIP's `_transform` (`clip`) and CLIP4Cir's, SEARLE's and Bi-Blip4CIR's
+`squarepad_transform` / `targetpad_transform` (BLIP4CIR+Bi too: BLIP's normalisation equals CLIP's).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class TargetPad:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
+    """After the centre crop, never at decoding (see the module docstring)."""
     return image.convert("RGB")
 
 
