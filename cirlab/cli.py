@@ -1,5 +1,6 @@
-"""`cirlab`: the Hydra entry point. Friendly errors (exit 2, no traceback unless HYDRA_FULL_ERROR=1),
-a usage message when no method is given, and a results table at the end."""
+"""`cirlab`: the Hydra entry point. Exit 2 with a one-line message for what the user can fix (no traceback
+unless HYDRA_FULL_ERROR=1), exit 1 with the traceback for a bug; a usage message when no method is given,
+and a results table at the end."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import hashlib  # noqa: E402
 import logging
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
+from hydra.errors import CompactHydraException, InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from cirlab.distributed import rank_overrides
@@ -43,6 +45,7 @@ warnings.filterwarnings("ignore", message=r"(?s).*validated against ConfigStore 
 HERE = Path(__file__).resolve().parent
 # an installed wheel carries conf/ inside the package; a source checkout has it beside the package
 CONF = next(p for p in (HERE / "conf", HERE.parent / "conf") if p.is_dir())
+HYDRA = Path(hydra.__file__).parent
 log = logging.getLogger("cirlab")
 
 
@@ -144,6 +147,42 @@ def hydra_args(args: list[str]) -> list[str]:
     return [arg[1:] if arg.startswith("+method=") else arg for arg in args]
 
 
+def user_error(err: BaseException) -> bool:
+    """What the user can fix: cirlab's own errors and Hydra's config errors (unknown override, missing
+    group option, a `_target_` that names nothing or gets arguments it does not take, a package not
+    installed). An error raised by a target's own code, or by its module's import, is a bug, even when
+    Hydra reports it as a one-line instantiation error."""
+    cause = err.__cause__
+    if isinstance(err, InstantiationException) and cause is not None:
+        if isinstance(cause, (CirlabError, InstantiationException)):
+            return user_error(cause)
+        tb = cause.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if tb is None or not Path(tb.tb_frame.f_code.co_filename).is_relative_to(HYDRA):
+            return False  # raised inside the target
+        imported = cause.__cause__  # Hydra's "Error locating target" wraps what the import raised
+        return imported is None or isinstance(imported, (ModuleNotFoundError, AttributeError))
+    return isinstance(err, (CirlabError, CompactHydraException))
+
+
+def exit_code(exc: SystemExit) -> int | str | None:
+    """Hydra ends every failure with exit 1, having printed a config error's message or anything else's
+    traceback; the exception it handled is the exit's context. A user's error exits 2, a bug 1."""
+    err = exc.__context__
+    if exc.code != 1 or isinstance(err, KeyboardInterrupt):  # (Lightning exits 1 on Ctrl-C)
+        return exc.code
+    if err is None or user_error(err):  # (no exception: Hydra's own refusals, e.g. an unknown --package)
+        return 2
+    if isinstance(err, InstantiationException):  # Hydra printed one line: show where the bug is
+        traceback.print_exception(err.__cause__, file=sys.stderr)
+    print(
+        "cirlab: unexpected error (traceback above); unless your setup caused it, please report it",
+        file=sys.stderr,
+    )
+    return 1
+
+
 def main() -> None:
     if any(a in ("--help", "-h") for a in sys.argv[1:]) and not any(
         a.startswith("--hydra-help") for a in sys.argv
@@ -161,8 +200,8 @@ def main() -> None:
     except CirlabError as err:
         print(f"cirlab error: {err}", file=sys.stderr)
         sys.exit(2)
-    except SystemExit as exc:  # Hydra reports config errors (unknown option, bad type) with exit 1
-        sys.exit(2 if exc.code == 1 else exc.code)
+    except SystemExit as exc:
+        sys.exit(exit_code(exc))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Atomic writes: every artefact appears whole or not at all (temp file in the same folder + rename).
+"""Atomic writes: every artefact appears whole or not at all (temp file in the same folder, fsync,
+rename, fsync of the folder). Never staged in $TMPDIR: a rename across file systems is a copy that a
+kill can leave half-written, and a full or missing /tmp must not stop a run whose folder has room.
 
 Unique temp names make two concurrent writers of the same path safe: the last rename wins and
 each rename publishes a complete file. `build_lock` makes concurrent runs build a shared cache entry
@@ -27,8 +29,11 @@ log = logging.getLogger("cirlab")
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success rename it over `path`, on failure delete it."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise cannot_write(path, err) from err
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -36,14 +41,35 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
+        fsync_dir(path.parent)
     except OSError as err:
         tmp_path.unlink(missing_ok=True)
-        raise CirlabError(
-            f"could not write {path}: {err.strerror or err}. Check free disk space and permissions."
-        ) from err
+        raise cannot_write(path, err) from err
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def cannot_write(path: Path, err: OSError) -> CirlabError:
+    return CirlabError(
+        f"could not write {path}: {err.strerror or err}. Check free disk space and permissions."
+    )
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable: until the folder's entry reaches the disk, a power loss can
+    bring back the old file (or none). Skipped where folders cannot be opened or synced (Windows, some
+    network and FUSE file systems): the rename itself is done."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

@@ -34,7 +34,7 @@ from cirlab.data.images import check_present
 from cirlab.data.sources.readable import ReadableOnly, describe
 from cirlab.distributed import connect
 from cirlab.errors import CirlabError
-from cirlab.io import read_json, write_json
+from cirlab.io import read_json, save_torch, write_json
 from cirlab.methods.retrieval_module import RetrievalModule
 from cirlab.retrieval.submission import write_predictions
 from cirlab.weights import load_weights
@@ -44,9 +44,17 @@ log = logging.getLogger("cirlab")
 
 class SafeCheckpointIO(TorchCheckpointIO):
     """Checkpoints load with weights_only=True: a checkpoint file can never run code.
-    (Saving is already atomic in Lightning: fsspec transaction = temp file + rename.)
     An unreadable one (truncated by a full disk, copied half-way) stops with what to delete: the
-    run folder's other stages are kept."""
+    run folder's other stages are kept.
+    Saved like every cirlab file (cirlab.io.atomic_path): a temp file beside the checkpoint, fsync,
+    rename, fsync of the folder. Lightning's own atomic save stages the file in $TMPDIR and moves it:
+    with a node-local /tmp and the run on NFS/Lustre that is a copy a kill can leave half-written, and a
+    full /tmp stops checkpointing although the run folder has room."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if storage_options is not None:  # Lightning's refusal (a TypeError)
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        save_torch(path, checkpoint)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
         try:

@@ -17,6 +17,7 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
 
 from cirlab.backbones.base import Backbone
 from cirlab.data.datamodule import with_view
@@ -30,6 +31,14 @@ from cirlab.weights import Layout, cirlab_stage
 def float64(metrics: dict[str, float], device) -> dict[str, torch.Tensor]:
     """Logged as float64 tensors: Lightning stores a Python float as float32 (100/3 -> 33.33333206)."""
     return {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in metrics.items()}
+
+
+class DiscardGalleryFiles(Callback):
+    """Deletes the half-written gallery files (eval.gallery_on_disk) of an evaluation that raised:
+    a LightningModule has no exception hook, a callback does, whatever raised (a step, a data loader)."""
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        pl_module.discard_gallery_files()
 
 
 class RetrievalModule(L.LightningModule):
@@ -156,6 +165,9 @@ class RetrievalModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["cirlab"] = {"method": type(self).__name__, "backbone": self.backbone.name}
 
+    def configure_callbacks(self) -> list[Callback]:
+        return [DiscardGalleryFiles()]
+
     # ---- evaluation loop ------------------------------------------------------------------------
     def _eval_step(self, batch: dict, dataloader_idx: int) -> None:
         if dataloader_idx % 2 == 0:
@@ -186,8 +198,17 @@ class RetrievalModule(L.LightningModule):
                 self.gallery_on_disk / f"{self._split}-{dataloader_idx}.npy", n
             )
         writer = self._writers[dataloader_idx]
-        assert int(index[0]) == writer.written, "gallery batches arrive in order (no shuffling in eval)"
+        if int(index[0]) != writer.written:
+            raise RuntimeError(
+                f"gallery batch at row {int(index[0])} after {writer.written} rows: eval shuffles"
+            )
         writer.append(emb.cpu().numpy())
+
+    def discard_gallery_files(self) -> None:
+        """Close and delete the gallery files not finished (an evaluation that stopped early)."""
+        for writer in self._writers.values():
+            writer.abort()
+        self._writers.clear()
 
     def _gathered(self, dataloader_idx: int, n: int) -> torch.Tensor:
         idx = torch.cat([i for i, _ in self._outputs[dataloader_idx]]).to(self.device)
@@ -217,6 +238,7 @@ class RetrievalModule(L.LightningModule):
                 **self.search_options,
             )
         self._outputs.clear()
+        self.discard_gallery_files()  # none left unless a data loader has no eval set
         self.results[split] = results
         metrics = split_metrics(split, results, source.protocol)
         self.metrics.update(metrics)
@@ -228,6 +250,7 @@ class RetrievalModule(L.LightningModule):
         if not self.trainer.sanity_checking:
             self._score(self.eval_data.val_split)
         self._outputs.clear()
+        self.discard_gallery_files()  # a sanity check's partial galleries
 
     def on_test_epoch_end(self) -> None:
         self._score(self.eval_data.test_split)
