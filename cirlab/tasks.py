@@ -83,7 +83,9 @@ def export(cfg: DictConfig) -> None:
 def convert_blip(cfg: DictConfig) -> None:
     """BLIP's own checkpoint (e.g. model_base.pth, where BLIP4CIR+Bi starts) -> a save_pretrained folder:
     `cirlab +task=convert_blip +src=model_base.pth +out=DIR [+tokenizer=bert-base-uncased|DIR]`, then
-    `backbone=blip_base backbone.hf_id=DIR`. Into the chosen backbone's BLIP architecture, else blip_base's."""
+    `backbone=blip_base backbone.hf_id=DIR`. The sizes come from the file; head width, image size (the
+    position embedding is resized to it), eps and dropout from the chosen backbone's BLIP architecture,
+    else blip_base's (e.g. backbone=blip_base backbone.architecture.vision_config.image_size=224)."""
     from omegaconf import OmegaConf
 
     from cirlab.backbones.blip_convert import convert_blip_checkpoint

@@ -3,9 +3,11 @@
 As Bi-BLIP4CIR encodes (Cuberick-Orion/Bi-Blip4CIR): image = vision_proj(ViT CLS of the last
 layer), text = text_proj(BERT [CLS]) in unimodal 'text' mode (no cross-attention), both raw
 (un-normalised). Where the weights come from:
-- `backbone=blip_base`: `hf_id`, a Hugging Face hub id downloaded into HF's cache on first use (as
-  open_clip fetches `openai` weights; HF_HUB_OFFLINE=1 reads the cache only), or a local folder
-  written by `save_pretrained` / `cirlab +task=convert_blip` (BLIP's own model_base.pth);
+- `backbone=blip_base`: `hf_id`, a Hugging Face hub id (`name` or `org/name`) downloaded into HF's cache
+  on first use (as open_clip fetches `openai` weights; HF_HUB_OFFLINE=1 reads the cache only), or a
+  local folder (any other path: `/...`, `./...`, `~/...`) written by `save_pretrained` /
+  `cirlab +task=convert_blip` (BLIP's own model_base.pth), with its tokenizer (checked: one token per
+  word-embedding row);
 - `backbone.checkpoint`: a `save_pretrained` folder (the whole model, instead of `hf_id`), or a file
   loaded on top of the model built from `hf_id`: BLIP4CIR+Bi's `tuned_blip_*.pt` (the text side) or a
   cirlab stage checkpoint (the whole backbone). The file's layout is recognised from its keys;
@@ -90,44 +92,123 @@ def text_side_layouts() -> list[Layout]:
 BACKBONE_FILE_LAYOUTS = [TUNED_BLIP, cirlab_stage("backbone.", "its backbone.* weights: the whole BLIP")]
 FOLDER_LAYOUT = "a folder saved with save_pretrained (model + tokenizer; e.g. written by +task=convert_blip)"
 
+# ---- where a model or tokenizer comes from: a hub id or a folder ------------------------------------
+HUB_ID = re.compile(r"[A-Za-z0-9_][\w.-]*(/[A-Za-z0-9_][\w.-]*)?")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+TOKENIZER_PATTERNS = [
+    *TOKENIZER_FILES,
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+]
+BLIP_TOKENS = {"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]}
 
-def load_folder(folder: str | Path, what: str) -> tuple[BlipForImageTextRetrieval, BertTokenizerFast]:
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise CirlabError(
-            f"{what}={folder} is not a BLIP folder saved with save_pretrained (no config.json in it)"
-        )
-    return BlipForImageTextRetrieval.from_pretrained(folder), BertTokenizerFast.from_pretrained(folder)
+
+def is_hub_id(name: str) -> bool:
+    """`name` or `org/name`, as the hub spells its ids; anything else (`/...`, `./...`, `~/...`, `a/b/c`) is
+    a path. So a folder of the same name in the working directory never stands in for a hub id."""
+    return HUB_ID.fullmatch(name) is not None
 
 
-def from_hub(hf_id: str) -> tuple[BlipForImageTextRetrieval, BertTokenizerFast]:
-    """A hub id through HF's own cache and download (HF_HUB_OFFLINE=1: cache only), or a local folder."""
-    if Path(hf_id).expanduser().is_dir():
-        return load_folder(Path(hf_id).expanduser(), "backbone.hf_id")
-    if hf_id.startswith(("/", ".", "~")):
-        raise CirlabError(
-            f"backbone.hf_id={hf_id}: no such folder. Give a Hugging Face hub id or a save_pretrained "
-            "folder (BLIP's model_base.pth becomes one with +task=convert_blip +src=model_base.pth "
-            f"+out={hf_id})"
-        )
+def hub_snapshot(repo_id: str, patterns: list[str], what: str, advice: str) -> Path:
+    """The files of `repo_id` matching `patterns`, through HF's cache (HF_HUB_OFFLINE=1: the cache only).
+    One request, no retries: offline or without network the answer comes in well under a second
+    (transformers' own from_pretrained retries every file for minutes, then returns a default tokenizer)."""
+    from huggingface_hub import constants, snapshot_download
+
     try:
-        return BlipForImageTextRetrieval.from_pretrained(hf_id), BertTokenizerFast.from_pretrained(hf_id)
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except (OSError, ValueError) as err:
-        from huggingface_hub import constants
-
         detail = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         why = (
             "Hugging Face offline mode is on (HF_HUB_OFFLINE=1) and they are not in its cache"
             if constants.HF_HUB_OFFLINE
             else "they are not in the Hugging Face cache and could not be downloaded"
         )
+        here = (
+            f"; a folder {repo_id} is in the working directory: write ./{repo_id} to use it"
+            if Path(repo_id).is_dir()
+            else ""
+        )
+        raise CirlabError(f"cannot load {what} {repo_id!r}: {why}{here} ({detail})\n{advice}") from err
+
+
+def load_tokenizer(folder: Path, what: str) -> BertTokenizerFast:
+    """The tokenizer saved in `folder`; transformers 5 returns a 5-token default one for a folder without
+    tokenizer files, so that is an error here."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        held = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
         raise CirlabError(
-            f"cannot load BLIP weights {hf_id!r}: {why} ({detail})\n"
-            f"Download them once where there is network (`hf download {hf_id}`, or `huggingface-cli download "
-            f"{hf_id}` with an older huggingface_hub) into the HF cache this machine reads (HF_HOME), then run "
-            "with HF_HUB_OFFLINE=1; or give a local folder: backbone.hf_id=/path/to/dir (saved with "
-            "save_pretrained, or converted from BLIP's model_base.pth with +task=convert_blip)."
-        ) from err
+            f"{what}={folder} has no tokenizer files ({' or '.join(TOKENIZER_FILES)}; it holds {held}). "
+            "Save the tokenizer into it too (tokenizer.save_pretrained(DIR)); +task=convert_blip writes both."
+        )
+    return BertTokenizerFast.from_pretrained(folder)
+
+
+def add_blip_tokens(tokenizer: BertTokenizerFast) -> None:
+    """BLIP's init_tokenizer: bert-base-uncased + bos '[DEC]' + additional '[ENC]' (ids 30522, 30523)."""
+    tokenizer.add_special_tokens({"bos_token": BLIP_TOKENS["bos_token"]})
+    if "[ENC]" not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": BLIP_TOKENS["additional_special_tokens"]})
+
+
+def fit_tokenizer(tokenizer: BertTokenizerFast, model: BlipForImageTextRetrieval, source: str) -> None:
+    """One token per word-embedding row. HF's BLIP repos (Salesforce/blip-itm-*) ship bert-base-uncased
+    without BLIP's [DEC], [ENC] (30522 tokens for 30524 rows): those two are added, as BLIP does; any other
+    difference is an error (too few tokens: a wrong tokenizer; too many: ids past the embedding)."""
+    rows = model.text_encoder.get_input_embeddings().weight.shape[0]
+    vocab = tokenizer.get_vocab()
+    if len(tokenizer) + 2 == rows and "[DEC]" not in vocab and "[ENC]" not in vocab:
+        add_blip_tokens(tokenizer)
+    if len(tokenizer) != rows:
+        raise CirlabError(
+            f"the tokenizer of {source} has {len(tokenizer)} tokens but the model's word embedding has {rows} "
+            "rows: save the model's own tokenizer beside it (BLIP's is bert-base-uncased + [DEC], [ENC])"
+        )
+
+
+def tokenizer_source(folder: Path, what: str) -> str:
+    """`what`=folder and the tokenizer files in it, for messages."""
+    files = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    return f"{what}={folder} ({', '.join(files)})"
+
+
+def load_folder(
+    folder: str | Path, what: str, shown: str | None = None
+) -> tuple[BlipForImageTextRetrieval, BertTokenizerFast]:
+    """A save_pretrained folder, its tokenizer checked against the model; `shown` names it in errors."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise CirlabError(
+            f"{what}={shown or folder} is not a BLIP folder saved with save_pretrained (no config.json in it)"
+        )
+    tokenizer = load_tokenizer(folder, what)
+    model = BlipForImageTextRetrieval.from_pretrained(folder)
+    fit_tokenizer(tokenizer, model, tokenizer_source(folder, what))
+    return model, tokenizer
+
+
+def from_hub(hf_id: str) -> tuple[BlipForImageTextRetrieval, BertTokenizerFast]:
+    """A hub id (`name`, `org/name`) through HF's own cache and download (HF_HUB_OFFLINE=1: cache only),
+    anything else a local folder."""
+    if not is_hub_id(hf_id):
+        if not Path(hf_id).expanduser().is_dir():
+            raise CirlabError(
+                f"backbone.hf_id={hf_id}: no such folder. Give a Hugging Face hub id or a save_pretrained "
+                "folder (BLIP's model_base.pth becomes one with +task=convert_blip +src=model_base.pth "
+                f"+out={hf_id})"
+            )
+        return load_folder(Path(hf_id).expanduser(), "backbone.hf_id")
+    advice = (
+        f"Download them once where there is network (`hf download {hf_id}`, or `huggingface-cli download "
+        f"{hf_id}` with an older huggingface_hub) into the HF cache this machine reads (HF_HOME), then run "
+        "with HF_HUB_OFFLINE=1; or give a local folder: backbone.hf_id=/path/to/dir (saved with "
+        "save_pretrained, or converted from BLIP's model_base.pth with +task=convert_blip)."
+    )
+    folder = hub_snapshot(hf_id, ["*.json", "*.txt", "*.safetensors"], "BLIP weights", advice)
+    if not any(folder.glob("*.safetensors")):  # a repo with PyTorch pickles only
+        folder = hub_snapshot(hf_id, ["*.bin"], "BLIP weights", advice)
+    return load_folder(folder, "backbone.hf_id", shown=f"{hf_id} (HF cache {folder})")
 
 
 class BlipBackbone(Backbone):

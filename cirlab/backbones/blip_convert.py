@@ -5,7 +5,9 @@ does not host as a retrieval model; `cirlab +task=convert_blip` turns it into a 
 `backbone=blip_base backbone.hf_id=DIR` (or `backbone.checkpoint=DIR`) loads. Key names follow BLIP's
 vit.py / med.py and transformers' convert_blip_original_pytorch_to_hf.py; every HF tensor must be
 filled and every checkpoint tensor is either used or dropped by an explicit rule below (pretraining-only
-parts), so a checkpoint of another kind or size is an error, never a partial model.
+parts), so a checkpoint of another kind is an error, never a partial model. The sizes (widths, depths,
+vocabulary, patch, projection) are read from the file, so model_base.pth and model_large.pth (ViT-L)
+convert alike; the rest (attention head width, image size, LayerNorm eps, dropout) is the architecture's.
 """
 
 from __future__ import annotations
@@ -21,7 +23,14 @@ import torch.nn.functional as F
 from transformers import BertTokenizerFast, BlipConfig, BlipForImageTextRetrieval
 
 from cirlab.backbones.base import plain
-from cirlab.backbones.blip import POSITION_IDS
+from cirlab.backbones.blip import (
+    POSITION_IDS,
+    TOKENIZER_PATTERNS,
+    add_blip_tokens,
+    hub_snapshot,
+    is_hub_id,
+    load_tokenizer,
+)
 from cirlab.errors import CirlabError
 from cirlab.io import load_torch
 from cirlab.weights import load_strict
@@ -89,19 +98,80 @@ def interpolate_pos_embed(pos_embed: torch.Tensor, num_positions: int) -> torch.
 
 
 def blip_tokenizer(source: str) -> BertTokenizerFast:
-    """BLIP's init_tokenizer: bert-base-uncased + bos '[DEC]' + additional '[ENC]' (ids 30522, 30523)."""
-    try:
-        tokenizer = BertTokenizerFast.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        raise CirlabError(
-            f"cannot load the BERT tokenizer {source!r} ({' '.join(str(err).split())[:160]}). BLIP uses "
-            "bert-base-uncased: download it once where there is network (`hf download bert-base-uncased`), or "
-            "give a tokenizer folder with +tokenizer=DIR."
-        ) from err
-    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
-    if "[ENC]" not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    """BLIP's init_tokenizer: bert-base-uncased (a hub id, or a folder: any other path) + [DEC], [ENC]."""
+    if is_hub_id(source):
+        advice = (
+            "BLIP uses bert-base-uncased: download it once where there is network (`hf download "
+            "bert-base-uncased`), or give a tokenizer folder with +tokenizer=DIR."
+        )
+        folder = hub_snapshot(source, TOKENIZER_PATTERNS, "the BERT tokenizer", advice)
+    else:
+        folder = Path(source).expanduser()
+        if not folder.is_dir():
+            raise CirlabError(
+                f"+tokenizer={source}: no such folder (give bert-base-uncased or a tokenizer folder)"
+            )
+    tokenizer = load_tokenizer(folder, "+tokenizer")
+    add_blip_tokens(tokenizer)
     return tokenizer
+
+
+def layers(state: dict, pattern: str) -> int | None:
+    found = {int(m.group(1)) for k in state if (m := re.match(pattern, k))}
+    return max(found) + 1 if found else None
+
+
+def infer_architecture(state: dict, architecture: dict) -> dict:
+    """BlipConfig kwargs for the BLIP state dict `state`: the sizes the tensors show, the rest from
+    `architecture`. A size whose tensor is missing keeps the architecture's (the strict load then names the
+    tensor). Heads keep the architecture's head width (BLIP base and large: 64), so a checkpoint whose width
+    is no multiple of it needs its heads given: hidden_size and num_attention_heads in the architecture."""
+
+    def rows(key: str, dim: int = 0) -> int | None:
+        return int(state[key].shape[dim]) if key in state else None
+
+    arch = plain(architecture)
+    vision, text = dict(arch.get("vision_config", {})), dict(arch.get("text_config", {}))
+    t = "text_encoder."
+    sizes = {
+        "vision": (
+            vision,
+            {
+                "hidden_size": rows("visual_encoder.cls_token", -1),
+                "num_hidden_layers": layers(state, r"visual_encoder\.blocks\.(\d+)\."),
+                "intermediate_size": rows("visual_encoder.blocks.0.mlp.fc1.weight"),
+                "patch_size": rows("visual_encoder.patch_embed.proj.weight", -1),
+            },
+        ),
+        "text": (
+            text,
+            {
+                "hidden_size": rows(f"{t}embeddings.word_embeddings.weight", 1),
+                "vocab_size": rows(f"{t}embeddings.word_embeddings.weight"),
+                "max_position_embeddings": rows(f"{t}embeddings.position_embeddings.weight"),
+                "num_hidden_layers": layers(state, r"text_encoder\.encoder\.layer\.(\d+)\."),
+                "intermediate_size": rows(f"{t}encoder.layer.0.intermediate.dense.weight"),
+                "encoder_hidden_size": rows(f"{t}encoder.layer.0.crossattention.self.key.weight", 1),
+            },
+        ),
+    }
+    for side, (config, found) in sizes.items():
+        width, default = found["hidden_size"], config.get("hidden_size", 768)
+        head_width = default // config.get("num_attention_heads", default // 64)
+        if width is not None and width != default:
+            if width % head_width:
+                raise CirlabError(
+                    f"the checkpoint's {side} width {width} is no multiple of the architecture's {head_width}-wide "
+                    f"attention heads, and a file does not tell its heads: give them, e.g. backbone=blip_base "
+                    f"backbone.architecture.{side}_config.hidden_size={width} "
+                    f"backbone.architecture.{side}_config.num_attention_heads=N"
+                )
+            config["num_attention_heads"] = width // head_width
+        config.update({k: v for k, v in found.items() if v is not None})
+    arch["vision_config"], arch["text_config"] = vision, text
+    if "vision_proj.weight" in state:
+        arch["image_text_hidden_size"] = rows("vision_proj.weight")
+    return arch
 
 
 def convert_blip_checkpoint(
@@ -114,6 +184,7 @@ def convert_blip_checkpoint(
         raise CirlabError(f"+out={out} already exists; delete it or choose another folder")
     if not src.is_file():
         raise CirlabError(f"+src={src}: no such file")
+    tok = blip_tokenizer(tokenizer)  # before the (large) checkpoint: offline, the answer comes at once
     obj = load_torch(src)
     if not (isinstance(obj, dict) and isinstance(obj.get("model"), dict)):
         keys = list(obj)[:6] if isinstance(obj, dict) else type(obj).__name__
@@ -121,7 +192,20 @@ def convert_blip_checkpoint(
             f"+src={src} is not a BLIP checkpoint (expected the state dict under 'model', as "
             f"salesforce/BLIP saves model_base.pth; found {keys})"
         )
-    model = BlipForImageTextRetrieval(BlipConfig(**plain(architecture))).eval()
+    config = infer_architecture(obj["model"], architecture)
+    rows = config["text_config"].get("vocab_size", 30524)  # BlipTextConfig's default
+    if len(tok) != rows:
+        raise CirlabError(
+            f"tokenizer {tokenizer!r} has {len(tok)} tokens with [DEC]/[ENC], but the checkpoint's "
+            f"word embedding has {rows} rows: give BLIP's tokenizer (bert-base-uncased)"
+        )
+    config["text_config"].update(  # BLIP's special tokens ([DEC] begins captions, [SEP] ends them)
+        pad_token_id=tok.pad_token_id,
+        sep_token_id=tok.sep_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.sep_token_id,
+    )
+    model = BlipForImageTextRetrieval(BlipConfig(**config)).eval()
     dropped: dict[str, list[str]] = {}
     state = {}
     for key, value in obj["model"].items():
@@ -137,24 +221,24 @@ def convert_blip_checkpoint(
         )
     load_strict(model, state, f"+src={src} (converted to HF BLIP names)")
 
-    tok = blip_tokenizer(tokenizer)
-    rows = model.text_encoder.get_input_embeddings().weight.shape[0]
-    if len(tok) != rows:
-        raise CirlabError(
-            f"tokenizer {tokenizer!r} has {len(tok)} tokens with [DEC]/[ENC], but the checkpoint's "
-            f"word embedding has {rows} rows: give BLIP's tokenizer (bert-base-uncased)"
-        )
-    text = model.config.text_config
-    text.pad_token_id, text.sep_token_id = tok.pad_token_id, tok.sep_token_id
-    text.bos_token_id, text.eos_token_id = tok.bos_token_id, tok.sep_token_id
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        follow_umask(tmp)
         os.replace(tmp, out)  # the folder appears whole or not at all
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dropped
+
+
+def follow_umask(folder: Path) -> None:
+    """mkdtemp makes the folder 0700 and transformers writes model.safetensors 0600 (through a temporary
+    file): give them the modes mkdir and open would, so the folder can be shared as any other output."""
+    mask = os.umask(0)
+    os.umask(mask)
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
