@@ -221,6 +221,7 @@ BACKBONE = {
     "backbone.pretrained": Str(null=True),
     "backbone.hf_id": Str(),
     "backbone.quick_gelu": Bool(null=True),
+    "backbone.allow_torchscript": Bool(),
     "backbone.model.model_name": Str(),
     "backbone.model.max_length": POSITIVE,
     "backbone.model.target_ratio": Float(lo=1),

@@ -5,7 +5,8 @@ Released checkpoints come as the reference code writes them: `{'CLIP': sd}`, `{'
 weights enter (`backbone.checkpoint`, `method.<stage>.checkpoint`) lists the `Layout`s it accepts; a
 file's layout is recognised from its keys, converted to cirlab's parameter names and loaded strictly:
 every tensor of the file is used and every parameter filled, so a wrong model size is an error, never
-a silent partial load. Files are read with `weights_only=True` (no pickled code runs).
+a silent partial load. Files are read with `weights_only=True` (no pickled code runs); OpenAI's
+TorchScript archives only behind `backbone.allow_torchscript` (cirlab/backbones/openclip.py).
 """
 
 from __future__ import annotations

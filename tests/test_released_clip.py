@@ -16,6 +16,7 @@ from cirlab.errors import CirlabError
 from cirlab.methods.clip4cir import CLIP4CirCombiner
 from cirlab.methods.combiner import Combiner
 from cirlab.methods.mlcl import MLCLCombiner
+from cirlab.schema import validate
 from cirlab.weights import load_weights
 
 SMALL_VIT = dict(
@@ -79,6 +80,19 @@ REFERENCE_COMBINER_KEYS = [  # CLIP4Cir src/combiner.py
 ]
 
 
+def compose_config(*overrides: str):
+    """The config `cirlab OVERRIDES...` composes, checked by the schema as the CLI checks it."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides))
+    validate(cfg)
+    return cfg
+
+
+def backbone_from_config(*overrides: str):
+    """The backbone the pipeline builds from that config (instantiate(cfg.backbone.model)), in eval mode."""
+    return instantiate(compose_config(*overrides).backbone.model).eval()
+
+
 def small_clip(seed: int) -> OpenCLIPBackbone:
     torch.manual_seed(seed)
     return OpenCLIPBackbone(model_cfg=SMALL_VIT, name="small").eval()
@@ -94,9 +108,12 @@ def test_openai_clip_configs_are_built_with_quick_gelu():
     from open_clip.transformer import QuickGELU
 
     for path in sorted((ROOT / "conf" / "backbone").glob("clip_*.yaml")):
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose("config", overrides=[f"backbone={path.stem}", "backbone.pretrained=null"])
-        backbone = instantiate(cfg.backbone.model)
+        weights = (  # clip_openai_file takes its size from the file: a small one in OpenAI's layout
+            f"backbone.checkpoint={ROOT / 'tests/golden/openai_clip/rn.pt'}"
+            if path.stem == "clip_openai_file"
+            else "backbone.pretrained=null"
+        )
+        backbone = backbone_from_config(f"backbone={path.stem}", weights)
         acts = [type(m) for m in backbone.model.modules() if type(m).__name__ in ("GELU", "QuickGELU")]
         assert acts and all(a is QuickGELU for a in acts), (path.stem, set(acts))
         del backbone

@@ -1,5 +1,7 @@
 """open_clip models behind the Backbone interface: a named model + pretrained tag, a local
-checkpoint file, or a small config given inline (the tiny backbone).
+checkpoint file, a small config given inline (the tiny backbone), or no name at all: then the
+architecture is read from an OpenAI-layout `checkpoint` as OpenAI's `clip.load` reads it
+(`backbone=clip_openai_file`).
 
 OpenAI's CLIP weights were trained with QuickGELU; open_clip >= 2.29 builds its plain model names
 with nn.GELU even for `pretrained='openai'` (it only warns), so cirlab asks for QuickGELU itself
@@ -7,6 +9,7 @@ whenever the weights are OpenAI's (`quick_gelu`)."""
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,9 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from cirlab.backbones.base import Backbone
 from cirlab.data.transforms import build_transform
 from cirlab.errors import CirlabError
-from cirlab.weights import Layout, add_prefix, cirlab_stage, load_weights, wrapped
+from cirlab.weights import Layout, add_prefix, cirlab_stage, load_strict, read_weights, recognise, wrapped
+
+OPEN_CLIP_FILES = (".safetensors", ".npz", ".npy")  # local pretrained files only open_clip reads
 
 
 class OpenCLIPBackbone(Backbone):
@@ -31,8 +36,23 @@ class OpenCLIPBackbone(Backbone):
         target_ratio: float = 1.25,
         name: str | None = None,
         quick_gelu: bool | None = None,
+        allow_torchscript: bool = False,
     ):
         super().__init__()
+        self.name = name or model_name or "openclip"
+        self.allow_torchscript = bool(allow_torchscript)
+        given = None  # (layout, state dict) of a checkpoint that also gave the architecture
+        local = None  # (layout, state dict) of a local pretrained file, read before the model is built
+        if model_cfg is None and model_name is None:
+            if not checkpoint:
+                raise CirlabError(
+                    f"backbone {self.name!r} reads its architecture from backbone.checkpoint, and none is "
+                    "given: add backbone.checkpoint=FILE (an OpenAI-layout CLIP file, e.g. CLIP4Cir's "
+                    "tuned_clip_best.pt) or pick a named model (backbone=clip_rn50x4, clip_vit_b32, ...)"
+                )
+            given = clip_state(checkpoint, self.name, "backbone.checkpoint", self.allow_torchscript)
+            model_cfg = openai_model_cfg(given[1], f"backbone.checkpoint={checkpoint}")
+            model_cfg["quick_gelu"] = True if quick_gelu is None else bool(quick_gelu)
         if model_cfg is not None:
             self.model = open_clip.model.CLIP(**model_cfg)
             self.quick_gelu = bool(model_cfg.get("quick_gelu", False))
@@ -42,9 +62,13 @@ class OpenCLIPBackbone(Backbone):
             if model_name not in open_clip.list_models():
                 raise CirlabError(f"unknown open_clip model {model_name!r}; see open_clip.list_models()")
             self.quick_gelu = uses_quick_gelu(pretrained) if quick_gelu is None else bool(quick_gelu)
+            # a local .pt file goes through cirlab's layouts (strict, JIT extras, TorchScript switch);
+            # open_clip keeps what only it reads (.safetensors, big_vision .npz)
+            if pretrained and Path(pretrained).is_file() and Path(pretrained).suffix not in OPEN_CLIP_FILES:
+                local = clip_state(pretrained, self.name, "backbone.pretrained", self.allow_torchscript)
             try:
                 self.model = open_clip.create_model(
-                    model_name, pretrained=pretrained, force_quick_gelu=self.quick_gelu
+                    model_name, pretrained=None if local else pretrained, force_quick_gelu=self.quick_gelu
                 )
             except RuntimeError as err:
                 raise CirlabError(
@@ -63,8 +87,11 @@ class OpenCLIPBackbone(Backbone):
             else self.model.text_projection.out_features
         )
         self.preprocess = build_transform(preprocess, self.image_size, mean, std, target_ratio)
-        self.name = name or model_name or "openclip"
-        if checkpoint:
+        if local:
+            load_strict(self, local[1], f"backbone.pretrained={pretrained} ({local[0]})")
+        if given:
+            load_strict(self, given[1], f"backbone.checkpoint={checkpoint} ({given[0]})")
+        elif checkpoint:
             load_backbone_weights(self, checkpoint)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -224,9 +251,100 @@ def clip_layouts(backbone_name: str) -> list[Layout]:
     ]
 
 
+def is_torchscript(path: str | Path) -> bool:
+    """A TorchScript archive (what OpenAI's clip.load caches: ViT-B-32.pt, RN50x4.pt): a zip with the
+    module's code and a constants.pkl, which torch.save's files never hold."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.rsplit("/", 1)[-1] == "constants.pkl" for n in archive.namelist())
+
+
+def read_clip_file(path: str | Path, what: str, allow_torchscript: bool = False) -> Any:
+    """The file's object: torch.load(weights_only=True), or a TorchScript archive's state dict (with
+    the JIT extras) where backbone.allow_torchscript lets its code run."""
+    if not is_torchscript(path):
+        return read_weights(path, what)
+    if not allow_torchscript:
+        raise CirlabError(
+            f"{what}={path} is a TorchScript archive (as OpenAI's clip.load caches ViT-B-32.pt, RN50x4.pt): "
+            "loading one runs the code inside it. If you trust the file, add backbone.allow_torchscript=true "
+            "(only its weights are kept), or convert it once where you trust it: "
+            "torch.save(torch.jit.load(FILE, map_location='cpu').state_dict(), 'plain.pt')"
+        )
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as err:  # torch raises several types for a broken archive
+        raise CirlabError(f"{what}={path}: not a readable TorchScript archive ({err})") from err
+    return {k: v.detach() for k, v in module.state_dict().items()}
+
+
+def clip_state(path: str | Path, name: str, what: str, allow_torchscript: bool = False) -> tuple[str, dict]:
+    """(layout name, state dict in the backbone's own names) of a CLIP weights file."""
+    obj = read_clip_file(path, what, allow_torchscript)
+    layout = recognise(obj, clip_layouts(name), f"{what}={path}")
+    return layout.name, layout.to_state(obj)
+
+
 def load_backbone_weights(backbone: Backbone, path: str | Path) -> None:
     """backbone.checkpoint: cirlab's files or a CLIP state dict in OpenAI's / CLIP4Cir's / open_clip's layout."""
-    load_weights(backbone, path, clip_layouts(backbone.name), "backbone.checkpoint")
+    allow = getattr(backbone, "allow_torchscript", False)
+    layout, state = clip_state(path, backbone.name, "backbone.checkpoint", allow)
+    load_strict(backbone, state, f"backbone.checkpoint={path} ({layout})")
+
+
+def openai_model_cfg(state: dict, what: str) -> dict:
+    """open_clip CLIP kwargs of a state dict in the backbone's names (`model.visual.*`, ...), read as
+    OpenAI's clip.model.build_model reads a file: a ViT where there is visual.proj, else a ModifiedResNet
+    (image size = 32 x the attention pool's grid); 64-wide attention heads everywhere."""
+    sd = {k.removeprefix("model."): v for k, v in state.items()}
+
+    def count(prefix: str) -> int:  # distinct block indices right after `prefix`
+        return len({k[len(prefix) :].split(".")[0] for k in sd if k.startswith(prefix)})
+
+    def grid(key: str) -> int:  # side of the square grid of a positional embedding with a CLS row
+        n = sd[key].shape[0]
+        side = round((n - 1) ** 0.5)
+        if side * side + 1 != n:
+            raise CirlabError(f"{what}: {key} has {n} rows, not a square grid + 1")
+        return side
+
+    try:
+        if "visual.proj" in sd:
+            conv = sd["visual.conv1.weight"]
+            vision = dict(
+                layers=count("visual.transformer.resblocks."),
+                width=conv.shape[0],
+                patch_size=conv.shape[-1],
+                image_size=conv.shape[-1] * grid("visual.positional_embedding"),
+            )
+        else:
+            vision = dict(
+                layers=[count(f"visual.layer{i}.") for i in (1, 2, 3, 4)],
+                width=sd["visual.layer1.0.conv1.weight"].shape[0],
+                image_size=32 * grid("visual.attnpool.positional_embedding"),
+            )
+        width = sd["ln_final.weight"].shape[0]
+        text = dict(
+            context_length=sd["positional_embedding"].shape[0],
+            vocab_size=sd["token_embedding.weight"].shape[0],
+            width=width,
+            heads=width // 64,
+            layers=count("transformer.resblocks."),
+        )
+        embed_dim = sd["text_projection"].shape[1]
+    except KeyError as err:
+        raise CirlabError(
+            f"{what}: no {err.args[0]!r}, so the architecture cannot be read from the file as OpenAI's "
+            "clip.load does; pick the backbone by name instead (backbone=clip_rn50x4, clip_vit_b32, ...)"
+        ) from err
+    vision_heads = vision["width"] * (1 if "patch_size" in vision else 32) // 64  # as open_clip builds it
+    if min(text["heads"], vision_heads) < 1:
+        raise CirlabError(
+            f"{what}: widths below 64 have no 64-wide attention head, so OpenAI's clip.load could not "
+            "build this file either; pick the backbone by name or give its open_clip model_cfg"
+        )
+    return dict(embed_dim=int(embed_dim), vision_cfg=vision, text_cfg=text)
 
 
 def backbone_checkpoint(backbone: Backbone) -> dict:
