@@ -222,6 +222,7 @@ BACKBONE = {
     "backbone.hf_id": Str(),
     "backbone.quick_gelu": Bool(null=True),
     "backbone.allow_torchscript": Bool(),
+    "backbone.openai_fp16_rounding": Bool(),
     "backbone.model.model_name": Str(),
     "backbone.model.max_length": POSITIVE,
     "backbone.model.target_ratio": Float(lo=1),

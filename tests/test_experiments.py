@@ -152,3 +152,11 @@ def test_released_model_experiments_evaluate_given_weights_only(name):
 
 def test_clip4cir_released_experiments_exist():
     assert {"eval_released_clip4cir_fashioniq_rn50x4", "eval_released_clip4cir_cirr_rn50x4"} <= set(RELEASED)
+
+
+@pytest.mark.parametrize("name", [n for n in RELEASED if n.startswith("eval_released_clip4cir_")])
+def test_clip4cir_released_experiments_round_as_the_reference_on_a_gpu(name):
+    """CLIP4Cir's validate.py on a GPU reads the tuned file into clip.load's fp16 model before .float():
+    the backbone gets those roundings (backbone.openai_fp16_rounding, tests/test_golden_clip.py)."""
+    cfg = compose_experiment(name)
+    assert cfg.backbone.openai_fp16_rounding is True and cfg.backbone.model.openai_fp16_rounding is True

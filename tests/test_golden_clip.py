@@ -254,3 +254,32 @@ def test_clip4cir_golden_fails_with_two_combiner_names_swapped(clip4cir_out, mon
     finetune, stage = clip4cir_stages()
     with pytest.raises(AssertionError, match="Tensor-likes are not close"):
         check_clip4cir_outputs(finetune, stage, clip4cir_out)
+
+
+# ---- the reference on a GPU: the tuned CLIP with convert_weights' tensors rounded to fp16 -----------------
+
+
+def gpu_path(out: dict) -> dict:
+    """outputs.pt with the GPU path's outputs (gpu_*) in place of the CPU path's."""
+    return {**out, **{k.removeprefix("gpu_"): v for k, v in out.items() if k.startswith("gpu_")}}
+
+
+def test_clip4cir_gpu_path_with_openai_fp16_rounding(clip4cir_out):
+    """backbone.openai_fp16_rounding=true gives what validate.py / combiner_train.py compute on a GPU (clip.load's
+    fp16 model, load_state_dict of the fp32 file, .float()); off, the CPU path (tested above)."""
+    finetune, stage = clip4cir_stages(**{"backbone.openai_fp16_rounding": "true"})
+    rounded = openclip.openai_fp16_names(stage.backbone.model)
+    assert sorted(rounded) == sorted(clip4cir_out["gpu_fp16_keys"])  # what convert_weights held in fp16
+    check_clip4cir_outputs(finetune, stage, gpu_path(clip4cir_out))
+    with pytest.raises(AssertionError, match="Tensor-likes are not close"):  # the two paths differ
+        check_clip4cir_outputs(*clip4cir_stages(), gpu_path(clip4cir_out))
+
+
+def test_openai_fp16_names_are_the_fp16_tensors_of_openai_vit_file():
+    """For a ViT: the tensors OpenAI's release files (convert_weights) hold in fp16, no more, no fewer."""
+    file = OPENAI / FILES["vit_fp16"][0]
+    fp16 = {k for k, v in torch.load(file, weights_only=True).items() if v.dtype == torch.float16}
+    backbone = openai_file_backbone(file, "backbone.openai_fp16_rounding=true")
+    assert set(openclip.openai_fp16_names(backbone.model)) == fp16
+    state = torch.load(file, weights_only=True)  # its fp16 values are unchanged by the rounding
+    assert all(torch.equal(backbone.model.state_dict()[k], state[k].float()) for k in fp16)

@@ -37,6 +37,7 @@ class OpenCLIPBackbone(Backbone):
         name: str | None = None,
         quick_gelu: bool | None = None,
         allow_torchscript: bool = False,
+        openai_fp16_rounding: bool = False,
     ):
         super().__init__()
         self.name = name or model_name or "openclip"
@@ -93,6 +94,8 @@ class OpenCLIPBackbone(Backbone):
             load_strict(self, given[1], f"backbone.checkpoint={checkpoint} ({given[0]})")
         elif checkpoint:
             load_backbone_weights(self, checkpoint)
+        if openai_fp16_rounding:
+            round_as_openai_fp16(self.model)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(images)
@@ -183,6 +186,37 @@ class OpenCLIPBackbone(Backbone):
     def text_parameters(self):
         visual = {id(p) for p in self.model.visual.parameters()}
         return [p for p in self.model.parameters() if id(p) not in visual]
+
+
+def openai_fp16_names(model: torch.nn.Module) -> list[str]:
+    """Names of the tensors OpenAI's `clip.model.convert_weights` holds in fp16, by its module-type rule:
+    Conv1d / Conv2d / Linear weights and biases (the attention pool's q/k/v/c_proj, attention out_proj
+    included), MultiheadAttention's in_proj / q,k,v_proj weights, in_proj_bias, bias_k, bias_v, and any
+    `text_projection` / `proj` tensor; never norms, embeddings, positional embeddings or logit_scale."""
+    nn = torch.nn
+    names: dict[str, None] = {}  # ordered, without repeats
+    for prefix, module in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        attrs = []
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            attrs += ["weight", "bias"]
+        if isinstance(module, nn.MultiheadAttention):
+            attrs += ["in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"]
+            attrs += ["in_proj_bias", "bias_k", "bias_v"]
+        attrs += ["text_projection", "proj"]
+        names.update({dot + a: None for a in attrs if isinstance(getattr(module, a, None), torch.Tensor)})
+    return list(names)
+
+
+def round_as_openai_fp16(model: torch.nn.Module) -> None:
+    """Round those tensors to fp16 and back (backbone.openai_fp16_rounding), as the CLIP4Cir / MLCL scripts
+    on a GPU see a fine-tuned file: `clip.load(..., device='cuda')` keeps OpenAI's fp16 model,
+    `load_state_dict` casts the fp32 file into it, and only then `.float()`."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    with torch.no_grad():
+        for name in openai_fp16_names(model):
+            tensors[name].copy_(tensors[name].half())
 
 
 def uses_quick_gelu(pretrained: str | None) -> bool:

@@ -13,6 +13,12 @@ read back as validate.py reads them (CLIP `load_state_dict(...['CLIP'])` then `.
 CLIP features, stage I's query (`element_wise_sum`) with clip_fine_tune.py's logits and loss, and stage
 II's query (`combine_features`), logits (`Combiner.forward`, logit_scale 100) and loss (CrossEntropyLoss
 against arange(B)), all in eval mode (no dropout), fp32 on CPU.
+
+The same again as the scripts run on a GPU (keys `gpu_*`): `clip.load(FILE, device=DEVICE, jit=False)` with
+DEVICE = torch.device("cpu:0"), whose str() is not "cpu", so clip.load skips its CPU-only `model.float()`
+exactly as for "cuda": build_model's fp16 model (convert_weights) of an OpenAI-style base (a second random
+model as clip.load reads RN50x4.pt: fp16 + JIT extras), `load_state_dict(tuned['CLIP'])` casting the fp32 file
+into it, then `.float().eval()`; `gpu_fp16_keys` names the tensors it held in fp16.
 """
 
 from __future__ import annotations
@@ -88,45 +94,67 @@ def main() -> None:
     features = {k: torch.randn(4, RN["embed_dim"], generator=gen) for k in ("image", "text", "target")}
     tokens = clip.tokenize(CAPTIONS, truncate=True)  # combiner_train.py's call
     labels = torch.arange(len(CAPTIONS))
+    pad = torch.stack([targetpad_transform(TARGET_RATIO, res)(im) for im in pil])
+
+    def computed(model) -> dict:
+        """What the scripts compute with this CLIP (and the Combiner)."""
+        with torch.no_grad():
+            ref_f = model.encode_image(reference.float()).float()
+            tgt_f = model.encode_image(target.float()).float()
+            txt_f = model.encode_text(tokens).float()
+            # stage I (clip_fine_tune.py): logits = 100 * predicted_features @ target_features.T
+            sum_query = element_wise_sum(ref_f, txt_f)
+            sum_logits = 100 * sum_query @ F.normalize(tgt_f, dim=-1).T
+            # stage II (combiner_train.py): logits = combiner(reference, text, target)
+            logits = combiner(ref_f, txt_f, tgt_f)
+            return {
+                "reference_features": ref_f,
+                "target_features": tgt_f,
+                "text_features": txt_f,
+                "targetpad_features": model.encode_image(pad).float(),
+                "finetune_query": sum_query,
+                "finetune_logits": sum_logits,
+                "finetune_loss": torch.nn.CrossEntropyLoss()(sum_logits, labels),
+                "combiner_query": combiner.combine_features(ref_f, txt_f),
+                "combiner_logits": logits,
+                "combiner_loss": torch.nn.CrossEntropyLoss()(logits, labels),
+            }
+
     with torch.no_grad():
-        ref_f = clip_model.encode_image(reference.float()).float()
-        tgt_f = clip_model.encode_image(target.float()).float()
-        txt_f = clip_model.encode_text(tokens).float()
-        pad = torch.stack([targetpad_transform(TARGET_RATIO, res)(im) for im in pil])
-        # stage I (clip_fine_tune.py): logits = 100 * predicted_features @ target_features.T
-        sum_query = element_wise_sum(ref_f, txt_f)
-        sum_logits = 100 * sum_query @ F.normalize(tgt_f, dim=-1).T
-        # stage II (combiner_train.py): logits = combiner(reference, text, target)
-        query = combiner.combine_features(ref_f, txt_f)
-        logits = combiner(ref_f, txt_f, tgt_f)
         f = features
         fixed_query = combiner.combine_features(f["image"], f["text"])
         fixed_logits = combiner(f["image"], f["text"], f["target"])
-        outputs = {
-            "captions": CAPTIONS,
-            "tokens": tokens,
-            "reference_pixels": reference,
-            "target_pixels": target,
-            "reference_features": ref_f,
-            "target_features": tgt_f,
-            "text_features": txt_f,
-            "pil0": arrays[0],
-            "pil1": arrays[1],
-            "targetpad_pixels": pad,
-            "targetpad_features": clip_model.encode_image(pad).float(),
-            "finetune_query": sum_query,
-            "finetune_logits": sum_logits,
-            "finetune_loss": torch.nn.CrossEntropyLoss()(sum_logits, labels),
-            "combiner_query": query,
-            "combiner_logits": logits,
-            "combiner_loss": torch.nn.CrossEntropyLoss()(logits, labels),
-            "fixed_image_features": f["image"],
-            "fixed_text_features": f["text"],
-            "fixed_target_features": f["target"],
-            "fixed_query": fixed_query,
-            "fixed_logits": fixed_logits,
-            "fixed_loss": torch.nn.CrossEntropyLoss()(fixed_logits, labels),
-        }
+    outputs = {
+        "captions": CAPTIONS,
+        "tokens": tokens,
+        "reference_pixels": reference,
+        "target_pixels": target,
+        "pil0": arrays[0],
+        "pil1": arrays[1],
+        "targetpad_pixels": pad,
+        **computed(clip_model),
+        "fixed_image_features": f["image"],
+        "fixed_text_features": f["text"],
+        "fixed_target_features": f["target"],
+        "fixed_query": fixed_query,
+        "fixed_logits": fixed_logits,
+        "fixed_loss": torch.nn.CrossEntropyLoss()(fixed_logits, labels),
+    }
+
+    # as validate.py / combiner_train.py on a GPU: clip.load keeps build_model's fp16 model, load_state_dict
+    # casts the tuned fp32 file into it, then .float(). "cpu:0" takes that branch of clip.load on CPU.
+    openai_clip.rewind_failed_jit_load(torch)
+    base = openai_clip.with_jit_extras(openai_clip.build({**RN}, torch.Generator().manual_seed(5)), res)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(base.state_dict(), Path(tmp) / "RN.pt")
+        gpu_model, _ = clip.load(str(Path(tmp) / "RN.pt"), device=torch.device("cpu:0"), jit=False)
+    fp16_keys = [k for k, v in gpu_model.state_dict().items() if v.dtype == torch.float16]
+    gpu_model.load_state_dict(torch.load(out / "tuned_clip_best.pt", weights_only=True)["CLIP"])
+    gpu_model = gpu_model.float().eval()
+    gpu = computed(gpu_model)
+    outputs.update({"gpu_fp16_keys": fp16_keys, **{f"gpu_{k}": v for k, v in gpu.items()}})
+    for key, value in gpu.items():
+        print(f"{key:22s} GPU path vs CPU path: max |diff| {(value - outputs[key]).abs().max():.3g}")
     torch.save(outputs, out / "outputs.pt")
     for key, value in outputs.items():
         if isinstance(value, torch.Tensor) and value.is_floating_point():
