@@ -36,6 +36,16 @@ def digest(*parts: Any, length: int = 20) -> str:
     return hashlib.sha1(json.dumps(list(parts), sort_keys=True).encode()).hexdigest()[:length]
 
 
+def versions(**producers: int) -> list[dict[str, int]]:
+    """Key parts naming the code that produced an entry: `{name: version}` of every producer past its
+    first version, as one more part for `digest` (none while all are at 1). Each producer's constant (e.g.
+    `synthetic.GENERATOR_VERSION`) says when to bump it; a bump changes every key that includes it, so the
+    entry is rebuilt, never served from the old code. Version 1 adds nothing: the entries cached before
+    versions were recorded are version 1's and keep their keys."""
+    bumped = {name: v for name, v in sorted(producers.items()) if v != 1}
+    return [bumped] if bumped else []
+
+
 def stable_repr(obj: Any) -> str:
     """repr without memory addresses ("<function f at 0x7f..>" -> "<function f>"), for keys: a plain
     function inside a transform would otherwise change the key in every process."""

@@ -3,8 +3,8 @@
 benchmark's image captions (cirlab.data) on first use.
 
 No pretrained weights can be downloaded in CI or here, so cirlab trains these itself and caches the
-weights (a `cirlab.cache` entry) by a hash of (model config, pretraining config): later runs load
-them in a second. It sits above backbones, data and methods, which never import it.
+weights (a `cirlab.cache` entry) by a hash of (model config, pretraining config, RECIPE_VERSION):
+later runs load them in a second. It sits above backbones, data and methods, which never import it.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from cirlab.backbones.base import Backbone, plain
 from cirlab.backbones.blip import BlipBackbone, vocab_config, wordpiece_vocab
 from cirlab.backbones.openclip import OpenCLIPBackbone, load_backbone_weights
-from cirlab.cache import CacheEntry, digest
+from cirlab.cache import CacheEntry, digest, versions
+from cirlab.data import synthetic
 from cirlab.data.images import load_image
 from cirlab.data.sources.synthetic import synthetic_source
 from cirlab.errors import CirlabError
@@ -30,6 +31,13 @@ from cirlab.io import write_json, write_text
 from cirlab.methods.crossmodal import ContrastivePretraining, evaluate_captions, make_loader
 
 log = logging.getLogger(__name__)
+
+# Part of the pretrained backbones' cache key: bump it when the same (model config, pretraining config)
+# would train other weights: the recipe (`pretrain_on_captions`, ContrastivePretraining's loss,
+# `make_loader`, `sincos_positions`, the seeding, the split and captions it reads) or how a backbone is
+# built before it, so that backbones trained by the old code are trained again, not loaded. The
+# benchmark it trains on is keyed by synthetic.GENERATOR_VERSION, also in the key.
+RECIPE_VERSION = 1
 
 
 def pretrained_tiny(
@@ -127,7 +135,9 @@ def load_or_pretrain(
 ) -> Backbone:
     """The cached pretrained weights of (model_cfg, pretrain) loaded into `backbone`, or it is
     pretrained and they are cached (a concurrent run waits for them)."""
-    path = Path(cache_dir) / "backbones" / f"{name}-{digest(model_cfg, pretrain, length=12)}.pt"
+    made_by = versions(recipe=RECIPE_VERSION, generator=synthetic.GENERATOR_VERSION)
+    key = digest(model_cfg, pretrain, *made_by, length=12)
+    path = Path(cache_dir) / "backbones" / f"{name}-{key}.pt"
     own = {k: v.shape for k, v in backbone.state_dict().items()}
 
     def fits(blob: dict) -> bool:

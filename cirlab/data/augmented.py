@@ -17,7 +17,7 @@ import torch
 from torchvision import transforms as T
 
 from cirlab.cache import CacheEntry, stable_repr
-from cirlab.data.features import encode_images
+from cirlab.data.features import encode_images, encode_version
 from cirlab.data.images import DECODE_VERSION
 from cirlab.data.records import CIRQuery
 from cirlab.data.transforms import TargetPad, to_rgb
@@ -111,6 +111,7 @@ def augmented_features(
     h = hashlib.sha1(b"mlcl-aug\0" + backbone.fingerprint().encode())
     h.update(stable_repr(aug).encode())
     h.update(f"decode {DECODE_VERSION}\n".encode())
+    h.update(encode_version().encode())
     h.update(f"{views}\0{seed}\n".encode())
     for n, p in zip(names, paths):
         h.update(f"{n}\0{p}\n".encode())

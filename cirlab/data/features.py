@@ -2,8 +2,9 @@
 
 Encoding is the slowest part of every frozen-backbone stage (~25x a Combiner epoch), so embeddings
 are computed once and stored (a `cirlab.cache` entry) under a key that hashes (backbone weights,
-preprocessing and `images.DECODE_VERSION`, or batch size, the image or text list). A different backbone
-or list gets a new file; a truncated or foreign file fails its verification and is rebuilt, never used.
+preprocessing and `images.DECODE_VERSION`, or batch size, the image or text list; ENCODE_VERSION). A
+different backbone or list gets a new file; a truncated or foreign file fails its verification and is
+rebuilt, never used.
 """
 
 from __future__ import annotations
@@ -23,6 +24,17 @@ from cirlab.data.images import DECODE_VERSION, load_image
 
 if TYPE_CHECKING:  # data sits below backbones: only the type is named here
     from cirlab.backbones.base import Backbone
+
+# Part of every feature cache key (images, texts, augmented views): bump it when the same backbone and
+# images or texts would give other cached embeddings through this file's path (`encode_images`,
+# `encode_texts`: batching, eval mode, dtype, what is stored), so that features encoded by the old code
+# are encoded again, not reused. The backbone's own code is its fingerprint's; the pixels DECODE_VERSION's.
+ENCODE_VERSION = 1
+
+
+def encode_version() -> str:
+    """ENCODE_VERSION as a line of a key: empty at version 1, so that the keys of older caches hold."""
+    return "" if ENCODE_VERSION == 1 else f"encode {ENCODE_VERSION}\n"
 
 
 class ImageFiles(Dataset):
@@ -81,6 +93,7 @@ class FeatureCache:
         h = hashlib.sha1(backbone.fingerprint().encode())
         h.update(stable_repr(backbone.preprocess).encode())
         h.update(f"decode {DECODE_VERSION}\n".encode())  # other decoded pixels, other features
+        h.update(encode_version().encode())
         for n, p in zip(names, paths):
             h.update(f"{n}\0{p}\n".encode())
         return h.hexdigest()[:20]
@@ -135,6 +148,7 @@ class TextFeatureCache:
     def entry(self, backbone: Backbone, texts: list[str]) -> CacheEntry:
         """The cache entry of exactly these texts (sorted, as they are encoded) with this backbone."""
         h = hashlib.sha1(f"{backbone.fingerprint()}\0{self.batch_size}".encode())
+        h.update(encode_version().encode())
         for t in texts:
             h.update(f"{t}\0".encode())
         return CacheEntry(self.dir / f"text_{h.hexdigest()[:20]}.pt", what="text feature cache")
