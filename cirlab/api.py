@@ -6,7 +6,8 @@
     r.search("reference.png", "has a red circle on the left", k=10)  # [(path, score), ...]
 
 The run's `.hydra/config.yaml` rebuilds the backbone and the final stage's module (Hydra
-instantiate) as the pipeline started it; weights come from the best checkpoints listed in
+instantiate) as the pipeline started it, the run folder read as data: a `_target_` other than cirlab's
+own, torch.optim's and Lightning's Trainer is refused (cirlab/trusted.py); weights come from the best checkpoints listed in
 `stages/<stage>/done.json` (the backbone from the latest stage that trained, the module from the final
 stage) or the stage's weights file. This is evaluation's path: images of the run's dataset take the
 features the run cached (other images are encoded and cached by backbone weights, preprocessing and
@@ -33,12 +34,13 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 def _run_and_stage(path: Path) -> tuple[Path, str | None, Path | None]:
     """(run folder, stage name or None = final, checkpoint or None) from a run folder or a .ckpt."""
     if path.is_file() and path.suffix == ".ckpt":
-        # <run>/stages/<stage>/checkpoints/<name>.ckpt
-        if path.parent.name != "checkpoints" or path.parents[2].name != "stages":
+        # <run>/stages/<stage>/checkpoints/<name>.ckpt (a short relative path: its absolute parents)
+        full = path if len(path.parts) >= 5 else path.absolute()
+        if len(full.parts) < 5 or full.parent.name != "checkpoints" or full.parents[2].name != "stages":
             raise CirlabError(
                 f"{path} is not inside <run>/stages/<stage>/checkpoints/: give the run folder instead"
             )
-        return path.parents[3], path.parents[1].name, path
+        return full.parents[3], full.parents[1].name, path
     if path.is_dir():
         return path, None, None
     raise CirlabError(f"{path} is neither a run folder nor a checkpoint file")
@@ -244,14 +246,16 @@ def _pin_paths(cfg, run_dir: Path) -> None:
     """Use the folders the run used (its resolved paths, relative ones taken from the run's working
     directory), not whatever the environment and current directory would give now: otherwise a
     load from elsewhere would miss the backbone / feature caches."""
-    import json
-
     import yaml
+
+    from cirlab.trusted import read_results
 
     results = run_dir / "results.json"
     paths = None
     if results.is_file():
-        paths = json.loads(results.read_text()).get("config", {}).get("paths")
+        paths = read_results(results)["config"].get("paths")
+        if paths is not None and not isinstance(paths, dict):
+            raise CirlabError(f"{results}: config.paths is not a mapping; is the file damaged?")
     if paths is None:
         from omegaconf import OmegaConf
 
@@ -259,9 +263,13 @@ def _pin_paths(cfg, run_dir: Path) -> None:
     hydra_yaml = run_dir / ".hydra" / "hydra.yaml"
     cwd = None
     if hydra_yaml.is_file():
-        cwd = ((yaml.safe_load(hydra_yaml.read_text()) or {}).get("hydra", {}).get("runtime", {}) or {}).get(
-            "cwd"
-        )
+        try:
+            node = yaml.safe_load(hydra_yaml.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise CirlabError(f"{hydra_yaml} is damaged ({type(err).__name__}: {err})") from None
+        for key in ("hydra", "runtime", "cwd"):
+            node = node.get(key) if isinstance(node, dict) else None
+        cwd = node if isinstance(node, str) else None
     for key, value in paths.items():
         if isinstance(value, str) and cwd and not Path(value).is_absolute():
             value = str(Path(cwd) / value)
@@ -293,21 +301,37 @@ def _stage_module(cfg, stage: str, backbone):
 def load(run_dir_or_ckpt: str | Path, overrides: Sequence[str] = (), device: str | None = None) -> Retriever:
     """Rebuild a run's final-stage model (or the stage of a given checkpoint) with its trained weights.
     `overrides` are OmegaConf dotlist overrides of the run's config, e.g. ["paths.cache_dir=/x"]."""
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-    from cirlab.pipeline import SafeCheckpointIO, load_module_weights
+    from cirlab.trusted import check_targets, read_run_config
 
     run_dir, stage, ckpt = _run_and_stage(Path(run_dir_or_ckpt))
     cfg_path = run_dir / ".hydra" / "config.yaml"
     if not cfg_path.is_file():
         raise CirlabError(f"{cfg_path} not found: {run_dir} is not a cirlab run folder")
-    cfg = OmegaConf.load(cfg_path)
+    cfg = read_run_config(cfg_path)  # the run folder is data: only cirlab's targets are built
     _pin_paths(cfg, run_dir)
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    check_targets(cfg, f"{cfg_path} (with the paths of results.json)")  # pinned paths are strings too
     if "method" not in cfg:
         raise CirlabError(f"{run_dir} is not a training run (no method in its config)")
+    try:
+        return _rebuild(cfg, run_dir, stage, ckpt, device)
+    except OmegaConfBaseException as err:  # a key the run's config lacks or mistypes
+        key = getattr(err, "full_key", None) or "?"
+        raise CirlabError(
+            f"{cfg_path}: {key}: {str(err).splitlines()[0]}; is the run's config damaged or edited?"
+        ) from None
+
+
+def _rebuild(cfg, run_dir: Path, stage: str | None, ckpt: Path | None, device: str | None) -> Retriever:
+    """load() once the run's config is read and checked."""
+    from hydra.utils import instantiate
+
+    from cirlab.pipeline import SafeCheckpointIO, load_module_weights
+
     stages = list(cfg.method.stages)
     stage = stage or stages[-1]
     if stage not in stages:

@@ -52,21 +52,29 @@ def export(cfg: DictConfig) -> None:
     from hydra.utils import get_class
 
     from cirlab.io import load_torch, read_json, save_torch
+    from cirlab.trusted import read_results
 
     if not cfg.get("run"):
         raise CirlabError("name the run folder: cirlab +task=export +run=outputs/runs/<run> [+out=DIR]")
     run = Path(cfg.run)
     if not (run / "results.json").is_file():
         raise CirlabError(f"{run} is not a finished cirlab run (no results.json)")
-    config = read_json(run / "results.json")["config"]
+    config = read_results(run / "results.json")["config"]  # the run folder is data: its targets checked
+    if "method" not in config:
+        raise CirlabError(f"{run} is not a training run (no method in its results.json config)")
     out = Path(cfg.get("out") or run / "reference")
     written = 0
     for stage in config["method"]["stages"]:
-        record = read_json(run / "stages" / stage / "done.json")
+        done = run / "stages" / stage / "done.json"
+        record = read_json(done)
+        if not isinstance(record, dict):
+            raise CirlabError(f"{done} is not a stage record; is it damaged?")
         if not record.get("best_checkpoint"):
             print(f"stage {stage}: not trained in this run, nothing to export")
             continue
         ckpt = load_torch(record["best_checkpoint"])
+        if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "epoch" not in ckpt:
+            raise CirlabError(f"{record['best_checkpoint']} (from {done}) is not a Lightning checkpoint")
         files = get_class(config["method"][stage]["module"]["_target_"]).reference_files(
             ckpt["state_dict"], int(ckpt["epoch"])
         )
