@@ -1,6 +1,6 @@
 """`cirlab-demo RUN`: an interactive retrieval page over a finished run (Gradio, `pip install 'cirlab[demo]'`).
 
-    cirlab-demo outputs/runs/<run> [--gallery DIR] [--port 7860] [--host 127.0.0.1] [-k 10]
+    cirlab-demo outputs/runs/<run> [--gallery DIR] [--port 7860] [--host 127.0.0.1] [-k 10] [--auth USER:PW]
 
 Loads the run's final stage with `cirlab.load`, embeds the gallery once through the feature cache
 (the run's own test gallery by default, or every image under `--gallery`), then serves a page where a
@@ -13,16 +13,21 @@ dataset query's true target is outlined green. Every method's run works, SEARLE-
 search instead, ranked by `cirlab.retrieval.search` too.
 
 Everything the page does lives in `DemoBackend` (no Gradio): the Gradio layer only wires widgets.
+Gradio serves only copies of the images the page shows (`ShownImages`), never the folders they are in.
 """
 
 from __future__ import annotations
 
 import argparse
 import html
+import ipaddress
 import os
+import shutil
+import signal
 import sys
+import tempfile
+import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -379,27 +384,53 @@ def header_markdown(backend: DemoBackend, run: Path) -> str:
 
 
 # ---- the page ----------------------------------------------------------------------------------------
-def build_app(backend: DemoBackend, run: Path, k: int = 10):
+class ShownImages:
+    """Copies of the images the page shows, made when first shown, in a folder of their own: the only
+    folder Gradio is allowed to serve (`launch`). Allowing the images' folder, or the common parent of
+    the gallery and the references, would serve every file under it, not only the images; allowing
+    each image file instead costs Gradio a path resolution per allowed file per request (0.2 s per
+    request for 2,000 files, measured: seconds for a grid of thumbnails)."""
+
+    def __init__(self):
+        self.folder = Path(tempfile.mkdtemp(prefix="cirlab-demo-")).resolve()
+        self.copies: dict[str, str] = {}
+        self.lock = threading.Lock()  # Gradio runs the callbacks in threads
+
+    def __call__(self, path: str | Path) -> str:
+        """The copy of `path` that the page hands to Gradio."""
+        with self.lock:
+            if str(path) not in self.copies:
+                copy = self.folder / f"{len(self.copies)}-{Path(path).name}"
+                shutil.copyfile(path, copy)
+                self.copies[str(path)] = str(copy)
+            return self.copies[str(path)]
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def build_app(backend: DemoBackend, run: Path, shown: ShownImages, k: int = 10):
+    """The Gradio page; every image it hands to Gradio goes through `shown` (launch serves its folder)."""
     import gradio as gr
 
     theme = gr.themes.Default(font=["Helvetica", "Arial", "sans-serif"], font_mono=["monospace"])
     with gr.Blocks(title=f"cirlab demo: {run.name}", analytics_enabled=False) as app:
         gr.Markdown(header_markdown(backend, run), elem_id="header")
         if backend.captions_mode:
-            _captions_page(gr, backend, k)
+            _captions_page(gr, backend, k, shown)
         else:
-            _cir_page(gr, backend, k)
+            _cir_page(gr, backend, k, shown)
     return app, theme
 
 
-def _picker(gr, backend: DemoBackend, label: str):
+def _picker(gr, backend: DemoBackend, label: str, shown: ShownImages):
     """Reference image (upload or picked) + a searchable grid of the gallery; returns (image, state)."""
     ref_name = gr.State(None)
     ref_image = gr.Image(label=label, type="filepath", sources=["upload"], height=220, elem_id="reference")
     grid_names = gr.State(backend.matching(""))
     find = gr.Textbox(label="Find a reference in the gallery (part of its name)", elem_id="find")
     grid = gr.Gallery(
-        value=[(str(backend.gallery.paths[backend.index_of[n]]), n) for n in grid_names.value],
+        value=[(shown(backend.gallery.paths[backend.index_of[n]]), n) for n in grid_names.value],
         label=f"Gallery (first {GRID_MAX} matches; click one)",
         columns=8,
         height=260,
@@ -411,11 +442,11 @@ def _picker(gr, backend: DemoBackend, label: str):
 
     def filter_grid(pattern):
         names = backend.matching(pattern)
-        return names, [(str(backend.gallery.paths[backend.index_of[n]]), n) for n in names]
+        return names, [(shown(backend.gallery.paths[backend.index_of[n]]), n) for n in names]
 
     def pick(names, evt: gr.SelectData):
         name = names[evt.index]
-        return name, str(backend.gallery.paths[backend.index_of[name]])
+        return name, shown(backend.gallery.paths[backend.index_of[name]])
 
     pick.__annotations__["evt"] = gr.SelectData  # the class itself: Gradio does not resolve postponed names
 
@@ -449,7 +480,7 @@ def cir_search(backend: DemoBackend, name: str | None, image: str | None, text: 
     )
 
 
-def _cir_page(gr, backend: DemoBackend, k: int) -> None:
+def _cir_page(gr, backend: DemoBackend, k: int, shown: ShownImages) -> None:
     with gr.Row():
         with gr.Column(scale=2):
             queries = backend.gallery.queries
@@ -461,7 +492,7 @@ def _cir_page(gr, backend: DemoBackend, k: int) -> None:
                     filterable=True,
                     elem_id="query",
                 )
-            ref_image, ref_name = _picker(gr, backend, "Reference image (pick one below, or upload)")
+            ref_image, ref_name = _picker(gr, backend, "Reference image (pick one below, or upload)", shown)
         with gr.Column(scale=3):
             text = gr.Textbox(
                 label="Modification text", placeholder="e.g. has a red circle on the left", elem_id="text"
@@ -482,7 +513,7 @@ def _cir_page(gr, backend: DemoBackend, k: int) -> None:
             if i is None:
                 return gr.update(), gr.update(), gr.update()
             q = queries[int(i)]
-            return q.reference, str(q.reference_path), q.text
+            return q.reference, shown(q.reference_path), q.text
 
         query.change(pick_query, query, [ref_name, ref_image, text])
 
@@ -491,7 +522,7 @@ def _cir_page(gr, backend: DemoBackend, k: int) -> None:
     text.submit(run_search, [ref_name, ref_image, text, top_k], [status, results])
 
 
-def _captions_page(gr, backend: DemoBackend, k: int) -> None:
+def _captions_page(gr, backend: DemoBackend, k: int, shown: ShownImages) -> None:
     top_k = gr.Slider(1, max(K_MAX, k), value=k, step=1, label="k (results shown)", elem_id="k")
     status = gr.Markdown("", elem_id="status")
     with gr.Tabs():
@@ -505,7 +536,7 @@ def _captions_page(gr, backend: DemoBackend, k: int) -> None:
                 )
             t2i = gr.Button("Search images", variant="primary", elem_id="search")
         with gr.Tab("Image → caption"):
-            ref_image, ref_name = _picker(gr, backend, "Image (pick one below, or upload)")
+            ref_image, ref_name = _picker(gr, backend, "Image (pick one below, or upload)", shown)
             i2t = gr.Button("Search captions", variant="primary", elem_id="search-captions")
     results = gr.HTML("", elem_id="results")
 
@@ -572,9 +603,53 @@ def set_query_threads(n: int) -> None:
         torch.set_num_threads(n)
 
 
-def allowed_dirs(paths: Sequence[Path]) -> list[str]:
-    """The folders Gradio may serve files from: the common folder of the gallery and the queries' references."""
-    return [os.path.commonpath([str(Path(p).resolve().parent) for p in paths])] if paths else []
+def is_loopback(host: str) -> bool:
+    """Whether `host` serves this machine only (anything else reaches the network)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_auth(value: str | None) -> tuple[str, str] | None:
+    """--auth / CIRLAB_DEMO_AUTH: USER:PASSWORD (the password may hold ':'), or None for no login."""
+    if not value:
+        return None
+    user, sep, password = value.partition(":")
+    if not (sep and user and password):
+        raise CirlabError("--auth (or CIRLAB_DEMO_AUTH) needs USER:PASSWORD, e.g. --auth alice:s3cret")
+    return user, password
+
+
+def exposure_warning(host: str, auth) -> str | None:
+    """The line printed when the page is served to the network without a login."""
+    if is_loopback(host) or auth:
+        return None
+    return (
+        f"cirlab-demo: warning: --host {host} serves this page to the network and it has no authentication: "
+        "anyone who reaches the port can search the gallery and upload images (set CIRLAB_DEMO_AUTH=USER:PASSWORD "
+        "or --auth USER:PASSWORD for a login, or keep --host 127.0.0.1)"
+    )
+
+
+def launch(app, theme, shown: ShownImages, host: str, port: int, auth=None, block: bool = True) -> None:
+    """Serve the page. Gradio may serve only the copies in `shown.folder` (and its own uploads and
+    cache): no folder of the user's."""
+    app.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        quiet=True,
+        show_error=True,
+        ssr_mode=False,
+        css=CSS,
+        theme=theme,
+        allowed_paths=[str(shown.folder)],
+        auth=auth,
+        prevent_thread_lock=not block,
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -588,7 +663,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="folder of gallery images (searched recursively); default: the run's own test gallery",
     )
     parser.add_argument("--port", type=int, default=7860, help="default 7860")
-    parser.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this machine only)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="default 127.0.0.1 (this machine only); another address serves the network (see --auth)",
+    )
+    parser.add_argument(
+        "--auth",
+        default=os.environ.get("CIRLAB_DEMO_AUTH"),
+        metavar="USER:PASSWORD",
+        help="a login for the page (default: $CIRLAB_DEMO_AUTH, which keeps the password off the command "
+        "line; none when unset)",
+    )
     parser.add_argument("-k", type=int, default=10, help="results shown at first (default 10)")
     parser.add_argument("--device", default=None, help="e.g. cuda; default cpu")
     parser.add_argument(
@@ -605,6 +691,7 @@ def check_args(args: argparse.Namespace) -> Path:
     """The run folder, once the arguments and the optional Gradio install are known to be usable."""
     if args.k < 1:
         raise CirlabError(f"-k {args.k}: need at least 1")
+    parse_auth(args.auth)
     run = Path(args.run)
     if not run.exists():
         raise CirlabError(f"{run} does not exist: give a run folder (outputs/runs/<run>)")
@@ -634,25 +721,26 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"cirlab-demo error: {cause}", file=sys.stderr)
         sys.exit(2)
-    app, theme = build_app(backend, run, args.k)
-    print(
-        f"cirlab-demo: serving http://{args.host}:{args.port} (start-up {time.perf_counter() - start:.1f} s; "
-        "Ctrl-C stops)",
-        flush=True,
-    )
-    app.launch(
-        server_name=args.host,
-        server_port=args.port,
-        share=False,
-        quiet=True,
-        show_error=True,
-        ssr_mode=False,
-        css=CSS,
-        theme=theme,
-        allowed_paths=allowed_dirs(
-            [*backend.gallery.paths, *(q.reference_path for q in backend.gallery.queries)]
-        ),
-    )
+    auth = parse_auth(args.auth)
+    shown = ShownImages()
+    try:
+        app, theme = build_app(backend, run, shown, args.k)
+        warning = exposure_warning(args.host, auth)
+        if warning:
+            print(warning, file=sys.stderr, flush=True)
+        print(
+            f"cirlab-demo: serving http://{args.host}:{args.port} (start-up {time.perf_counter() - start:.1f} s; "
+            "Ctrl-C stops)",
+            flush=True,
+        )
+        # a SIGTERM stops the server as Ctrl-C does, so the copies are removed below
+        before = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            launch(app, theme, shown, args.host, args.port, auth)
+        finally:
+            signal.signal(signal.SIGTERM, before)
+    finally:
+        shown.close()
 
 
 if __name__ == "__main__":
