@@ -69,6 +69,11 @@ def pytest_unconfigure(config):
     for proc in getattr(config, "cirlab_prepare", []):  # done by now unless the run stopped early
         proc.terminate()
         proc.wait()
+    import multiprocessing
+
+    for child in multiprocessing.active_children():  # left by a test that timed out in mp.spawn: its
+        child.terminate()  # ranks are not daemons, so the interpreter's exit would wait for them forever
+        child.join()
 
 
 def cli_env(tmp_path: Path) -> dict[str, str]:
@@ -158,39 +163,72 @@ def run_in_process(tmp_path: Path, argv: list[str]) -> subprocess.CompletedProce
         os.environ.update(saved)
 
 
-@pytest.fixture(scope="session")
-def shared_run(tmp_path_factory):
-    """`shared_run(*args)`: the run folder of `cirlab *args`, made once per test session and shared by the
-    xdist workers (a lock file): the zero-shot baselines several tests compare against are the same runs."""
+def session_folder(tmp_path_factory) -> Path:
+    """A folder of this pytest session alone, common to its xdist workers: the base temp folder (a fresh
+    `pytest-N`, or `--basetemp` emptied at the start), or under xdist the controller's, the parent of each
+    worker's. Never the parent of a plain session's base temp: that one holds every earlier session's."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def shared_runs(folder: Path):
+    """`run(*args)`: the run folder of `cirlab *args` under `folder`, made by the first caller (a lock
+    file: xdist workers wait for it) and reused by the others."""
     from cirlab.io import build_lock
 
-    shared = tmp_path_factory.getbasetemp().parent / "shared-runs"  # the workers' common parent
-
     def run(*args: str) -> Path:
-        run_dir = shared / re.sub(r"\W+", "_", " ".join(args)).strip("_")
+        run_dir = folder / re.sub(r"\W+", "_", " ".join(args)).strip("_")
         with build_lock(run_dir):
             if not (run_dir / "results.json").is_file():
-                run_cli(shared, *args, run_dir=run_dir)
+                run_cli(folder, *args, run_dir=run_dir)
         return run_dir
 
     return run
+
+
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory):
+    """`shared_run(*args)`: the run folder of `cirlab *args`, made once per test session and shared by its
+    xdist workers: the zero-shot baselines several tests compare against are the same runs. A run of an
+    earlier session (an older checkout's baseline) is never reused."""
+    return shared_runs(session_folder(tmp_path_factory) / "shared-runs")
 
 
 def results(run_dir: Path) -> dict:
     return json.loads((run_dir / "results.json").read_text())
 
 
-def gallery_scores(retriever, gallery: list[str], reference, text) -> dict[str, float]:
-    """Image name -> the retriever's score of one query (its gallery indexed in the order of `gallery`)."""
-    return dict(zip(gallery, (retriever.gallery @ retriever.embed_query(reference, text)[0]).tolist()))
+def evaluation_scores(retriever, gallery: list[str], query) -> dict[str, float]:
+    """Image name -> the score evaluation gives `query` (a query of the run's dataset, or a caption of a
+    cross-modal run), from the run's cached features and the module's embeddings as evaluation uses them:
+    not through `Retriever.index/search` or the demo, whose rankings these scores judge."""
+    import torch
+
+    module, features = retriever.module, retriever.data.features
+    assert features, "the run has no cached image features to recompute evaluation's scores from"
+    with torch.no_grad():
+        images = torch.stack([features[n] for n in gallery]).to(module.device)
+        emb = module.gallery_embedding(images).float().cpu()
+        if isinstance(query, str):
+            q = module.query_embedding(None, [query])
+        else:
+            q = module.dataset_query_embedding(features[query.reference][None].to(module.device), query)
+    return dict(zip(gallery, (emb @ q.float().cpu()[0]).tolist()))
 
 
 def assert_same_ranking(got: list[str], expected: list[str], score: dict[str, float]) -> None:
-    """`got` is evaluation's ranking `expected` but for swaps of images whose scores tie to 1e-6: one query
-    scored alone here and a whole batch in evaluation sum in another BLAS order (last-bit differences;
-    seen in CI: 1.2e-7)."""
+    """`got` is evaluation's ranking `expected` (same length, not empty) but for swaps of images whose
+    scores tie to 1e-6: one query scored alone here and a whole batch in evaluation sum in another BLAS
+    order (last-bit differences; seen in CI: 1.2e-7). `score` is evaluation's (`evaluation_scores`), never
+    the scores of the code that ranked `got`; it must order `expected` as evaluation did."""
+    assert expected, "evaluation ranked nothing for this query"
+    assert len(got) == len(expected), f"{len(got)} results where evaluation has {len(expected)}: {got}"
+    assert len(set(got)) == len(got), f"an image twice in {got}"
+    top = [score[n] for n in expected]
+    assert all(a >= b - 1e-6 for a, b in zip(top, top[1:])), f"scores {top} do not order {expected}"
+    assert len(top) == 1 or top[0] - top[-1] > 1e-6, f"every score ties ({top}): they cannot judge a ranking"
     swapped = [(a, b) for a, b in zip(got, expected) if a != b]
-    assert all(abs(score[a] - score[b]) < 1e-6 for a, b in swapped), (got, expected)
+    assert all(a in score and abs(score[a] - score[b]) < 1e-6 for a, b in swapped), (got, expected, swapped)
 
 
 @pytest.fixture

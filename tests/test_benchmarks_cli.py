@@ -5,7 +5,7 @@ tests/test_protocol_oracles.py."""
 import json
 
 import pytest
-from conftest import assert_same_ranking, gallery_scores, results
+from conftest import assert_same_ranking, evaluation_scores, results
 from fixtures.make_images import materialize
 
 KEYS = {
@@ -152,5 +152,5 @@ def assert_caption_queries_search_as_evaluated(run, split: str, k: int = 10) -> 
             hits = [
                 name_of[p] for p, _ in retriever.search(reference, captions, k=k, exclude_reference=False)
             ]
-            score = gallery_scores(retriever, es.gallery, reference, captions)
+            score = evaluation_scores(retriever, es.gallery, q)
             assert_same_ranking(hits, predictions[q.qid][:k], score)

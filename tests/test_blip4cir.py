@@ -244,14 +244,23 @@ def test_blip4cir_bi_beats_zeroshot_on_held_out_test(tmp_path):
         "eval.visualize=false",
         run_dir=run_dir,
     )
-    stages = results(run_dir)["stages"]
-    stage1, stage2 = stages["finetune"]["test/recall_at_10"], stages["combiner"]["test/recall_at_10"]
-    print(f"blip_tiny test R@10: zero-shot sum {zero_shot:.2f}, stage I {stage1:.2f}, stage II {stage2:.2f}")
-    # measured (README, seeds 0-2): zero-shot sum 23.00 (the best zero-shot); stage I 51.58 +- 1.88
-    # (min 49.75); this shortened stage II on seed 0: 50.25 (stage I 51.5). Both clear zero-shot by more
-    # than 25 R@10; 15 is five stage-I spreads below that. Stage II is not asserted above stage I: with
-    # the whole stage it gained -0.75 / +2.0 / +4.0 over seeds 0-2 (README), not an ordering to hold.
-    assert stage1 >= zero_shot + 15 and stage2 >= zero_shot + 15
+    stage1, stage2 = (results(run_dir)["stages"][s] for s in ("finetune", "combiner"))
+    r10, r50 = "test/recall_at_10", "test/recall_at_50"
+    print(
+        f"blip_tiny test R@10 / R@50: zero-shot sum {zero_shot:.2f}, stage I {stage1[r10]:.2f} / "
+        f"{stage1[r50]:.2f}, stage II {stage2[r10]:.2f} / {stage2[r50]:.2f}"
+    )
+    # measured 2026-12-07, one thread, seed 0: zero-shot sum 22.75, stage I 46.0 / 81.0. This shortened
+    # stage II run alone on that stage I, seeds 0-2: 49.0 / 83.0, 47.5 / 82.75, 48.5 / 82.25 (stage II -
+    # stage I: R@10 +1.5..+3.0, sd 0.8; R@50 +1.25..+2.0, sd 0.4); earlier (README, other weights) R@10
+    # -1.25 for this run and -0.75..+4.0 for the whole stage: stage II does not reliably beat stage I here.
+    # An untrained Combiner (what an optimiser that changes nothing leaves: max_epochs=0) on the same stage
+    # I, seeds 0-2: 35.25 / 76.25, 25.75 / 63.5, 41.5 / 70.25, i.e. R@10 -4.5..-20.25 and R@50 -4.75..-17.5
+    # below stage I, seed 2 still above zero-shot + 15. Stage II within 2 points of stage I on both
+    # recalls: trained runs clear it by 3.25 or more here, an untrained Combiner misses it by 2.5 or more.
+    assert stage1[r10] >= zero_shot + 15, "stage I does not beat zero-shot"
+    for key in (r10, r50):
+        assert stage2[key] >= stage1[key] - 2, f"stage II {key} {stage2[key]} below stage I's {stage1[key]}"
 
 
 def test_image_grounded_text_encoding_depends_on_the_image(small_blip):

@@ -23,7 +23,10 @@ import pytest
 import torch
 from conftest import ROOT, SMALL, cli_env, results, run_cli
 
+from cirlab.cache import RECORDED, CacheEntry
+
 TIMEOUT = 600
+MARK = 1234.5  # no OTI token holds it
 
 
 def checkpoint_epoch(path: Path) -> int:
@@ -32,6 +35,30 @@ def checkpoint_epoch(path: Path) -> int:
 
 def oti_images(path: Path) -> int:
     return len(torch.load(path, map_location="cpu", weights_only=True)["names"])
+
+
+def mark_saved_tokens(path: Path) -> list[str]:
+    """Overwrite the raw tokens of the images the killed run saved with MARK (a valid entry: key and
+    checksum rewritten) and return their names. Evaluation reads the EMA tokens only, so the metrics stay
+    the uninterrupted run's; OTI reseeds per chunk, so only the mark tells a resume that read the file
+    from one that optimised those images again."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    payload = {k: v for k, v in blob.items() if k not in RECORDED}
+    payload["tokens"] = torch.full_like(payload["tokens"], MARK)
+    CacheEntry(path, blob["key"]).save(payload)
+    return list(payload["names"])
+
+
+def assert_marks_kept(path: Path, marked: list[str]) -> None:
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    row = {n: i for i, n in enumerate(blob["names"])}
+    assert len(row) == len(blob["names"]) > len(marked), "no image was added after the resume, or one twice"
+    is_mark = (blob["tokens"] == MARK).flatten(1).all(dim=1)
+    lost = [n for n in marked if n not in row or not is_mark[row[n]]]
+    assert not lost, (
+        f"the resume optimised (or dropped) {len(lost)} of the {len(marked)} saved images: {lost[:3]}"
+    )
+    assert int(is_mark.sum()) == len(marked), "images not saved before the kill carry the mark"
 
 
 @dataclass
@@ -165,8 +192,13 @@ def test_sigkill_mid_epoch_then_resume_gives_same_metrics(name, tmp_path):
     assert held > 0 if case.progress is oti_images else held == 1
     assert not (killed_dir / "results.json").exists()
 
+    if case.progress is oti_images:
+        marked = mark_saved_tokens(progress_file(killed_dir, case.watch))
     resumed = run_cli(tmp_path, *arguments(case, killed_dir), "resume=true", run_dir=killed_dir)
-    assert "resuming from" in resumed.stdout + resumed.stderr or case.progress is oti_images
+    if case.progress is oti_images:  # the token file was read, not recomputed
+        assert_marks_kept(progress_file(killed_dir, case.watch), marked)
+    else:
+        assert "resuming from" in resumed.stdout + resumed.stderr
     run_cli(tmp_path, *arguments(case, straight_dir), run_dir=straight_dir)
     assert case.progress(progress_file(straight_dir, case.watch)) > held  # it saved to the very end
     if case.progress is checkpoint_epoch:  # the weights at the end, whichever epoch was selected

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import SMALL, assert_same_ranking, gallery_scores, results, run_cli
+from conftest import SMALL, assert_same_ranking, evaluation_scores, results, run_cli
 from PIL import Image
 
 from cirlab.errors import CirlabError
@@ -252,7 +252,7 @@ def assert_search_equals_predictions(run_dir: Path, n: int = 5, k: int = 10) -> 
     for q in es.queries[:n]:
         reference, text = source.image_path(q.reference), source.eval_text(q)
         hits = [name_of[p] for p, _ in retriever.search(reference, text, k=k)]
-        score[q.qid] = gallery_scores(retriever, es.gallery, reference, text)
+        score[q.qid] = evaluation_scores(retriever, es.gallery, q)
         assert_same_ranking(hits, predictions[q.qid][:k], score[q.qid])
     backend = load_backend(run_dir, log=lambda *_: None)
     for q in backend.gallery.queries[:n]:
@@ -326,7 +326,7 @@ def test_crossmodal_run_searches_as_evaluated(tmp_path):
     for image, captions in pairs[:5]:
         hits = [name_of[p] for p, _ in retriever.search(None, captions[0], k=10)]
         expected = predictions[caption_id(image, 0)][:10]
-        score = gallery_scores(retriever, names, None, captions[0])
+        score = evaluation_scores(retriever, names, captions[0])
         assert_same_ranking(hits, expected, score)
         assert all(c.startswith(tuple(names)) for c in predictions[image][:10])  # image -> caption ids
 
