@@ -17,16 +17,9 @@ import pytest
 import torch
 from conftest import results
 from fixtures.make_images import materialize
+from test_corrupt_checkpoint import ARGS  # the shortest run that writes and resumes a checkpoint
 
 from cirlab.pipeline import SafeCheckpointIO
-
-ARGS = [
-    "+method=clip4cir_combiner",
-    "dataset=fashioniq",
-    "method.combiner.max_epochs=1",
-    "method.combiner.batch_size=8",
-    "eval.visualize=false",
-]
 
 
 def unusable_tmpdir(monkeypatch, folder: Path) -> None:
