@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from cirlab.errors import CirlabError
+from cirlab.errors import CirlabError, user_cause
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
@@ -208,9 +208,10 @@ def build_source(cfg):
     try:
         source = instantiate(cfg.dataset.source)
     except InstantiationException as err:
-        if isinstance(err.__cause__, CirlabError):
-            raise err.__cause__ from None
-        raise
+        cause = user_cause(err)
+        if cause is None:
+            raise
+        raise cause from None
     return ReadableOnly(source) if cfg.dataset.get("missing_images") == "skip" else source
 
 
@@ -300,7 +301,9 @@ def _stage_module(cfg, stage: str, backbone):
 
 def load(run_dir_or_ckpt: str | Path, overrides: Sequence[str] = (), device: str | None = None) -> Retriever:
     """Rebuild a run's final-stage model (or the stage of a given checkpoint) with its trained weights.
-    `overrides` are OmegaConf dotlist overrides of the run's config, e.g. ["paths.cache_dir=/x"]."""
+    `overrides` are OmegaConf dotlist overrides of the run's config, e.g. ["paths.cache_dir=/x"].
+    What the user can fix raises CirlabError (also from inside Hydra's instantiate), as the commands say it."""
+    from hydra.errors import InstantiationException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -324,6 +327,11 @@ def load(run_dir_or_ckpt: str | Path, overrides: Sequence[str] = (), device: str
         raise CirlabError(
             f"{cfg_path}: {key}: {str(err).splitlines()[0]}; is the run's config damaged or edited?"
         ) from None
+    except InstantiationException as err:  # a target's CirlabError (e.g. weights it cannot download)
+        cause = user_cause(err)
+        if cause is None:
+            raise
+        raise cause from None
 
 
 def _rebuild(cfg, run_dir: Path, stage: str | None, ckpt: Path | None, device: str | None) -> Retriever:
@@ -331,6 +339,7 @@ def _rebuild(cfg, run_dir: Path, stage: str | None, ckpt: Path | None, device: s
     from hydra.utils import instantiate
 
     from cirlab.pipeline import SafeCheckpointIO, load_module_weights
+    from cirlab.weights import load_strict
 
     stages = list(cfg.method.stages)
     stage = stage or stages[-1]
@@ -343,9 +352,15 @@ def _rebuild(cfg, run_dir: Path, stage: str | None, ckpt: Path | None, device: s
     for name in stages[: stages.index(stage)]:
         best = _checkpoint_of(run_dir, name)
         if best is not None:
-            state = SafeCheckpointIO().load_checkpoint(best)["state_dict"]
-            backbone.load_state_dict(
-                {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+            state = SafeCheckpointIO().load_checkpoint(best).get("state_dict")
+            if not isinstance(state, dict):
+                raise CirlabError(
+                    f"checkpoint {best} (stage {name}) holds no state_dict: is it a cirlab checkpoint?"
+                )
+            load_strict(
+                backbone,
+                {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")},
+                f"checkpoint {best} (the backbone stage {name} trained)",
             )
         elif cfg.method[name].get("checkpoint"):
             _stage_module(cfg, name, backbone)
@@ -375,6 +390,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-k", type=int, default=10, help="how many results (default 10)")
     parser.add_argument("--device", default=None, help="e.g. cuda; default cpu")
     args = parser.parse_args(argv)
+    from hydra.errors import InstantiationException
+
     try:
         gallery = Path(args.gallery)
         if not gallery.is_dir():
@@ -385,8 +402,11 @@ def main(argv: list[str] | None = None) -> None:
         retriever = load(args.run, device=args.device).index(paths)
         for rank, (path, score) in enumerate(retriever.search(args.image, args.text, args.k), 1):
             print(f"{rank:3d}  {score:.4f}  {path}")
-    except CirlabError as err:
-        print(f"cirlab-query error: {err}", file=sys.stderr)
+    except (CirlabError, InstantiationException) as err:  # ours, or one instantiate wrapped: exit 2
+        cause = user_cause(err)
+        if cause is None:
+            raise
+        print(f"cirlab-query error: {cause}", file=sys.stderr)
         sys.exit(2)
 
 

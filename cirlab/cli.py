@@ -24,7 +24,7 @@ from hydra.errors import CompactHydraException, InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from cirlab.distributed import rank_overrides
-from cirlab.errors import CirlabError
+from cirlab.errors import CirlabError, user_cause
 from cirlab.schema import validate
 
 
@@ -103,8 +103,8 @@ def _main(cfg: DictConfig) -> float | None:
     try:
         return _dispatch(cfg)
     except (CirlabError, InstantiationException) as err:
-        cause = err if isinstance(err, CirlabError) else err.__cause__
-        if not isinstance(cause, CirlabError) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        cause = user_cause(err)
+        if cause is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"cirlab error: {cause}", file=sys.stderr)
         sys.exit(2)

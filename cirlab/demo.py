@@ -19,11 +19,13 @@ Gradio serves only copies of the images the page shows (`ShownImages`), never th
 from __future__ import annotations
 
 import argparse
+import errno
 import html
 import ipaddress
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -31,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cirlab.errors import CirlabError
+from cirlab.errors import CirlabError, user_cause
 
 GRID_MAX = 60  # thumbnails shown at once in the reference picker
 K_MAX = 50
@@ -155,6 +157,9 @@ def folder_gallery(folder: Path, cfg=None, source=None) -> Gallery:
                 img.load()
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
             unreadable.append((p, f"{type(err).__name__}: {err}"))
+            continue
+        except Image.DecompressionBombError as err:
+            unreadable.append((p, f"{err} Allow it with CIRLAB_MAX_IMAGE_PIXELS=<pixels>"))
             continue
         paths.append(p)
     if not paths:
@@ -634,22 +639,50 @@ def exposure_warning(host: str, auth) -> str | None:
     )
 
 
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why the page cannot be served on host:port (a port another server holds, an address not this
+    machine's), or None when it can."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as err:
+        return err
+    return None
+
+
 def launch(app, theme, shown: ShownImages, host: str, port: int, auth=None, block: bool = True) -> None:
     """Serve the page. Gradio may serve only the copies in `shown.folder` (and its own uploads and
-    cache): no folder of the user's."""
-    app.launch(
-        server_name=host,
-        server_port=port,
-        share=False,
-        quiet=True,
-        show_error=True,
-        ssr_mode=False,
-        css=CSS,
-        theme=theme,
-        allowed_paths=[str(shown.folder)],
-        auth=auth,
-        prevent_thread_lock=not block,
-    )
+    cache): no folder of the user's. A port or host it cannot serve on is a CirlabError naming them (Gradio
+    raises an OSError, "Cannot find empty port")."""
+    unusable = bind_error(host, port)  # asked before Gradio binds: afterwards the port is its own
+    try:
+        app.launch(
+            server_name=host,
+            server_port=port,
+            share=False,
+            quiet=True,
+            show_error=True,
+            ssr_mode=False,
+            css=CSS,
+            theme=theme,
+            allowed_paths=[str(shown.folder)],
+            auth=auth,
+            prevent_thread_lock=not block,
+        )
+    except OSError as err:
+        if unusable is None:  # not the address: shown as it is
+            raise
+        why = unusable
+        if unusable.errno == errno.EADDRINUSE:
+            why = f"port {port} is taken (another cirlab-demo or server?)"
+        raise CirlabError(
+            f"cannot serve on {host}:{port}: {why}. Pick a free port with --port N (e.g. --port 7861), "
+            "or check --host (an address of this machine; default 127.0.0.1)"
+        ) from err
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -716,8 +749,8 @@ def main(argv: list[str] | None = None) -> None:
         backend = load_backend(run, args.gallery, args.device)
         set_query_threads(args.query_threads)
     except (CirlabError, InstantiationException) as err:
-        cause = err if isinstance(err, CirlabError) else err.__cause__
-        if not isinstance(cause, CirlabError):  # hydra wraps instantiate's errors: only ours are friendly
+        cause = user_cause(err)
+        if cause is None:  # hydra wraps instantiate's errors: only ours are friendly
             raise
         print(f"cirlab-demo error: {cause}", file=sys.stderr)
         sys.exit(2)
@@ -737,6 +770,9 @@ def main(argv: list[str] | None = None) -> None:
         before = signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             launch(app, theme, shown, args.host, args.port, auth)
+        except CirlabError as err:
+            print(f"cirlab-demo error: {err}", file=sys.stderr)
+            sys.exit(2)
         finally:
             signal.signal(signal.SIGTERM, before)
     finally:

@@ -1,5 +1,18 @@
 """One error type for everything a user can fix; the CLI prints it without a traceback."""
 
+from __future__ import annotations
+
 
 class CirlabError(Exception):
     """A problem with the user's input, data or configuration. The message says what to do."""
+
+
+def user_cause(err: BaseException) -> CirlabError | None:
+    """The CirlabError behind `err`: itself, or the one Hydra's instantiate wrapped (at any depth: a target
+    may instantiate others); None for anything else (a bug, shown with its traceback). The one unwrap the
+    `cirlab`, `cirlab-demo` and `cirlab-query` commands and `cirlab.load` share."""
+    from hydra.errors import InstantiationException
+
+    while isinstance(err, InstantiationException) and err.__cause__ is not None:
+        err = err.__cause__
+    return err if isinstance(err, CirlabError) else None

@@ -37,7 +37,7 @@ from cirlab.errors import CirlabError
 from cirlab.io import read_json, save_torch, write_json
 from cirlab.methods.retrieval_module import RetrievalModule
 from cirlab.retrieval.submission import write_predictions
-from cirlab.weights import load_weights
+from cirlab.weights import load_strict, load_weights
 
 log = logging.getLogger("cirlab")
 
@@ -368,12 +368,9 @@ def load_module_weights(module: torch.nn.Module, path: Path) -> None:
             f"checkpoint {path} was written by method {stamp['method']} with backbone "
             f"{stamp['backbone']!r}, but this run is {mine['method']} with backbone {mine['backbone']!r}"
         )
-    try:
-        module.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as err:
-        raise CirlabError(
-            f"checkpoint {path} does not fit method {type(module).__name__}: {str(err).splitlines()[0]}"
-        ) from err
+    if not isinstance(ckpt.get("state_dict"), dict):
+        raise CirlabError(f"checkpoint {path} holds no state_dict: is it a Lightning checkpoint of cirlab?")
+    load_strict(module, ckpt["state_dict"], f"checkpoint {path}")  # names the keys that do not fit
 
 
 def on_gpu(cfg: DictConfig) -> bool:

@@ -167,6 +167,22 @@ def fit_tokenizer(tokenizer: BertTokenizerFast, model: BlipForImageTextRetrieval
         )
 
 
+def read_vocab(vocab_file: str | Path) -> list[str]:
+    """The words of a WordPiece vocab.txt, one a line (transformers 5 takes the vocab itself, not its file)."""
+    try:
+        words = Path(vocab_file).read_text().split("\n")
+    except (OSError, UnicodeDecodeError) as err:
+        raise CirlabError(
+            f"backbone.model.vocab_file={vocab_file}: cannot read it ({type(err).__name__}: {err}). "
+            "Give a WordPiece vocab.txt (one token a line), e.g. the one saved beside a BLIP tokenizer"
+        ) from err
+    if not any(words):
+        raise CirlabError(
+            f"backbone.model.vocab_file={vocab_file} is empty: give a WordPiece vocab.txt (one token a line)"
+        )
+    return words
+
+
 def tokenizer_source(folder: Path, what: str) -> str:
     """`what`=folder and the tokenizer files in it, for messages."""
     files = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
@@ -233,10 +249,8 @@ class BlipBackbone(Backbone):
                 raise CirlabError(
                     "a BLIP built from backbone config needs a WordPiece vocab_file for its tokenizer"
                 )
+            words = read_vocab(vocab_file)
             self.model = BlipForImageTextRetrieval(BlipConfig(**plain(config)))
-            words = (
-                Path(vocab_file).read_text().split("\n")
-            )  # transformers 5 takes the vocab itself, not its file
             self.tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
         elif hf_id:
             self.model, self.tokenizer = from_hub(hf_id)

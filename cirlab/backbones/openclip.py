@@ -23,6 +23,10 @@ from cirlab.errors import CirlabError
 from cirlab.weights import Layout, add_prefix, cirlab_stage, load_strict, read_weights, recognise, wrapped
 
 OPEN_CLIP_FILES = (".safetensors", ".npz", ".npy")  # local pretrained files only open_clip reads
+# What a failed or offline download raises: open_clip >= 3 wraps a tag's download in RuntimeError, older
+# releases and its hf-hub/tokenizer paths pass on urllib's URLError, huggingface_hub's LocalEntryNotFoundError,
+# HfHubHTTPError, OfflineModeIsEnabled and transformers' OSError: all OSErrors
+DOWNLOAD_ERRORS = (RuntimeError, OSError)
 
 
 class OpenCLIPBackbone(Backbone):
@@ -71,13 +75,15 @@ class OpenCLIPBackbone(Backbone):
                 self.model = open_clip.create_model(
                     model_name, pretrained=None if local else pretrained, force_quick_gelu=self.quick_gelu
                 )
-            except RuntimeError as err:
+                self.tokenizer = open_clip.get_tokenizer(model_name)  # some download a HF tokenizer
+            except DOWNLOAD_ERRORS as err:
                 raise CirlabError(
-                    f"could not load pretrained weights {model_name}/{pretrained}: {err}\n"
-                    "Weights download on first use (needs network) or give a local file with "
+                    f"could not load open_clip {model_name} with backbone.pretrained={pretrained}: "
+                    f"{type(err).__name__}: {err}\n"
+                    "Weights (and some models' tokenizers) download on first use (needs network; offline, "
+                    "run once where there is network to fill the cache) or give a local file with "
                     "backbone.pretrained=/path/to/weights.pt (or backbone.pretrained=null for random init)."
                 ) from err
-            self.tokenizer = open_clip.get_tokenizer(model_name)
             mean = getattr(self.model.visual, "image_mean", None) or OPENAI_DATASET_MEAN
             std = getattr(self.model.visual, "image_std", None) or OPENAI_DATASET_STD
         size = self.model.visual.image_size

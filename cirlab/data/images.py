@@ -9,6 +9,7 @@ and CLIP4Cir's `targetpad_transform` do; converting here would change the pixels
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -38,6 +39,39 @@ def check_present(paths: list[Path]) -> None:
 DECODE_VERSION = "raw-1"
 
 
+# Pillow refuses an image of more than 2 x Image.MAX_IMAGE_PIXELS (a decompression-bomb guard; the reference
+# code runs under that default too). This variable raises the limit (a number of pixels, or "none") for every
+# decoding in the process: cirlab's, and Gradio's of the demo's uploads.
+PIXEL_LIMIT_ENV = "CIRLAB_MAX_IMAGE_PIXELS"
+
+
+def apply_pixel_limit() -> None:
+    """Set Pillow's limit from $CIRLAB_MAX_IMAGE_PIXELS when it is set (unset: Pillow's default stays)."""
+    value = os.environ.get(PIXEL_LIMIT_ENV, "").strip()
+    if not value:
+        return
+    if value.lower() == "none":
+        Image.MAX_IMAGE_PIXELS = None
+        return
+    try:
+        Image.MAX_IMAGE_PIXELS = int(value)
+    except ValueError:
+        raise CirlabError(f"{PIXEL_LIMIT_ENV}={value}: give a number of pixels or none (no limit)") from None
+
+
+def too_large(path: Path, err: Exception) -> CirlabError:
+    return CirlabError(
+        f"image too large to decode safely: {path} ({err}). Pillow refuses images over twice "
+        f"PIL.Image.MAX_IMAGE_PIXELS ({Image.MAX_IMAGE_PIXELS} pixels) as a decompression-bomb guard. If you "
+        f"trust the file, raise the limit with {PIXEL_LIMIT_ENV}=<pixels> (or none), or set "
+        "PIL.Image.MAX_IMAGE_PIXELS in Python; or downscale the file, or set dataset.missing_images=skip "
+        "to leave it out."
+    )
+
+
+apply_pixel_limit()
+
+
 def load_image(path: str | Path) -> Image.Image:
     """The image at `path` decoded in its own mode, no EXIF rotation (the preprocess converts to RGB)."""
     path = Path(path)
@@ -47,6 +81,8 @@ def load_image(path: str | Path) -> Image.Image:
             return img
     except FileNotFoundError as err:
         raise not_found(path) from err
+    except Image.DecompressionBombError as err:
+        raise too_large(path, err) from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise CirlabError(
             f"corrupt or unreadable image: {path} ({err}). Replace the file, or set "
