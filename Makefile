@@ -31,7 +31,7 @@ test: install lint
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 bench: install
-	for f in bench/*.py; do $(PY) $$f || exit 1; done
+	for f in bench/[!_]*.py; do $(PY) $$f || exit 1; done
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -8,8 +8,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
+
+from _procs import run_group
 
 
 def measure() -> None:
@@ -45,8 +46,13 @@ def main() -> None:
             env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
             if policy != "default":
                 env["OMP_WAIT_POLICY"] = policy
-            run = subprocess.run(
-                [sys.executable, __file__, "--child"], env=env, capture_output=True, text=True, check=True
+            run = run_group(
+                [sys.executable, __file__, "--child"],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=1800,  # the whole group stopped: the child's DataLoader workers too
             )
             out[policy] = json.loads(run.stdout.strip().splitlines()[-1])
             for w in (0, 2):

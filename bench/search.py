@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _procs import run_group
 
 DIM = 512
 
@@ -90,11 +90,12 @@ def memory(sizes=(10_000, 1_000_000)) -> None:
             )
             # warm the imports in the child before measuring, so only the search counts
             out = (
-                subprocess.run(
+                run_group(
                     [sys.executable, __file__, "--child", str(path)],
                     capture_output=True,
                     text=True,
                     check=True,
+                    timeout=1800,
                 )
                 .stdout.strip()
                 .splitlines()[-1]

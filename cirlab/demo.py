@@ -756,6 +756,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     auth = parse_auth(args.auth)
     shown = ShownImages()
+    # Gradio's own copies of what it serves go with ours (removed at exit), not into /tmp/gradio for good
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(shown.folder / "gradio"))
     try:
         app, theme = build_app(backend, run, shown, args.k)
         warning = exposure_warning(args.host, auth)

@@ -10,11 +10,15 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -49,14 +53,17 @@ def pytest_configure(config):
     if os.environ.get("PYTEST_XDIST_WORKER") or not getattr(config.option, "numprocesses", None):
         return
     CACHE.mkdir(parents=True, exist_ok=True)
-    env = cli_env(Path(tempfile.mkdtemp(prefix="cirlab-prepare-"))) | {"OMP_NUM_THREADS": "1"}
+    config.cirlab_prepare_dir = Path(tempfile.mkdtemp(prefix="cirlab-prepare-"))  # removed at unconfigure
+    env = cli_env(config.cirlab_prepare_dir) | {"OMP_NUM_THREADS": "1"}
     config.cirlab_prepare = []
     for name in PREBUILT:
         with (CACHE.parent / f"prepare-{name}.log").open("w") as log:
             command = [sys.executable, "-m", "cirlab.cli", "+task=prepare", f"backbone={name}"]
             command.append(f"hydra.run.dir={env['CIRLAB_OUTPUTS']}/{name}")
             config.cirlab_prepare.append(
-                subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                subprocess.Popen(
+                    command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
             )
 
 
@@ -67,8 +74,9 @@ def prepare(tmp_path: Path, backbone: str = "tiny") -> None:
 
 def pytest_unconfigure(config):
     for proc in getattr(config, "cirlab_prepare", []):  # done by now unless the run stopped early
-        proc.terminate()
-        proc.wait()
+        kill_group(proc)
+    if hasattr(config, "cirlab_prepare_dir"):
+        shutil.rmtree(config.cirlab_prepare_dir, ignore_errors=True)
     import multiprocessing
 
     for child in multiprocessing.active_children():  # left by a test that timed out in mp.spawn: its
@@ -76,12 +84,89 @@ def pytest_unconfigure(config):
         child.join()
 
 
+# ---- processes: each test's subprocess leads a group of its own, stopped as a whole ---------------------
+def family(proc: subprocess.Popen) -> list[int]:
+    """The running processes of `proc`'s group and their descendants (torchrun starts each rank in a
+    session of its own); zombies do not count (init reaps orphans, here up to 2 s later). `proc` itself is
+    reaped here once it has exited."""
+    proc.poll()
+    if not os.path.isdir("/proc"):  # no process table to read (macOS): the group alone
+        try:
+            os.killpg(proc.pid, 0)  # the group id is the leader's pid, reserved while any member lives
+        except ProcessLookupError:
+            return []
+        return [-proc.pid]  # os.kill(-pgid, ...) signals the whole group
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        table[int(stat.parent.name)] = (state, int(ppid), int(group))
+    found = {pid for pid, (_, _, group) in table.items() if group == proc.pid}
+    while more := {pid for pid, (_, ppid, _) in table.items() if ppid in found} - found:
+        found |= more
+    return [pid for pid in found if table[pid][0] not in ("Z", "X")]
+
+
+def kill_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """Stop `proc` and everything it started: SIGTERM to its whole group and their descendants, SIGKILL to
+    whatever is left after `grace` seconds. `proc.kill()` alone (subprocess.run's timeout; communicate's
+    kills nothing) orphans the grandchildren (DDP ranks, torchrun workers, a demo's server), which run on.
+    `proc` must lead a session of its own (start_new_session=True, as process_group starts it), else its
+    group would be pytest's."""
+    if getattr(proc, "group_stopped", False):  # its id may belong to another process group by now
+        return
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        pids = family(proc)
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while family(proc) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    proc.group_stopped = True
+
+
+@contextlib.contextmanager
+def process_group(cmd: list, grace: float = 10.0, **kwargs):
+    """`subprocess.Popen(cmd, **kwargs)` in a session (so a process group) of its own; however the block
+    ends (done, a failed assertion, a timeout, pytest-timeout), the whole group is stopped (kill_group)
+    and the pipes closed."""
+    with subprocess.Popen(cmd, start_new_session=True, **kwargs) as proc:
+        try:
+            yield proc
+        finally:
+            kill_group(proc, grace)
+
+
+def run_group(
+    cmd: list, *, timeout: float, check: bool = False, capture_output: bool = False, **kwargs
+) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd, timeout=...) whose timeout stops the whole process group, not only `cmd`."""
+    if capture_output:
+        kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    with process_group(cmd, **kwargs) as proc:
+        out, err = proc.communicate(timeout=timeout)
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    if check:
+        done.check_returncode()
+    return done
+
+
 def cli_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a `cirlab` run under `tmp_path`. Its temporary files too (TMPDIR): what a
+    process killed on purpose cannot remove (wandb's media folders, Gradio's uploads) goes with the
+    test's folder, not into /tmp."""
     env = dict(os.environ)
+    (tmp_path / ".tmp").mkdir(parents=True, exist_ok=True)
     env.update(
         {
             "CIRLAB_CACHE": str(CACHE),
             "CIRLAB_OUTPUTS": str(tmp_path / "outputs"),
+            "TMPDIR": str(tmp_path / ".tmp"),
             "WANDB_MODE": "offline",
             "WANDB_SILENT": "true",
             "PYTHONUNBUFFERED": "1",
@@ -102,11 +187,12 @@ def run_cli(
     """`cirlab *args`, its exit code and output. In this process by default: a new interpreter spends
     about 7 s of CPU importing torch, Lightning and torchmetrics, which over the suite's runs was a fifth
     of `make test`. `process=True` where it must be a process of its own: DDP (Lightning starts the
-    other ranks by re-running the command line) and the submitit launcher."""
+    other ranks by re-running the command line) and the submitit launcher; on a timeout its whole
+    process group is stopped, ranks included (run_group)."""
     run_dir = run_dir or tmp_path / "run"
     argv = [*args, f"logger={logger}", f"hydra.run.dir={run_dir}"]
     if process:
-        proc = subprocess.run(
+        proc = run_group(
             [sys.executable, "-m", "cirlab.cli", *argv],
             cwd=ROOT,
             env=cli_env(tmp_path),
@@ -131,6 +217,8 @@ def main_in_process(argv: list[str]) -> subprocess.CompletedProcess:
     from cirlab.cli import main
 
     saved = sys.argv, os.getcwd()
+    root_log = logging.getLogger()
+    saved_log = list(root_log.handlers), root_log.level
     sys.argv = ["cirlab", *argv]
     os.chdir(ROOT)
     out, err, code = io.StringIO(), io.StringIO(), 0
@@ -148,6 +236,13 @@ def main_in_process(argv: list[str]) -> subprocess.CompletedProcess:
         GlobalHydra.instance().clear()
         sys.argv = saved[0]
         os.chdir(saved[1])
+        # Hydra gave the root logger a handler writing into the run's folder (its log file): closed here, or
+        # a later test's logging (e.g. Gradio's start-up) writes into a folder pytest has removed and fails
+        for handler in root_log.handlers:
+            if handler not in saved_log[0]:
+                handler.close()
+        root_log.handlers[:] = saved_log[0]
+        root_log.setLevel(saved_log[1])
     return subprocess.CompletedProcess(["cirlab", *argv], code, out.getvalue(), err.getvalue())
 
 

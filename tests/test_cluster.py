@@ -5,6 +5,7 @@ print their leaderboards. The commands are README "Scaling out"'s."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import subprocess
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CACHE, ROOT, SMALL, cli_env, results, run_cli
+from conftest import CACHE, ROOT, SMALL, cli_env, process_group, results, run_cli
 from omegaconf import OmegaConf
 
 from cirlab.distributed import rank_overrides
@@ -48,24 +49,28 @@ def test_torchrun_two_nodes_evaluate_as_one_process(tmp_path):
     run = tmp_path / "ddp"
     port = free_port()
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1"]
-    nodes = [
-        subprocess.Popen(
-            [
-                *torchrun,
-                *(f"--node-rank={rank}", f"--rdzv-endpoint=127.0.0.1:{port}"),
-                *("-m", "cirlab.cli", "+method=clip4cir_combiner", "method.combiner.max_epochs=1"),
-                *("trainer=ddp", "trainer.num_nodes=2", "trainer.devices=1", f"hydra.run.dir={run}", *SMALL),
-                "logger=none",
-            ],
-            cwd=ROOT,
-            env=cli_env(tmp_path),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for rank in (0, 1)
-    ]
-    outputs = [p.communicate(timeout=900)[0] for p in nodes]
+    with contextlib.ExitStack() as stack:  # a node that fails or times out: both groups stopped
+        nodes = [
+            stack.enter_context(
+                process_group(
+                    [
+                        *torchrun,
+                        *(f"--node-rank={rank}", f"--rdzv-endpoint=127.0.0.1:{port}"),
+                        *("-m", "cirlab.cli", "+method=clip4cir_combiner", "method.combiner.max_epochs=1"),
+                        *("trainer=ddp", "trainer.num_nodes=2", "trainer.devices=1", f"hydra.run.dir={run}"),
+                        *SMALL,
+                        "logger=none",
+                    ],
+                    cwd=ROOT,
+                    env=cli_env(tmp_path),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
+            for rank in (0, 1)
+        ]
+        outputs = [p.communicate(timeout=900)[0] for p in nodes]
     for rank, (p, out) in enumerate(zip(nodes, outputs)):
         assert p.returncode == 0, f"node {rank}:\n{out[-5000:]}"
     ddp = results(run)
@@ -147,9 +152,11 @@ def test_oti_split_across_ranks_equals_one_process(tmp_path):
 
     from cirlab.methods.searle import OTIStore
 
-    counts = mp.Manager().dict()
-    mp.spawn(oti_rank, args=(tmp_path, counts), nprocs=2, join=True)
-    assert dict(counts) == {0: [2, 1], 1: [2]}  # chunks 0 and 2 on rank 0, chunk 1 on rank 1
+    with mp.Manager() as manager:  # its server process stops with the block
+        counts = manager.dict()
+        mp.spawn(oti_rank, args=(tmp_path, counts), nprocs=2, join=True)
+        counts = dict(counts)
+    assert counts == {0: [2, 1], 1: [2]}  # chunks 0 and 2 on rank 0, chunk 1 on rank 1
 
     backbone, text, names, feats = oti_inputs(tmp_path)
     one = OTIStore(tmp_path / "one.pt", "k")

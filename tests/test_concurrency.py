@@ -4,13 +4,14 @@ both runs finish with the numbers of a lone run."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import CACHE, ROOT, cli_env, prepare, results
+from conftest import CACHE, ROOT, cli_env, prepare, process_group, results
 
 RACE = """
 import random, sys, time
@@ -30,17 +31,20 @@ def test_two_runs_generate_the_synthetic_benchmark_once(tmp_path):
     """Started together, one fast and one slow: neither writes into a folder the other has already renamed
     into place (a temp name from the seeded `random` would be the same in both), neither fails."""
     cache = tmp_path / "cache"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", RACE, str(cache), speed],
-            cwd=ROOT,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for speed in ("fast", "slow")
-    ]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    with contextlib.ExitStack() as stack:  # a failure or a timeout stops both process groups
+        procs = [
+            stack.enter_context(
+                process_group(
+                    [sys.executable, "-c", RACE, str(cache), speed],
+                    cwd=ROOT,
+                    text=True,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+            for speed in ("fast", "slow")
+        ]
+        outputs = [p.communicate(timeout=300)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
     renders, roots = zip(*(out.strip().splitlines()[-1].split(" ", 1) for out in outputs))
@@ -76,25 +80,28 @@ def test_two_cli_runs_at_once_on_a_fresh_cache(cli, tmp_path, monkeypatch):
     the numbers of a lone run (a small synthetic spec; about 30 s, mostly two interpreter start-ups)."""
     cache = fresh_cache(tmp_path / "cache")
     env = cli_env(tmp_path) | {"CIRLAB_CACHE": str(cache)}
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cirlab.cli",
-                *ZEROSHOT_SMALL,
-                "logger=none",
-                f"hydra.run.dir={tmp_path / f'run{i}'}",
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in (0, 1)
-    ]
-    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    with contextlib.ExitStack() as stack:  # a failure or a timeout stops both process groups
+        procs = [
+            stack.enter_context(
+                process_group(
+                    [
+                        sys.executable,
+                        "-m",
+                        "cirlab.cli",
+                        *ZEROSHOT_SMALL,
+                        "logger=none",
+                        f"hydra.run.dir={tmp_path / f'run{i}'}",
+                    ],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
+            for i in (0, 1)
+        ]
+        outputs = [p.communicate(timeout=900)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
     assert "pretraining" not in "".join(outputs)  # the copied backbone was used

@@ -43,9 +43,10 @@ def worker(rank: int, init_file: str, out: dict, gather: bool) -> None:
 
 
 def run_ddp(tmp_path, gather: bool):
-    out = mp.Manager().dict()
-    mp.spawn(worker, args=(str(tmp_path / f"init-{gather}"), out, gather), nprocs=2, join=True)
-    return out[0]
+    with mp.Manager() as manager:  # its server process stops with the block
+        out = manager.dict()
+        mp.spawn(worker, args=(str(tmp_path / f"init-{gather}"), out, gather), nprocs=2, join=True)
+        return out[0]
 
 
 @pytest.mark.slow  # two spawned interpreters per run (fork deadlocks torch's thread pool)

@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cli_env, run_cli
+from conftest import ROOT, cli_env, kill_group, run_cli, run_group
 from PIL import Image
 
 from cirlab.demo import (
@@ -65,7 +65,7 @@ def test_not_a_run_exits_2_with_the_reason(tmp_path, capsys):
 
 def test_not_a_run_exits_2_from_the_console(tmp_path):
     """The real process: one line on stderr, no traceback."""
-    proc = subprocess.run(
+    proc = run_group(
         [sys.executable, "-m", "cirlab.demo", str(tmp_path)],
         capture_output=True,
         text=True,
@@ -188,6 +188,7 @@ class DemoProcess:
             text=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # stop() stops its whole group
         )
         self.lines: list[str] = []
         self.url: str | None = None
@@ -218,12 +219,8 @@ class DemoProcess:
                 time.sleep(0.5)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        """SIGTERM (the demo then removes its image copies), SIGKILL to what is left after 20 s."""
+        kill_group(self.proc, grace=20)
 
 
 @pytest.fixture(scope="module")

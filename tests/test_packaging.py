@@ -10,7 +10,7 @@ import subprocess
 import sys
 import zipfile
 
-from conftest import ROOT
+from conftest import ROOT, run_group
 
 SHIPPED = ("pyproject.toml", "setup.py", "README.md", "cirlab", "conf", "experiments")
 
@@ -25,8 +25,10 @@ def test_wheel_runs_cirlab_with_its_own_configs(tmp_path):
         else:
             shutil.copy(path, src / name)
     pip = [sys.executable, "-m", "pip", "-q"]
-    subprocess.run(
-        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", src], check=True
+    run_group(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path / "dist", src],
+        check=True,
+        timeout=600,
     )
     (wheel,) = (tmp_path / "dist").glob("cirlab-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -34,7 +36,7 @@ def test_wheel_runs_cirlab_with_its_own_configs(tmp_path):
     assert "cirlab/conf/experiment/clip4cir_synthetic.yaml" in names
 
     site = tmp_path / "site"
-    subprocess.run([*pip, "install", "--no-deps", "--target", site, wheel], check=True)
+    run_group([*pip, "install", "--no-deps", "--target", site, wheel], check=True, timeout=600)
     shutil.rmtree(src)
     env = {**os.environ, "PYTHONPATH": str(site)}
     elsewhere = tmp_path / "elsewhere"
@@ -42,7 +44,7 @@ def test_wheel_runs_cirlab_with_its_own_configs(tmp_path):
 
     def cirlab(*args: str) -> subprocess.CompletedProcess:
         cmd = [site / "bin" / "cirlab", "logger=none", *args]
-        return subprocess.run(cmd, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+        return run_group(cmd, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
 
     proc = cirlab("method=clip4cir", "--cfg", "job")
     assert proc.returncode == 0, proc.stderr
@@ -50,12 +52,13 @@ def test_wheel_runs_cirlab_with_its_own_configs(tmp_path):
     proc = cirlab("+experiment=crossmodal_synthetic", "--cfg", "job")
     assert proc.returncode == 0, proc.stderr
     assert "name: synthetic_captions" in proc.stdout
-    where = subprocess.run(
+    where = run_group(
         [sys.executable, "-c", "import cirlab.cli as c; print(c.CONF)"],
         cwd=elsewhere,
         env=env,
         capture_output=True,
         text=True,
         check=True,
+        timeout=300,
     ).stdout.strip()
     assert where == str(site / "cirlab" / "conf")

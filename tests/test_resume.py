@@ -6,7 +6,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, SMALL, cli_env, results, run_cli
+from conftest import ROOT, SMALL, cli_env, process_group, results, run_cli
 
 ARGS = ["+method=clip4cir", "method.finetune.max_epochs=1", "method.combiner.max_epochs=6", *SMALL]
 
@@ -19,16 +19,15 @@ def test_sigkill_mid_stage_two_then_resume_gives_same_metrics(tmp_path):
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "cirlab.cli", *ARGS, "logger=none", f"hydra.run.dir={killed}"]
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=cli_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
     last = killed / "stages" / "combiner" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 600
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    env = cli_env(tmp_path)
+    with process_group(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        deadline = time.time() + 600
+        while not last.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)  # the run alone, as a crash would; the block then stops its group
+        proc.wait()
     assert not (killed / "results.json").exists()
     assert (killed / "stages" / "finetune" / "done.json").exists()
 

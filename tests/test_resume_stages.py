@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SMALL, cli_env, results, run_cli
+from conftest import ROOT, SMALL, cli_env, kill_group, results, run_cli
 
 from cirlab.cache import RECORDED, CacheEntry
 
@@ -132,13 +132,15 @@ def arguments(case: Case, run_dir: Path) -> list[str]:
 
 def start(tmp_path: Path, case: Case, run_dir: Path) -> subprocess.Popen:
     """The CLI in the background, on this process's thread count (the floats depend on it), its output
-    in <run_dir>.log."""
+    in <run_dir>.log; in a process group of its own, for kill_group."""
     env = cli_env(tmp_path) | {"OMP_NUM_THREADS": str(torch.get_num_threads())}
     cmd = [sys.executable, "-m", "cirlab.cli", *arguments(case, run_dir), "logger=none"]
     cmd.append(f"hydra.run.dir={run_dir}")
     log = run_dir.with_suffix(".log")
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     proc.log = log
     return proc
 
@@ -188,7 +190,7 @@ def test_sigkill_mid_epoch_then_resume_gives_same_metrics(name, tmp_path):
     try:
         held = kill_mid_period(killed, case, killed_dir)
     finally:
-        killed.kill()
+        kill_group(killed)  # what the run started too (it was killed alone, as a crash would be)
     assert held > 0 if case.progress is oti_images else held == 1
     assert not (killed_dir / "results.json").exists()
 

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import SMALL, assert_same_ranking, evaluation_scores, results, run_cli
+from conftest import SMALL, assert_same_ranking, evaluation_scores, results, run_cli, run_group
 from PIL import Image
 
 from cirlab.errors import CirlabError
@@ -339,16 +339,16 @@ def test_report_task_of_the_cli(sweep, cli):
 
 
 def test_import_is_cheap_and_load_is_lazy():
-    import subprocess
     import sys
 
     code = "import sys, cirlab; assert 'torch' not in sys.modules, 'import cirlab pulled torch'; print(cirlab.load.__module__)"
-    out = subprocess.run(
+    out = run_group(
         [sys.executable, "-c", code],
         capture_output=True,
         text=True,
         check=True,
         cwd=Path(__file__).resolve().parents[1],
+        timeout=300,
     )
     assert out.stdout.strip() == "cirlab.api"
 
