@@ -757,7 +757,9 @@ def main(argv: list[str] | None = None) -> None:
     auth = parse_auth(args.auth)
     shown = ShownImages()
     # Gradio's own copies of what it serves go with ours (removed at exit), not into /tmp/gradio for good
-    os.environ.setdefault("GRADIO_TEMP_DIR", str(shown.folder / "gradio"))
+    gradio_dir_is_ours = "GRADIO_TEMP_DIR" not in os.environ
+    if gradio_dir_is_ours:
+        os.environ["GRADIO_TEMP_DIR"] = str(shown.folder / "gradio")
     try:
         app, theme = build_app(backend, run, shown, args.k)
         warning = exposure_warning(args.host, auth)
@@ -778,6 +780,8 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             signal.signal(signal.SIGTERM, before)
     finally:
+        if gradio_dir_is_ours:  # (main may run inside a longer process: a test, a notebook)
+            os.environ.pop("GRADIO_TEMP_DIR", None)
         shown.close()
 
 
