@@ -26,7 +26,7 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 ## lint + the test suite on two workers (slow integration tests included; ≈34 min on 2 cores from a fresh clone with
-## cold caches and the install, ≈21 min warm: 2026-12-07; per-epoch checkpoint fsync is ~7 of those, see the stop note)
+## cold caches and the install, ≈21 min warm: 2026-12-07; was ≈13 on 2026-12-02, see the stop note)
 test: install lint
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
