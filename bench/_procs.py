@@ -1,6 +1,6 @@
 """The benches' subprocesses, each in a process group of its own that is stopped as a whole: on a
 timeout, a failure or Ctrl-C nothing they started (DataLoader workers, a demo's server) runs on.
-The same helpers as tests/conftest.py's (the benches run without pytest)."""
+tests/conftest.py imports them too: one implementation for tests and benches."""
 
 from __future__ import annotations
 
