@@ -155,17 +155,7 @@ def main() -> None:
     outputs.update({"gpu_fp16_keys": fp16_keys, **{f"gpu_{k}": v for k, v in gpu.items()}})
     for key, value in gpu.items():
         print(f"{key:22s} GPU path vs CPU path: max |diff| {(value - outputs[key]).abs().max():.3g}")
-    torch.save(outputs, out / "outputs.pt")
-    for key, value in outputs.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            assert torch.isfinite(value).all(), key
-            print(
-                f"{key:22s} {tuple(value.shape)} |x| max {value.abs().max():.3g} std {value.float().std():.3g}"
-            )
-    print(
-        "wrote",
-        ", ".join(f"{p.name} ({p.stat().st_size // 1024} KiB)" for p in sorted(out.iterdir()) if p.is_file()),
-    )
+    openai_clip.save_outputs(outputs, out)
 
 
 if __name__ == "__main__":

@@ -205,6 +205,23 @@ def features(model, preprocess, pixels, pil, tokens) -> dict:
         }
 
 
+def save_outputs(outputs: dict, out) -> None:
+    """outputs.pt, and a summary to eyeball: every float output finite, its size and spread."""
+    import torch
+
+    torch.save(outputs, out / "outputs.pt")
+    for key, value in outputs.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            assert torch.isfinite(value).all(), key
+            print(
+                f"{key:22s} {tuple(value.shape)} |x| max {value.abs().max():.3g} std {value.float().std():.3g}"
+            )
+    print(
+        "wrote",
+        ", ".join(f"{p.name} ({p.stat().st_size // 1024} KiB)" for p in sorted(out.iterdir()) if p.is_file()),
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--clip", required=True, help="checkout of github.com/openai/CLIP")
@@ -268,17 +285,7 @@ def main() -> None:
     assert all(torch.equal(v, outputs[f"vit_fp16.{k}"]) for k, v in again.items())
     if not args.jit:
         jit_file.unlink()
-    torch.save(outputs, out / "outputs.pt")
-    for key, value in outputs.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point():
-            assert torch.isfinite(value).all(), key
-            print(
-                f"{key:22s} {tuple(value.shape)} |x| max {value.abs().max():.3g} std {value.float().std():.3g}"
-            )
-    print(
-        "wrote",
-        ", ".join(f"{p.name} ({p.stat().st_size // 1024} KiB)" for p in sorted(out.iterdir()) if p.is_file()),
-    )
+    save_outputs(outputs, out)
 
 
 if __name__ == "__main__":
