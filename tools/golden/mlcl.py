@@ -24,16 +24,6 @@ from pathlib import Path
 FEATURE, PROJECTION, HIDDEN, BATCH, EPOCH = 8, 16, 24, 4, 7
 
 
-def randomise(module, gen, scale: float = 0.1) -> None:
-    """Default init plus noise on every parameter (loss_weight and the learnt scales included)."""
-    import torch
-
-    with torch.no_grad():
-        for t in list(module.parameters()) + list(module.buffers()):
-            if t.is_floating_point():
-                t.add_(torch.randn(t.shape, generator=gen) * scale)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--mlcl", required=True, help="checkout of github.com/JWargrave/MLCL")
@@ -45,6 +35,7 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
     from combiner import Combiner
+    from searle import randomise  # tools/golden/searle.py: noise on every parameter and buffer
     from utils import save_model
 
     torch.set_num_threads(1)
