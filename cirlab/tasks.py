@@ -8,6 +8,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from cirlab.config_dir import CONF
 from cirlab.data.check import check_images, format_report
 from cirlab.errors import CirlabError
 
@@ -103,8 +104,6 @@ def convert_blip(cfg: DictConfig) -> None:
             "name the checkpoint and the folder to write: "
             "cirlab +task=convert_blip +src=model_base.pth +out=DIR"
         )
-    from cirlab.cli import CONF
-
     architecture = (
         cfg.backbone.get("architecture") or OmegaConf.load(CONF / "backbone" / "blip_base.yaml").architecture
     )

@@ -14,8 +14,8 @@ from conftest import results
 from fixtures.make_images import FIXTURES, materialize, write_image
 
 from cirlab.data.check import check_images
-from cirlab.data.sources.base import ImageNotFound
 from cirlab.data.sources.cirr import CIRRSource
+from cirlab.data.sources.layout import ImageNotFound
 from cirlab.data.sources.shoes import ShoesSource
 from cirlab.errors import CirlabError
 

@@ -69,6 +69,21 @@ def test_skip_drops_the_queries_and_gallery_images_of_broken_files(tmp_path):
     assert all(c["skipped"] > 0 for split in source.skipped.values() for c in split.values())
 
 
+def test_skip_keeps_every_rule_of_the_wrapped_source(tmp_path):
+    """ReadableOnly defines every public method of CIRSource, so none falls back to the base default in
+    place of the wrapped source's rule (SEARLE's two-order FashionIQ prompt was lost that way)."""
+    from cirlab.data.sources.base import CIRSource
+    from cirlab.data.sources.layout import FolderLayout
+
+    rules = [k for k in CIRSource.__mro__ if k not in (object, *FolderLayout.__mro__)]
+    public = {n for klass in rules for n, v in vars(klass).items() if callable(v) and not n.startswith("_")}
+    assert public - set(vars(ReadableOnly)) == set()
+    root, broken = broken_fashioniq(tmp_path / "fiq")
+    query = FashionIQSource(root).eval_sets("val")[0].queries[0]
+    assert ReadableOnly(FashionIQSource(root)).query_texts(query) == FashionIQSource(root).query_texts(query)
+    assert len(FashionIQSource(root).query_texts(query)) == 2  # both caption orders
+
+
 def test_skip_drops_unreadable_images_of_a_captions_dataset(tmp_path):
     materialize("fashioniq", tmp_path)  # any images will do
     names = sorted(p.name for p in (tmp_path / "images").iterdir())[:3]

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from cirlab.data.sources.base import CIRSource, ImageNotFound
+from cirlab.data.sources.base import CIRSource
+from cirlab.data.sources.layout import ImageNotFound
 
 SHOWN = 20  # names/paths listed per problem kind; the counts are always complete
 

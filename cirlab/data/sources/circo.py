@@ -7,9 +7,9 @@ from pathlib import Path
 from cirlab.data.records import CIRQuery, EvalSet, Protocol
 from cirlab.data.sources.base import CIRSource
 from cirlab.data.sources.common import check_targets, read_records
+from cirlab.data.sources.submission import RankedNames, write_circo_submission
 from cirlab.errors import CirlabError
 from cirlab.io import read_json
-from cirlab.retrieval.submission import write_circo_submission
 
 LAYOUT = """  <root>/                         (e.g. CIRCO/)
     annotations/val.json, annotations/test.json
@@ -90,5 +90,7 @@ class CIRCOSource(CIRSource):
     def has_answers(self, split: str) -> bool:
         return split != "test"
 
-    def write_submission(self, folder: Path, split: str, results: dict) -> list[Path]:
-        return write_circo_submission(folder, split, results)
+    def write_submission(
+        self, folder: Path, split: str, predictions: RankedNames, subset_predictions: RankedNames
+    ) -> list[Path]:
+        return write_circo_submission(folder, split, predictions)

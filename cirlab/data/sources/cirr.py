@@ -8,9 +8,9 @@ from pathlib import Path
 from cirlab.data.records import CIRQuery, EvalSet, Protocol
 from cirlab.data.sources.base import CIRSource
 from cirlab.data.sources.common import check_targets, read_records
+from cirlab.data.sources.submission import RankedNames, write_cirr_submission
 from cirlab.errors import CirlabError
 from cirlab.io import read_json
-from cirlab.retrieval.submission import write_cirr_submission
 
 SPLITS = {"train": "train", "val": "val", "test": "test1", "test1": "test1"}
 IMAGE_DIRS = ("train", "dev", "test1")  # the split files' paths start with one of these
@@ -130,8 +130,10 @@ class CIRRSource(CIRSource):
     def has_answers(self, split: str) -> bool:
         return self._official(split) != "test1"
 
-    def write_submission(self, folder: Path, split: str, results: dict) -> list[Path]:
-        return write_cirr_submission(folder, split, results)
+    def write_submission(
+        self, folder: Path, split: str, predictions: RankedNames, subset_predictions: RankedNames
+    ) -> list[Path]:
+        return write_cirr_submission(folder, split, predictions, subset_predictions)
 
     @staticmethod
     def _official(split: str) -> str:

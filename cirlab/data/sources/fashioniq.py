@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cirlab.data.records import CIRQuery, EvalSet, Protocol
 from cirlab.data.sources.base import CIRSource
+from cirlab.data.sources.caption_rules import CaptionRules
 from cirlab.data.sources.common import check_targets, read_records
 from cirlab.errors import CirlabError
 from cirlab.io import read_json
@@ -20,7 +21,42 @@ LAYOUT = """  <root>/                        (e.g. fashionIQ_dataset/)
     images/<ASIN>.jpg  or  images/<ASIN>.png   (one flat folder for all categories)"""
 
 
-class FashionIQSource(CIRSource):
+class FashionIQCaptions(CaptionRules):
+    """FashionIQ's two captions, stripped and joined: CLIP4Cir's rules in training and evaluation,
+    SEARLE's in its prompt."""
+
+    def eval_text(self, query: CIRQuery) -> str:
+        c1, c2 = (c.strip(STRIP) for c in query.captions)
+        return f"{c1.capitalize()} and {c2}"
+
+    def query_texts(self, query: CIRQuery) -> list[str]:
+        """SEARLE's rule (not CLIP4Cir's capitalised one): both captions stripped, joined in both orders."""
+        c1, c2 = (c.strip(STRIP) for c in query.captions)
+        return [f"{c1} and {c2}", f"{c2} and {c1}"]
+
+    def train_text_choices(self, query: CIRQuery) -> list[str]:
+        c1, c2 = (c.strip(STRIP) for c in query.captions)
+        return [
+            f"{c1.capitalize()} and {c2}",
+            f"{c2.capitalize()} and {c1}",
+            c1.capitalize(),
+            c2.capitalize(),
+        ]
+
+    def train_text(self, query: CIRQuery, rng: random.Random) -> str:
+        """CLIP4Cir's generate_randomized_fiq_caption; u exactly 0.25/0.5/0.75 falls to the last branch."""
+        c1, c2 = (c.strip(STRIP) for c in query.captions)
+        u = rng.random()
+        if u < 0.25:
+            return f"{c1.capitalize()} and {c2}"
+        if 0.25 < u < 0.5:
+            return f"{c2.capitalize()} and {c1}"
+        if 0.5 < u < 0.75:
+            return c1.capitalize()
+        return c2.capitalize()
+
+
+class FashionIQSource(FashionIQCaptions, CIRSource):
     name = "fashioniq"
     layout = LAYOUT
     readme_section = "FashionIQ"
@@ -89,33 +125,3 @@ class FashionIQSource(CIRSource):
 
     def has_answers(self, split: str) -> bool:
         return split != "test"
-
-    def eval_text(self, query: CIRQuery) -> str:
-        c1, c2 = (c.strip(STRIP) for c in query.captions)
-        return f"{c1.capitalize()} and {c2}"
-
-    def query_texts(self, query: CIRQuery) -> list[str]:
-        """SEARLE's rule (not CLIP4Cir's capitalised one): both captions stripped, joined in both orders."""
-        c1, c2 = (c.strip(STRIP) for c in query.captions)
-        return [f"{c1} and {c2}", f"{c2} and {c1}"]
-
-    def train_text_choices(self, query: CIRQuery) -> list[str]:
-        c1, c2 = (c.strip(STRIP) for c in query.captions)
-        return [
-            f"{c1.capitalize()} and {c2}",
-            f"{c2.capitalize()} and {c1}",
-            c1.capitalize(),
-            c2.capitalize(),
-        ]
-
-    def train_text(self, query: CIRQuery, rng: random.Random) -> str:
-        """CLIP4Cir's generate_randomized_fiq_caption; u exactly 0.25/0.5/0.75 falls to the last branch."""
-        c1, c2 = (c.strip(STRIP) for c in query.captions)
-        u = rng.random()
-        if u < 0.25:
-            return f"{c1.capitalize()} and {c2}"
-        if 0.25 < u < 0.5:
-            return f"{c2.capitalize()} and {c1}"
-        if 0.5 < u < 0.75:
-            return c1.capitalize()
-        return c2.capitalize()

@@ -13,10 +13,14 @@ from pathlib import Path
 from cirlab.data.check import image_problem
 from cirlab.data.records import CIRQuery, EvalSet
 from cirlab.data.sources.base import CIRSource
+from cirlab.data.sources.submission import RankedNames
 
 
 class ReadableOnly(CIRSource):
-    """Wraps a source (CIR or captions); everything not overridden here is the wrapped source's."""
+    """Wraps a source (CIR or captions). Every data, caption-rule and submission method of CIRSource is
+    defined here, passing to the wrapped source (filtered where images matter): a default inherited from
+    CIRSource would silently replace the wrapped source's own rule (tests/test_missing_images.py checks
+    that none is left). The folder-layout helpers only serve a source's own constructor."""
 
     def __init__(self, source):
         self.source = source
@@ -75,14 +79,19 @@ class ReadableOnly(CIRSource):
         self._count(split, "images", len(kept), len(pairs))
         return kept
 
+    def train_images(self) -> list[str]:
+        return [n for n in self.source.train_images() if self.usable(n)]
+
     def unlabeled_images(self) -> list[str]:
         return [n for n in self.source.unlabeled_images() if self.usable(n)]
 
     def has_answers(self, split: str) -> bool:
         return self.source.has_answers(split)
 
-    def write_submission(self, folder: Path, split: str, results: dict) -> list[Path]:
-        return self.source.write_submission(folder, split, results)
+    def write_submission(
+        self, folder: Path, split: str, predictions: RankedNames, subset_predictions: RankedNames
+    ) -> list[Path]:
+        return self.source.write_submission(folder, split, predictions, subset_predictions)
 
     def train_text(self, query: CIRQuery, rng: random.Random) -> str:
         return self.source.train_text(query, rng)
@@ -92,6 +101,12 @@ class ReadableOnly(CIRSource):
 
     def eval_text(self, query: CIRQuery) -> str:
         return self.source.eval_text(query)
+
+    def query_texts(self, query: CIRQuery) -> list[str]:  # SEARLE's prompt rule of the wrapped source
+        return self.source.query_texts(query)
+
+    def concept_vocabulary(self) -> list[str] | None:
+        return self.source.concept_vocabulary()
 
 
 def describe(skipped: dict[str, dict[str, dict[str, int]]]) -> str:
