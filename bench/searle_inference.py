@@ -16,7 +16,9 @@ from omegaconf import OmegaConf
 
 from cirlab.data.features import encode_images
 from cirlab.data.sources.synthetic import synthetic_source
-from cirlab.methods.searle import Phi, SearleText, oti
+from cirlab.methods.searle_oti import oti
+from cirlab.methods.searle_phi import Phi
+from cirlab.methods.searle_text import SearleText
 from cirlab.pretrain import pretrained_tiny
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,7 +17,10 @@ from cirlab.data.sources.jsonl import JsonlSource
 from cirlab.data.sources.synthetic import SyntheticSource
 from cirlab.errors import CirlabError
 from cirlab.methods import searle_text as st
-from cirlab.methods.searle import OTIStore, Phi, SearleText, distillation_loss, oti
+from cirlab.methods.searle_oti import oti
+from cirlab.methods.searle_phi import Phi, distillation_loss
+from cirlab.methods.searle_text import SearleText
+from cirlab.methods.searle_tokens import OTIStore
 
 TINY = OmegaConf.load(ROOT / "conf/backbone/tiny.yaml").model
 OTI = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/method/searle_oti.yaml").oti)

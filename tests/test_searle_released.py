@@ -19,7 +19,8 @@ from torch import nn
 from cirlab.backbones.openclip import OpenCLIPBackbone
 from cirlab.errors import CirlabError
 from cirlab.methods import searle_text as st
-from cirlab.methods.searle import Searle, SearleText
+from cirlab.methods.searle import Searle
+from cirlab.methods.searle_text import SearleText
 from cirlab.weights import load_weights
 
 TINY = OmegaConf.load(ROOT / "conf/backbone/tiny.yaml").model
@@ -304,7 +305,7 @@ def test_searle_experiment_builds_with_an_oidv7_vocabulary(name, tiny, tmp_path,
     for stage in cfg.method.stages:
         module = instantiate(cfg.method[stage].module, backbone=tiny)
         module.eval_data = SimpleNamespace(source=None)
-        text = module.text()
+        text = module.vocabulary_and_phrases()
         assert text.vocabulary == OIDV7_NAMES and text.bank.concepts == OIDV7_NAMES
         assert text.bank.count.tolist() == ([2] * 5 if paper else [32] * 5)
 

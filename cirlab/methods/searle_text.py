@@ -11,6 +11,7 @@
   {concept: [phrases]}, or the template generator (default; a documented deviation: no LM can be
   downloaded here), or a HF causal LM with the reference sampling settings.
 - A concept is "problematic" (dropped) if any of its phrases does not contain it verbatim.
+- `SearleText` builds all of them once per backbone, for OTI, phi training and the queries.
 """
 
 from __future__ import annotations
@@ -347,3 +348,37 @@ def build_phrases(cfg: dict, vocabulary: list[str]) -> dict[str, list[str]]:
         n = check_per_concept(cfg.get("per_concept")) or LM_SETTINGS["num_return_sequences"]
         return lm_phrases(model, tok, vocabulary, num_return_sequences=n)
     raise CirlabError(f"unknown method.phrases.generator={kind!r}; choose template or lm")
+
+
+class SearleText:
+    """Everything text-side both variants need, built once per backbone: vocabulary, concept
+    embeddings of the whole vocabulary, phrase bank of the usable concepts, tokenised PALAVRA templates."""
+
+    def __init__(self, backbone, source, concepts: dict, phrases: dict):
+        vocab = (
+            read_vocabulary(concepts["vocabulary"])
+            if concepts.get("vocabulary")
+            else default_vocabulary(source)
+        )
+        self.vocabulary = vocab
+        self.bank = PhraseBank(backbone, vocab, build_phrases(phrases, vocab), phrases.get("per_concept"))
+        # vocabulary row -> bank row; -1: a problematic concept (or one without phrases)
+        self.bank_row = torch.tensor([self.bank.index.get(c, -1) for c in vocab])
+        self.concept_emb = concept_embeddings(backbone, vocab)
+        self.templates = backbone.tokenize([t.format(PLACEHOLDER) for t in TEMPLATES])
+        self.digest = hashlib.sha1(
+            json.dumps([vocab, self.bank.digest, phrases, concepts], sort_keys=True, default=str).encode()
+        ).hexdigest()[:12]
+
+    def concepts_of(self, features: torch.Tensor, top_k: int) -> torch.Tensor:
+        """Bank rows [N, k] of each image's top-k concepts, ranked over the whole vocabulary, the
+        problematic ones then dropped (-1), as the reference: an image keeps fewer than k usable concepts
+        rather than reaching further down its ranking."""
+        rows = self.bank_row[associate(features, self.concept_emb, top_k)]
+        empty = int((rows < 0).all(1).sum())
+        if empty:
+            raise CirlabError(
+                f"{empty} of {len(rows)} images have no usable concept among their top {top_k} (all "
+                "dropped as problematic or without phrases): raise the top-k or check method.phrases"
+            )
+        return rows
