@@ -3,7 +3,8 @@
 Released checkpoints come as the reference code writes them: `{'CLIP': sd}`, `{'Combiner': sd}`,
 `{'Phi': sd}`, `{'BLIPTextEncoder': sd}`, plain state dicts, or cirlab's own checkpoints. Each seam where
 weights enter (`backbone.checkpoint`, `method.<stage>.checkpoint`) lists the `Layout`s it accepts; a
-file's layout is recognised from its keys, converted to cirlab's parameter names and loaded strictly:
+file's layout is recognised from its keys, converted to cirlab's parameter names (a foreign format by its
+one `WeightMap`, which also writes it back: `SavedFile`) and loaded strictly:
 every tensor of the file is used and every parameter filled, so a wrong model size is an error, never
 a silent partial load. Files are read with `weights_only=True` (no pickled code runs); OpenAI's
 TorchScript archives only behind `backbone.allow_torchscript` (cirlab/backbones/openclip.py).
@@ -21,6 +22,7 @@ from torch import nn
 
 from cirlab.errors import CirlabError
 from cirlab.io import load_torch
+from cirlab.weight_map import WeightMap
 
 
 @dataclass(frozen=True)
@@ -33,13 +35,28 @@ class Layout:
     to_state: Callable[[Any], dict[str, torch.Tensor]]
 
 
-def wrapped(key: str, name: str, rename: Callable[[dict], dict] = lambda sd: sd) -> Layout:
-    """The reference code's `torch.save({key: model.state_dict(), ...})` files."""
-    return Layout(
-        name,
-        lambda obj: isinstance(obj, dict) and isinstance(obj.get(key), dict),
-        lambda obj: rename(dict(obj[key])),
-    )
+@dataclass(frozen=True)
+class SavedFile:
+    """A reference script's `torch.save({'epoch': n, key: model.state_dict(), ...})` file: read through
+    `layout()`, written by `write`, both through the one `map` of its format. `marks`: file names that tell
+    this format from another saved under the same key."""
+
+    key: str
+    map: WeightMap
+    name: str  # shown in errors and in the log
+    marks: tuple[str, ...] = ()
+
+    def holds(self, obj: Any) -> bool:
+        state = obj.get(self.key) if isinstance(obj, dict) else None
+        return isinstance(state, dict) and all(m in state for m in self.marks)
+
+    def layout(self, defaults: dict | None = None) -> Layout:
+        """`defaults`: module names the file may lack, and their values (WeightMap.to_model)."""
+        return Layout(self.name, self.holds, lambda obj: self.map.to_model(obj[self.key], defaults))
+
+    def write(self, state: dict, epoch: int) -> dict:
+        """The file of the module state `state` (in the map's model names), as the reference saves it."""
+        return {"epoch": epoch, self.key: self.map.to_file(state)}
 
 
 def cirlab_stage(prefix: str, what: str, without: str | None = None) -> Layout:
@@ -67,10 +84,6 @@ def cirlab_stage(prefix: str, what: str, without: str | None = None) -> Layout:
 
 def strip_prefix(state: dict, prefix: str) -> dict:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def add_prefix(state: dict, prefix: str) -> dict:
-    return {prefix + k: v for k, v in state.items()}
 
 
 def read_weights(path: str | Path, what: str) -> Any:

@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from cirlab.backbones.openclip import OpenCLIPBackbone, backbone_checkpoint, load_backbone_weights
+from cirlab.backbones.openclip import OpenCLIPBackbone, load_backbone_weights
 from cirlab.cli import CONF
 from cirlab.errors import CirlabError
 
@@ -48,13 +48,18 @@ def _tiny():
     return OpenCLIPBackbone(model_cfg=OmegaConf.to_container(cfg.model.model_cfg), name="tiny")
 
 
-def test_local_checkpoint_round_trips_exactly(tmp_path):
+def test_local_checkpoint_round_trips_exactly(tmp_path, monkeypatch):
+    """The cached pretrained backbone file ({'backbone', 'state_dict', ...}) as backbone.checkpoint."""
+    from cirlab import pretrain
+
+    monkeypatch.setattr(pretrain, "pretrain_on_captions", lambda *args: {})  # the initial weights, cached
     torch.manual_seed(0)
     a = _tiny()
-    torch.save(backbone_checkpoint(a), tmp_path / "tiny.pt")
+    pretrain.load_or_pretrain(a, str(tmp_path), {}, {}, "tiny")
+    (cached,) = (tmp_path / "backbones").glob("tiny-*.pt")
     torch.manual_seed(1)
     b = _tiny()
-    load_backbone_weights(b, tmp_path / "tiny.pt")
+    load_backbone_weights(b, cached)
     for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(va, vb), k
     assert a.fingerprint() == b.fingerprint()

@@ -67,10 +67,13 @@ def test_experiment_composes_and_builds(name, tiny_backbone, small_blip, monkeyp
     check_arguments(model["_target_"], model)
     if model.get("model_name"):
         assert open_clip.get_model_config(model["model_name"]) is not None, model["model_name"]
-    elif model.get("hf_id"):  # BLIP from the HF hub: its architecture builds as a BlipConfig
-        from cirlab.backbones.blip import blip_config
+    elif model.get("hf_id"):  # BLIP from the HF hub: its architecture builds as +task=convert_blip builds it
+        from transformers import BlipConfig
 
-        assert blip_config(resolved["backbone"]["architecture"]).vision_config.image_size > 0
+        from cirlab.backbones.blip_convert import infer_architecture
+
+        architecture = infer_architecture({}, resolved["backbone"]["architecture"])
+        assert BlipConfig(**architecture).vision_config.image_size > 0
     else:
         assert model.get("model_cfg"), "a backbone needs model_name or model_cfg"
 

@@ -33,7 +33,8 @@ import cirlab.backbones.openclip as openclip
 import cirlab.methods.combiner as combiner_mod
 from cirlab.errors import CirlabError
 from cirlab.methods.losses import batch_contrastive
-from cirlab.pipeline import load_given_weights
+from cirlab.stage import given_weights
+from cirlab.weight_map import Rule, WeightMap
 
 OPENAI = ROOT / "tests" / "golden" / "openai_clip"
 CLIP4CIR = ROOT / "tests" / "golden" / "clip4cir"
@@ -93,16 +94,9 @@ def test_openai_files_load_without_naming_the_architecture(openai_out, name):
     check_openai_outputs(backbone, openai_out, name)
 
 
-def swapped(a: str, b: str):
-    """cirlab's OpenAI-name mapping with the tensors of keys `a` and `b` exchanged."""
-    original = openclip._from_clip_names
-
-    def mapping(state):
-        state = dict(state)
-        state[a], state[b] = state[b], state[a]
-        return original(state)
-
-    return mapping
+def swapped(a: str, b: str) -> WeightMap:
+    """cirlab's OpenAI-name map with the tensors of keys `a` and `b` exchanged."""
+    return WeightMap((Rule(a, f"model.{b}"), Rule(b, f"model.{a}"), *openclip.CLIP_MAP.rules))
 
 
 @pytest.mark.parametrize(
@@ -118,7 +112,7 @@ def swapped(a: str, b: str):
     ],
 )
 def test_openai_golden_fails_with_two_keys_swapped(openai_out, monkeypatch, name, a, b):
-    monkeypatch.setattr(openclip, "_from_clip_names", swapped(a, b))
+    monkeypatch.setattr(openclip, "CLIP_MAP", swapped(a, b))
     # the same loader as the config's (OpenCLIPBackbone(checkpoint=...)), without composing it again
     backbone = openclip.OpenCLIPBackbone(checkpoint=str(OPENAI / FILES[name][0]), name="clip_openai_file")
     with pytest.raises(AssertionError, match="Tensor-likes are not close"):
@@ -180,7 +174,7 @@ def test_openai_file_backbone_needs_its_file():
 
 def clip4cir_stages(**extra: str):
     """Both stages as a run builds them: backbone=clip_openai_file on the tuned CLIP, the Combiner's file
-    through method.combiner.checkpoint (pipeline.load_given_weights), in eval mode as evaluation runs."""
+    through method.combiner.checkpoint (cirlab.stage.given_weights), in eval mode as evaluation runs."""
     overrides = {
         "method": "clip4cir",
         "backbone": "clip_openai_file",
@@ -196,7 +190,7 @@ def clip4cir_stages(**extra: str):
     options = dict(search=cfg.retrieval.search, search_options=OmegaConf.to_container(cfg.retrieval.options))
     finetune = instantiate(cfg.method.finetune.module, backbone=backbone, **options).eval()
     combiner = instantiate(cfg.method.combiner.module, backbone=backbone, **options)
-    load_given_weights(combiner, "combiner", cfg.method.combiner.checkpoint)
+    given_weights(combiner, cfg, "combiner")
     return finetune, combiner.eval()
 
 

@@ -21,17 +21,17 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any
 
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 from transformers import BertTokenizerFast, BlipConfig, BlipForImageTextRetrieval
 
-from cirlab.backbones.base import Backbone, plain
+from cirlab.backbones.base import Backbone, as_json_data
 from cirlab.data.transforms import build_transform
 from cirlab.errors import CirlabError
-from cirlab.weights import Layout, cirlab_stage, load_strict, read_weights, recognise, strip_prefix, wrapped
+from cirlab.weight_map import Rule, WeightMap
+from cirlab.weights import Layout, SavedFile, cirlab_stage, load_strict, read_weights, recognise, strip_prefix
 
 log = logging.getLogger(__name__)
 
@@ -55,24 +55,21 @@ class BlipTextSide(nn.Module):
         self.text_proj = model.text_proj
 
 
-def from_reference_text(state: dict) -> dict:
-    """BLIPTextEncoder state -> BlipTextSide: med.py saves `position_ids` (a constant arange buffer,
-    not saved by HF), so it is dropped here by name."""
-    return {k: v for k, v in state.items() if k != POSITION_IDS}
+def reference_positions(file_state: dict) -> torch.Tensor:
+    """med.py's `position_ids` buffer (a constant arange, which HF does not save), rebuilt for the
+    reference's strict load_state_dict."""
+    positions = file_state["text_encoder.embeddings.position_embeddings.weight"].shape[0]
+    return torch.arange(positions).unsqueeze(0)
 
 
-def to_reference_text(state: dict) -> dict:
-    """BlipTextSide state -> BLIPTextEncoder: the reference loads it with a strict load_state_dict,
-    which needs med.py's `position_ids` buffer back."""
-    positions = state["text_encoder.embeddings.position_embeddings.weight"].shape[0]
-    return {**state, POSITION_IDS: torch.arange(positions).unsqueeze(0)}
-
-
-TUNED_BLIP = wrapped(
+POSITION_RULE = Rule(
+    POSITION_IDS, None, make=reference_positions, why="constant position-id buffer (HF rebuilds it)"
+)
+TUNED_BLIP = SavedFile(
     "BLIPTextEncoder",
+    WeightMap((POSITION_RULE, *(Rule(f"{part}*", f"{part}*") for part in TEXT_PARTS))),
     "BLIP4CIR+Bi text encoder file (tuned_blip_*.pt: {'epoch', 'BLIPTextEncoder': "
     "text_encoder.*, text_proj.*}), loaded into the text side",
-    from_reference_text,
 )
 
 
@@ -86,10 +83,16 @@ def text_side_state(module_state: dict) -> dict:
 def text_side_layouts() -> list[Layout]:
     """What BLIP4CIR+Bi's stage I accepts as its own weights (`method.finetune.checkpoint`)."""
     stage = cirlab_stage("backbone.model.", "its BLIP text encoder + text_proj")
-    return [TUNED_BLIP, Layout(stage.name, stage.match, lambda obj: text_side_state(obj["state_dict"]))]
+    return [
+        TUNED_BLIP.layout(),
+        Layout(stage.name, stage.match, lambda obj: text_side_state(obj["state_dict"])),
+    ]
 
 
-BACKBONE_FILE_LAYOUTS = [TUNED_BLIP, cirlab_stage("backbone.", "its backbone.* weights: the whole BLIP")]
+BACKBONE_FILE_LAYOUTS = [
+    TUNED_BLIP.layout(),
+    cirlab_stage("backbone.", "its backbone.* weights: the whole BLIP"),
+]
 FOLDER_LAYOUT = "a folder saved with save_pretrained (model + tokenizer; e.g. written by +task=convert_blip)"
 
 # ---- where a model or tokenizer comes from: a hub id or a folder ------------------------------------
@@ -250,7 +253,7 @@ class BlipBackbone(Backbone):
                     "a BLIP built from backbone config needs a WordPiece vocab_file for its tokenizer"
                 )
             words = read_vocab(vocab_file)
-            self.model = BlipForImageTextRetrieval(BlipConfig(**plain(config)))
+            self.model = BlipForImageTextRetrieval(BlipConfig(**as_json_data(config)))
             self.tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}, do_lower_case=True)
         elif hf_id:
             self.model, self.tokenizer = from_hub(hf_id)
@@ -282,7 +285,9 @@ class BlipBackbone(Backbone):
         state = layout.to_state(obj)
         self._fit_vocab(state)
         load_strict(
-            BlipTextSide(self.model) if layout is TUNED_BLIP else self, state, f"{what} ({layout.name})"
+            BlipTextSide(self.model) if layout.name == TUNED_BLIP.name else self,
+            state,
+            f"{what} ({layout.name})",
         )
         log.info("BLIP weights from %s (%s)", path, layout.name)
         return layout.name
@@ -375,7 +380,7 @@ def wordpiece_vocab(texts: list[str]) -> list[str]:
 
 def vocab_config(model_cfg: dict, vocab: list[str]) -> dict:
     """The BlipConfig (as a dict) of `model_cfg` with a text side for `vocab`: its size and special tokens."""
-    config = plain(model_cfg)
+    config = as_json_data(model_cfg)
     config["text_config"] = {
         **config["text_config"],
         "vocab_size": len(vocab),
@@ -385,8 +390,3 @@ def vocab_config(model_cfg: dict, vocab: list[str]) -> dict:
         "eos_token_id": vocab.index("[SEP]"),
     }
     return config
-
-
-def blip_config(cfg: dict[str, Any]) -> BlipConfig:
-    """The BlipConfig a backbone config describes (no weights, no network)."""
-    return BlipConfig(**plain(cfg))

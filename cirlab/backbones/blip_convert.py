@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from transformers import BertTokenizerFast, BlipConfig, BlipForImageTextRetrieval
 
-from cirlab.backbones.base import plain
+from cirlab.backbones.base import as_json_data
 from cirlab.backbones.blip import (
-    POSITION_IDS,
+    POSITION_RULE,
     TOKENIZER_PATTERNS,
     add_blip_tokens,
     hub_snapshot,
@@ -33,55 +33,41 @@ from cirlab.backbones.blip import (
 )
 from cirlab.errors import CirlabError
 from cirlab.io import load_torch
+from cirlab.weight_map import Rule, WeightMap
 from cirlab.weights import load_strict
 
-# Parts of BLIP's checkpoints that a retrieval encoder does not have, by prefix or exact key.
-UNUSED = {
-    "visual_encoder_m.": "momentum ViT (ITC pretraining)",
-    "vision_proj_m.": "momentum image projection",
-    "text_encoder_m.": "momentum text encoder",
-    "text_proj_m.": "momentum text projection",
-    "text_decoder.": "captioning decoder (LM pretraining)",
-    "image_queue": "ITC feature queue",
-    "text_queue": "ITC feature queue",
-    "queue_ptr": "ITC queue pointer",
-    "idx_queue": "retrieval fine-tuning id queue",
-    "ptr_queue": "retrieval fine-tuning queue pointer",
-    "temp": "ITC temperature",
-    POSITION_IDS: "constant position-id buffer (HF rebuilds it)",
-}
-
-# BLIP vit.py -> HF BlipVisionModel (transformers' convert_blip_original_pytorch_to_hf.py rename_key)
-VISION_RENAMES = [
-    (r"^visual_encoder\.cls_token$", "vision_model.embeddings.class_embedding"),
-    (r"^visual_encoder\.pos_embed$", "vision_model.embeddings.position_embedding"),
-    (r"^visual_encoder\.patch_embed\.proj\.", "vision_model.embeddings.patch_embedding."),
-    (r"^visual_encoder\.norm\.", "vision_model.post_layernorm."),
-    (r"^visual_encoder\.blocks\.(\d+)\.norm1\.", r"vision_model.encoder.layers.\1.layer_norm1."),
-    (r"^visual_encoder\.blocks\.(\d+)\.norm2\.", r"vision_model.encoder.layers.\1.layer_norm2."),
-    (r"^visual_encoder\.blocks\.(\d+)\.attn\.qkv\.", r"vision_model.encoder.layers.\1.self_attn.qkv."),
+# BLIP's checkpoint (vit.py, med.py names) -> HF BlipForImageTextRetrieval, following transformers'
+# convert_blip_original_pytorch_to_hf.py; the parts a retrieval encoder does not have are dropped, by name.
+BLIP_CHECKPOINT = WeightMap(
     (
-        r"^visual_encoder\.blocks\.(\d+)\.attn\.proj\.",
-        r"vision_model.encoder.layers.\1.self_attn.projection.",
-    ),
-    (r"^visual_encoder\.blocks\.(\d+)\.mlp\.", r"vision_model.encoder.layers.\1.mlp."),
-]
-# text_encoder.* (med.py BertModel), vision_proj, text_proj and itm_head keep their names in HF.
-SAME_NAME = ("text_encoder.", "vision_proj.", "text_proj.", "itm_head.")
-
-
-def unused_reason(key: str) -> str | None:
-    for rule, why in UNUSED.items():
-        if key == rule or (rule.endswith(".") and key.startswith(rule)):
-            return why
-    return None
-
-
-def hf_name(key: str) -> str:
-    for pattern, repl in VISION_RENAMES:
-        if re.match(pattern, key):
-            return re.sub(pattern, repl, key)
-    return key  # SAME_NAME keys, or a foreign key the strict load then names
+        Rule("visual_encoder_m.*", None, why="momentum ViT (ITC pretraining)"),
+        Rule("vision_proj_m.*", None, why="momentum image projection"),
+        Rule("text_encoder_m.*", None, why="momentum text encoder"),
+        Rule("text_proj_m.*", None, why="momentum text projection"),
+        Rule("text_decoder.*", None, why="captioning decoder (LM pretraining)"),
+        Rule("image_queue", None, why="ITC feature queue"),
+        Rule("text_queue", None, why="ITC feature queue"),
+        Rule("queue_ptr", None, why="ITC queue pointer"),
+        Rule("idx_queue", None, why="retrieval fine-tuning id queue"),
+        Rule("ptr_queue", None, why="retrieval fine-tuning queue pointer"),
+        Rule("temp", None, why="ITC temperature"),
+        POSITION_RULE,
+        Rule("visual_encoder.cls_token", "vision_model.embeddings.class_embedding"),
+        Rule("visual_encoder.pos_embed", "vision_model.embeddings.position_embedding"),
+        Rule("visual_encoder.patch_embed.proj.*", "vision_model.embeddings.patch_embedding.*"),
+        Rule("visual_encoder.norm.*", "vision_model.post_layernorm.*"),
+        Rule("visual_encoder.blocks.*.norm1.*", "vision_model.encoder.layers.*.layer_norm1.*"),
+        Rule("visual_encoder.blocks.*.norm2.*", "vision_model.encoder.layers.*.layer_norm2.*"),
+        Rule("visual_encoder.blocks.*.attn.qkv.*", "vision_model.encoder.layers.*.self_attn.qkv.*"),
+        Rule("visual_encoder.blocks.*.attn.proj.*", "vision_model.encoder.layers.*.self_attn.projection.*"),
+        Rule("visual_encoder.blocks.*.mlp.*", "vision_model.encoder.layers.*.mlp.*"),
+        # med.py's BertModel names are HF's; a key no rule names is left to the strict load to report
+        *(
+            Rule(f"{part}*", f"{part}*")
+            for part in ("text_encoder.", "vision_proj.", "text_proj.", "itm_head.")
+        ),
+    )
+)
 
 
 def interpolate_pos_embed(pos_embed: torch.Tensor, num_positions: int) -> torch.Tensor:
@@ -130,7 +116,7 @@ def infer_architecture(state: dict, architecture: dict) -> dict:
     def rows(key: str, dim: int = 0) -> int | None:
         return int(state[key].shape[dim]) if key in state else None
 
-    arch = plain(architecture)
+    arch = as_json_data(architecture)
     vision, text = dict(arch.get("vision_config", {})), dict(arch.get("text_config", {}))
     t = "text_encoder."
     sizes = {
@@ -206,14 +192,7 @@ def convert_blip_checkpoint(
         eos_token_id=tok.sep_token_id,
     )
     model = BlipForImageTextRetrieval(BlipConfig(**config)).eval()
-    dropped: dict[str, list[str]] = {}
-    state = {}
-    for key, value in obj["model"].items():
-        why = unused_reason(key)
-        if why:
-            dropped.setdefault(why, []).append(key)
-        else:
-            state[hf_name(key)] = value
+    state, dropped = BLIP_CHECKPOINT.to_model(obj["model"]), BLIP_CHECKPOINT.dropped(obj["model"])
     pos = "vision_model.embeddings.position_embedding"
     if pos in state:
         state[pos] = interpolate_pos_embed(

@@ -20,7 +20,8 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from cirlab.backbones.base import Backbone
 from cirlab.data.transforms import build_transform
 from cirlab.errors import CirlabError
-from cirlab.weights import Layout, add_prefix, cirlab_stage, load_strict, read_weights, recognise, wrapped
+from cirlab.weight_map import Rule, WeightMap
+from cirlab.weights import Layout, SavedFile, cirlab_stage, load_strict, read_weights, recognise
 
 OPEN_CLIP_FILES = (".safetensors", ".npz", ".npy")  # local pretrained files only open_clip reads
 # What a failed or offline download raises: open_clip >= 3 wraps a tag's download in RuntimeError, older
@@ -234,12 +235,14 @@ def uses_quick_gelu(pretrained: str | None) -> bool:
 
 # OpenAI's JIT archives carry these three non-tensor attributes in their state dict
 _OPENAI_EXTRAS = ("input_resolution", "context_length", "vocab_size")
-
-
-def _from_clip_names(state: dict) -> dict:
-    """OpenAI `clip` / open_clip CLIP parameter names (visual.*, transformer.*, token_embedding.weight, ...)
-    are open_clip's own: only the backbone's `model.` prefix is added."""
-    return add_prefix({k: v for k, v in state.items() if k not in _OPENAI_EXTRAS}, "model.")
+# OpenAI `clip` / open_clip CLIP names (visual.*, transformer.*, token_embedding.weight, ...) are open_clip's
+# own: the backbone holds them under `model.`
+CLIP_MAP = WeightMap(
+    (*(Rule(k, None, why="OpenAI JIT attribute") for k in _OPENAI_EXTRAS), Rule("*", "model.*"))
+)
+TUNED_CLIP = SavedFile(
+    "CLIP", CLIP_MAP, "CLIP4Cir fine-tuned CLIP {'epoch': int, 'CLIP': state_dict} (OpenAI clip names)"
+)
 
 
 def _is_clip_state(obj) -> bool:
@@ -248,6 +251,11 @@ def _is_clip_state(obj) -> bool:
         and any(k.startswith("visual.") for k in obj)
         and all(isinstance(v, torch.Tensor) for k, v in obj.items() if k not in _OPENAI_EXTRAS)
     )
+
+
+def _unwrap_ddp(obj) -> dict:
+    """An open_clip training checkpoint's state dict, less DDP's `module.` prefix where it has one."""
+    return {k.removeprefix("module."): v for k, v in (obj.get("state_dict") or {}).items()}
 
 
 def clip_layouts(backbone_name: str) -> list[Layout]:
@@ -268,25 +276,16 @@ def clip_layouts(backbone_name: str) -> list[Layout]:
             cirlab_file,
         ),
         cirlab_stage("backbone.", "its backbone.* weights"),
-        wrapped(
-            "CLIP",
-            "CLIP4Cir fine-tuned CLIP {'epoch': int, 'CLIP': state_dict} (OpenAI clip names)",
-            _from_clip_names,
-        ),
+        TUNED_CLIP.layout(),
         Layout(
             "open_clip training checkpoint {'epoch', 'state_dict': {(module.)visual.*, ...}}",
-            lambda o: (
-                isinstance(o, dict)
-                and _is_clip_state(
-                    {k.removeprefix("module."): v for k, v in (o.get("state_dict") or {}).items()}
-                )
-            ),
-            lambda o: _from_clip_names({k.removeprefix("module."): v for k, v in o["state_dict"].items()}),
+            lambda o: isinstance(o, dict) and _is_clip_state(_unwrap_ddp(o)),
+            lambda o: CLIP_MAP.to_model(_unwrap_ddp(o)),
         ),
         Layout(
             "OpenAI / open_clip CLIP state dict (visual.*, transformer.*, token_embedding.weight, ...)",
             _is_clip_state,
-            _from_clip_names,
+            CLIP_MAP.to_model,
         ),
     ]
 
@@ -385,7 +384,3 @@ def openai_model_cfg(state: dict, what: str) -> dict:
             "build this file either; pick the backbone by name or give its open_clip model_cfg"
         )
     return dict(embed_dim=int(embed_dim), vision_cfg=vision, text_cfg=text)
-
-
-def backbone_checkpoint(backbone: Backbone) -> dict:
-    return {"backbone": backbone.name, "state_dict": backbone.state_dict()}

@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
-from cirlab.backbones.blip import BlipTextSide, text_side_layouts, text_side_state, to_reference_text
+from cirlab.backbones.blip import TUNED_BLIP, BlipTextSide, text_side_layouts
 from cirlab.errors import CirlabError
 from cirlab.methods.clip4cir import CLIP4CirCombiner, CLIP4CirFinetune
+from cirlab.weights import strip_prefix
 
 DIRECTIONS = ("text", "learned")
 LEARNED_TOKENS = {"forward": "[fwd]", "backward": "[bwd]"}
@@ -119,9 +120,7 @@ class Blip4CirFinetune(BiDirectional, CLIP4CirFinetune):
         """tuned_blip.pt as the reference saves it ({'epoch', 'BLIPTextEncoder': ...}; its optimizer state is
         not kept), so its combiner_train.py / validate.py load it with --blip-model-path. With
         direction=learned the word embedding carries the two extra direction rows."""
-        return {
-            "tuned_blip.pt": {"epoch": epoch, "BLIPTextEncoder": to_reference_text(text_side_state(state))}
-        }
+        return {"tuned_blip.pt": TUNED_BLIP.write(strip_prefix(state, "backbone.model."), epoch)}
 
     def reverse_logits(self, batch: dict) -> torch.Tensor:
         return stage1_reverse_logits(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cirlab.backbones.openclip import TUNED_CLIP
 from cirlab.errors import CirlabError
 from cirlab.methods.combiner import Combiner, CombinerStage
 from cirlab.methods.losses import batch_contrastive
@@ -70,7 +71,7 @@ class CLIP4CirFinetune(RetrievalModule):
     @classmethod
     def reference_files(cls, state: dict, epoch: int) -> dict:
         """CLIP4Cir's `tuned_clip_*.pt`: {'epoch', 'CLIP': state dict in OpenAI clip names}."""
-        return {"tuned_clip.pt": {"epoch": epoch, "CLIP": strip_prefix(state, "backbone.model.")}}
+        return {"tuned_clip.pt": TUNED_CLIP.write(strip_prefix(state, "backbone."), epoch)}
 
     def optimizer_params(self) -> list:
         return [p for p in self.backbone.parameters() if p.requires_grad]

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cirlab.weights import Layout, cirlab_stage, strip_prefix, wrapped
+from cirlab.weight_map import SAME_NAMES
+from cirlab.weights import Layout, SavedFile, cirlab_stage, strip_prefix
 
 
 class Combiner(nn.Module):
@@ -68,12 +69,17 @@ class Combiner(nn.Module):
         return self.combine(image, text)
 
 
+# The reference's `combiner.pt`: its names are the Combiner's own.
+COMBINER_FILE = SavedFile(
+    "Combiner",
+    SAME_NAMES,
+    "CLIP4Cir / BLIP4CIR+Bi combiner file {'epoch': int, 'Combiner': state_dict}",
+)
+
+
 def combiner_layouts() -> list[Layout]:
     """What `method.combiner.checkpoint` accepts."""
-    return [
-        wrapped("Combiner", "CLIP4Cir / BLIP4CIR+Bi combiner file {'epoch': int, 'Combiner': state_dict}"),
-        cirlab_stage("combiner.", "its combiner.* weights"),
-    ]
+    return [COMBINER_FILE.layout(), cirlab_stage("combiner.", "its combiner.* weights")]
 
 
 class CombinerStage:
@@ -87,4 +93,4 @@ class CombinerStage:
 
     @classmethod
     def reference_files(cls, state: dict, epoch: int) -> dict:
-        return {"combiner.pt": {"epoch": epoch, "Combiner": strip_prefix(state, "combiner.")}}
+        return {"combiner.pt": COMBINER_FILE.write(strip_prefix(state, "combiner."), epoch)}

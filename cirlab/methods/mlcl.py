@@ -43,7 +43,8 @@ from cirlab.errors import CirlabError
 from cirlab.methods.clip4cir import CLIP4CirCombiner
 from cirlab.methods.combiner import Combiner
 from cirlab.methods.losses import batch_contrastive
-from cirlab.weights import Layout, cirlab_stage
+from cirlab.weight_map import Rule, WeightMap
+from cirlab.weights import Layout, SavedFile, cirlab_stage
 
 
 # ---- the multi-level combiner -------------------------------------------------------------------
@@ -105,6 +106,24 @@ def sscl_loss(clean: dict, aug: dict, scale: torch.Tensor) -> dict:
     return out
 
 
+# ---- the authors' combiner*.pt: one flat state dict, scalars of shape [1] -------------------------------
+SCALAR = ((1,), ())  # nn.Parameter(torch.ones(1)) in the reference, a 0-d tensor here
+MLCL_FILE = SavedFile(
+    "Combiner",
+    WeightMap(
+        (
+            Rule("combiner_proj.*", "mlc.combiner_proj.*"),
+            Rule("loss_weight", "mlc.loss_weight", SCALAR),
+            Rule("logit_scale", "logit_scale", SCALAR),  # both absent when trained with --learn_t 0
+            Rule("logit_scale_sl", "logit_scale_sl", SCALAR),
+            Rule("*", "mlc.combiner.*"),  # the CLIP4Cir Combiner's names
+        )
+    ),
+    "MLCL combiner file {'epoch': int, 'Combiner': state_dict} (combiner_proj.*, loss_weight)",
+    marks=("combiner_proj.weight",),
+)
+
+
 # ---- the Lightning module -----------------------------------------------------------------------
 class MLCLCombiner(CLIP4CirCombiner):
     """Stage II of MLCL: CLIP4Cir's stage II (frozen backbone, cached image features) with the
@@ -143,50 +162,22 @@ class MLCLCombiner(CLIP4CirCombiner):
     def build_combiner(self, feature_dim: int, **sizes) -> None:
         self.mlc = MultiLevelCombiner(feature_dim, **sizes)
 
-    # ---- the authors' combiner*.pt: one flat state dict, scalars of shape [1] ------------------------
-    _SCALARS = ("loss_weight", "logit_scale", "logit_scale_sl")
-
+    # ---- weights in and out: MLCL_FILE --------------------------------------------------------------
     def stage_weights(self) -> nn.Module:
         own = nn.Module()
         own.mlc, own.logit_scale, own.logit_scale_sl = self.mlc, self.logit_scale, self.logit_scale_sl
         return own
 
     def checkpoint_layouts(self) -> list[Layout]:
-        def from_reference(obj: dict) -> dict:
-            ref = dict(obj["Combiner"])
-            state = {
-                f"mlc.{k}" if k.startswith("combiner_proj.") else f"mlc.combiner.{k}": v
-                for k, v in ref.items()
-                if k not in self._SCALARS
-            }
-            state["mlc.loss_weight"] = ref.get("loss_weight", torch.empty(0)).reshape(())
-            for name in ("logit_scale", "logit_scale_sl"):  # absent when trained with --learn_t 0: constants
-                state[name] = ref[name].reshape(()) if name in ref else torch.tensor(self.fixed_log_scale)
-            return state
-
+        constant = torch.tensor(self.fixed_log_scale)  # what a file trained with --learn_t 0 lacks
         return [
-            Layout(
-                "MLCL combiner file {'epoch': int, 'Combiner': state_dict} (combiner_proj.*, loss_weight)",
-                lambda o: (
-                    isinstance(o, dict)
-                    and isinstance(o.get("Combiner"), dict)
-                    and "combiner_proj.weight" in o["Combiner"]
-                ),
-                from_reference,
-            ),
+            MLCL_FILE.layout({"logit_scale": constant, "logit_scale_sl": constant}),
             cirlab_stage("", "its weights beside the backbone", without="backbone."),
         ]
 
     @classmethod
     def reference_files(cls, state: dict, epoch: int) -> dict:
-        ref = {
-            k.removeprefix("mlc.combiner.").removeprefix("mlc."): v
-            for k, v in state.items()
-            if k.startswith("mlc.")
-        }
-        ref.update({k: state[k].reshape(1) for k in ("logit_scale", "logit_scale_sl")})
-        ref["loss_weight"] = ref["loss_weight"].reshape(1)
-        return {"combiner.pt": {"epoch": epoch, "Combiner": ref}}
+        return {"combiner.pt": MLCL_FILE.write(state, epoch)}
 
     def query_embedding(self, reference, texts):
         levels = self.mlc.fuse(self.image_features(reference), self.text_features(texts))

@@ -7,12 +7,13 @@ the `$` of a prompt like "a photo of $ that {relative caption}"; the prompt feat
 Both work on frozen cached image features; OTI tokens are stored atomically and resumably.
 phi files in the authors' layout (`SEARLE_ViT-B32.pt`, `phi_20.pt`: {'Phi': state_dict}) load with
 `method.phi.checkpoint` and come out of `cirlab +task=export` as `phi.pt`.
+This module holds the LightningModules; phi and its losses are in searle_phi, OTI in searle_oti, the
+token files in searle_tokens, the vocabulary, concepts and phrases in searle_text.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import random
 import time
@@ -23,219 +24,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from cirlab.cache import CacheEntry
 from cirlab.data.records import CIRQuery
-from cirlab.distributed import all_gather, rank_and_world
 from cirlab.errors import CirlabError
-from cirlab.methods import searle_text as st
 from cirlab.methods.retrieval_module import RetrievalModule
-from cirlab.weights import Layout, cirlab_stage, strip_prefix, wrapped
+from cirlab.methods.searle_oti import oti
+from cirlab.methods.searle_phi import Phi, cosine_loss, distillation_loss
+from cirlab.methods.searle_text import SearleText
+from cirlab.methods.searle_tokens import OTIStore, settings_key
+from cirlab.weight_map import SAME_NAMES
+from cirlab.weights import Layout, SavedFile, cirlab_stage, strip_prefix
 
 log = logging.getLogger("cirlab")
-
-
-class Phi(nn.Module):
-    """The reference textual-inversion MLP (state-dict keys layers.0/3/6, as SEARLE's phi.py)."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, dropout: float = 0.5):
-        super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(input_dim, hidden_dim),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden_dim, hidden_dim),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden_dim, output_dim),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
-
-
-def distillation_loss(v1: torch.Tensor, v2: torch.Tensor, temperature: float = 0.25) -> torch.Tensor:
-    """Symmetric NT-Xent between OTI tokens v1 and predicted tokens v2 (docs/methods/searle.md#phi-training): numerator
-    exp(cos(v1_i, v2_i)/t) for both rows of pair i, denominator the row sum over the other 2B-1."""
-    z = F.normalize(torch.cat([v1, v2]), dim=-1)
-    sim = z @ z.T / temperature
-    n = len(v1)
-    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
-    pos = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
-    return F.cross_entropy(sim, pos)
-
-
-def cosine_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """CosineEmbeddingLoss(target=1) = mean(1 - cos)."""
-    return (1 - F.cosine_similarity(a, b, dim=-1)).mean()
-
-
-class SearleText:
-    """Everything text-side both variants need, built once per backbone: vocabulary, concept
-    embeddings of the whole vocabulary, phrase bank of the usable concepts, tokenised PALAVRA templates."""
-
-    def __init__(self, backbone, source, concepts: dict, phrases: dict):
-        vocab = (
-            st.read_vocabulary(concepts["vocabulary"])
-            if concepts.get("vocabulary")
-            else st.default_vocabulary(source)
-        )
-        self.vocabulary = vocab
-        self.bank = st.PhraseBank(
-            backbone, vocab, st.build_phrases(phrases, vocab), phrases.get("per_concept")
-        )
-        # vocabulary row -> bank row; -1: a problematic concept (or one without phrases)
-        self.bank_row = torch.tensor([self.bank.index.get(c, -1) for c in vocab])
-        self.concept_emb = st.concept_embeddings(backbone, vocab)
-        self.templates = backbone.tokenize([t.format(st.PLACEHOLDER) for t in st.TEMPLATES])
-        self.digest = hashlib.sha1(
-            json.dumps([vocab, self.bank.digest, phrases, concepts], sort_keys=True, default=str).encode()
-        ).hexdigest()[:12]
-
-    def concepts_of(self, features: torch.Tensor, top_k: int) -> torch.Tensor:
-        """Bank rows [N, k] of each image's top-k concepts, ranked over the whole vocabulary, the
-        problematic ones then dropped (-1), as the reference: an image keeps fewer than k usable concepts
-        rather than reaching further down its ranking."""
-        rows = self.bank_row[st.associate(features, self.concept_emb, top_k)]
-        empty = int((rows < 0).all(1).sum())
-        if empty:
-            raise CirlabError(
-                f"{empty} of {len(rows)} images have no usable concept among their top {top_k} (all "
-                "dropped as problematic or without phrases): raise the top-k or check method.phrases"
-            )
-        return rows
-
-
-def oti(
-    backbone, text: SearleText, features: torch.Tensor, cfg: dict, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor, list[float]]:
-    """Optimisation-based textual inversion of a batch of images (each its own token; the batch is only
-    parallelism): AdamW, per step a random PALAVRA template (L_cos to the image) and a random phrase of
-    one of the image's top-k concepts with '$' for its first occurrence (L_gpt to the plain phrase),
-    loss (l_cos*L_cos + l_gpt*L_gpt)/(l_cos+l_gpt), EMA of the tokens. The phrase is drawn uniformly from
-    all phrases of the image's usable top-k concepts, as the reference's pool. `cfg`: the settings of
-    conf/method/searle_oti.yaml's `oti`. Returns (tokens, ema, losses)."""
-    gen = generator or torch.Generator().manual_seed(int(cfg["seed"]))
-    device = backbone.device
-    feats = features.float().to(device)
-    n = len(feats)
-    concepts = text.concepts_of(feats, int(cfg["top_k"]))  # [n, k] bank rows, -1 = dropped
-    bank = text.bank
-    token = (
-        (torch.randn(n, backbone.token_dim, generator=gen) * cfg["init_std"]).to(device).requires_grad_(True)
-    )
-    ema = token.detach().clone()
-    opt = torch.optim.AdamW([token], lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    lc, lg = float(cfg["lambda_cos"]), float(cfg["lambda_gpt"])
-    losses = []
-    for _ in range(int(cfg["steps"])):
-        t_idx = torch.randint(len(text.templates), (n,), generator=gen)
-        p_idx = bank.sample(concepts, gen, pooled=True)
-        f_a = backbone.encode_text_with_pseudo_tokens(text.templates[t_idx].to(device), token)
-        loss = lc * cosine_loss(f_a, feats)
-        if lg > 0:
-            f_p = backbone.encode_text_with_pseudo_tokens(bank.tokens_first[p_idx].to(device), token)
-            loss = loss + lg * cosine_loss(f_p, bank.features[p_idx].to(device))
-        loss = loss / (lc + lg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            ema.mul_(cfg["ema_decay"]).add_(token.detach(), alpha=1 - cfg["ema_decay"])
-        losses.append(loss.item())
-    return token.detach().cpu(), ema.cpu(), losses
-
-
-class OTIStore:
-    """Tokens of named images in one cache entry ({names, tokens, ema} under `key`), written atomically
-    every `save_every` images: a killed run continues with the images not yet done. A file of other
-    settings or a damaged one is an error, not rebuilt: the token folder may be the user's own."""
-
-    def __init__(self, path: str | Path, key: str):
-        self.entry = CacheEntry(path, key, what="OTI token file")
-        self.names: list[str] = []
-        self.tokens: list[torch.Tensor] = []
-        self.ema: list[torch.Tensor] = []
-        blob, why = self.entry.read()
-        if why:
-            raise CirlabError(
-                f"OTI token file {self.entry.path} {why}; delete it or choose another method.token_dir"
-            )
-        if blob is not None:
-            self.names = list(blob["names"])
-            self.tokens = list(blob["tokens"])
-            self.ema = list(blob["ema"])
-        self.row = {n: i for i, n in enumerate(self.names)}
-
-    def save(self) -> None:
-        self.entry.save(
-            {
-                "names": self.names,
-                "tokens": torch.stack(self.tokens) if self.tokens else torch.empty(0),
-                "ema": torch.stack(self.ema) if self.ema else torch.empty(0),
-            }
-        )
-
-    def compute(
-        self, names: list[str], features: torch.Tensor, invert, chunk: int, save_every: int
-    ) -> torch.Tensor:
-        """EMA tokens [len(names), d] in the order of `names`; only the missing ones are optimised,
-        by `invert(features) -> (tokens, ema)` in chunks. In a process group (DDP) rank r of W optimises
-        chunks r, r+W, ... (saved in its own file) and the store merges them: the chunks of one process,
-        so its tokens (a chunk's OTI depends on that chunk alone)."""
-        pos = {n: i for i, n in enumerate(names)}
-        todo = [n for n in dict.fromkeys(names) if n not in self.row]
-        rank, world = rank_and_world()
-        if world > 1:  # the same list on every rank, whatever each one's file held
-            todo = list(dict.fromkeys(n for part in all_gather(todo) for n in part))
-        chunks = [todo[c : c + chunk] for c in range(0, len(todo), chunk)]
-        if world == 1:
-            self._optimise(chunks, features, pos, invert, save_every)
-        else:
-            path = self.entry.path
-            shard = OTIStore(path.with_name(f"{path.stem}.rank{rank}of{world}.pt"), self.entry.key)
-            mine = [[n for n in c if n not in shard.row] for c in chunks[rank::world]]
-            shard._optimise(mine, features, pos, invert, save_every)
-            merged = {
-                n: (t, e)
-                for part in all_gather((shard.names, shard.tokens, shard.ema))
-                for n, t, e in zip(*part)
-            }
-            for n in todo:
-                if n not in self.row:
-                    self._add(n, *merged[n])
-            if rank == 0 and todo:
-                self.save()
-            shard.entry.path.unlink(missing_ok=True)
-        return torch.stack([self.ema[self.row[n]] for n in names])
-
-    def _optimise(self, chunks: list[list[str]], features, pos: dict, invert, save_every: int) -> None:
-        chunks = [c for c in chunks if c]
-        total, done, since_save, start = sum(map(len, chunks)), 0, 0, time.time()
-        for names in chunks:
-            tok, ema = invert(features[[pos[n] for n in names]])
-            for j, n in enumerate(names):
-                self._add(n, tok[j], ema[j])
-            done += len(names)
-            since_save += len(names)
-            if since_save >= save_every:
-                self.save()
-                since_save = 0
-            log.info("OTI: %d/%d images (%.0f s)", done, total, time.time() - start)
-        if since_save:
-            self.save()
-
-    def _add(self, name: str, token: torch.Tensor, ema: torch.Tensor) -> None:
-        self.row[name] = len(self.names)
-        self.names.append(name)
-        self.tokens.append(token)
-        self.ema.append(ema)
-
-
-def _oti_key(backbone, text: SearleText, oti_cfg: dict) -> str:
-    h = hashlib.sha1(backbone.fingerprint().encode())
-    h.update(text.digest.encode())
-    h.update(json.dumps({k: oti_cfg[k] for k in sorted(oti_cfg) if k != "save_every"}).encode())
-    return h.hexdigest()[:16]
 
 
 def _feature_key(features: torch.Tensor) -> str:
@@ -271,15 +70,17 @@ class _SearleBase(RetrievalModule):
         self._text: SearleText | None = None
         self._queries: dict[int, list] = {}  # query loader index -> its queries (set per evaluation)
 
-    def text(self) -> SearleText:
+    def vocabulary_and_phrases(self) -> SearleText:
+        """The text side (vocabulary, concept embeddings, phrase bank, templates) of this backbone and the
+        evaluated source, built on first use."""
         if self._text is None:
             self.backbone.eval()
             self._text = SearleText(self.backbone, self.eval_data.source, self.concepts_cfg, self.phrases_cfg)
         return self._text
 
     def store(self, tag: str) -> OTIStore:
-        text = self.text()
-        key = _oti_key(self.backbone, text, self.oti_cfg)
+        text = self.vocabulary_and_phrases()
+        key = settings_key(self.backbone, text, self.oti_cfg)
         if self.token_dir:
             folder = Path(self.token_dir)
         elif self._trainer is not None:
@@ -292,7 +93,7 @@ class _SearleBase(RetrievalModule):
 
     def invert(self, names: list[str], features: torch.Tensor, tag: str) -> torch.Tensor:
         self.backbone.eval()
-        text = self.text()
+        text = self.vocabulary_and_phrases()
         cfg = self.oti_cfg
 
         def invert_chunk(feats):
@@ -405,7 +206,8 @@ class SearleOTI(_SearleBase):
             self.backbone.eval()
             with torch.enable_grad(), torch.inference_mode(False):
                 chunks = features[new].float().split(int(self.oti_cfg["batch_size"]))
-                ema = torch.cat([oti(self.backbone, self.text(), c.clone(), self.oti_cfg)[1] for c in chunks])
+                text = self.vocabulary_and_phrases()
+                ema = torch.cat([oti(self.backbone, text, c.clone(), self.oti_cfg)[1] for c in chunks])
             fresh = dict(zip(new, ema))
         return torch.stack([fresh[i] if i in fresh else self._stored[key] for i, key in enumerate(keys)])
 
@@ -476,7 +278,8 @@ class Searle(_SearleBase):
     def train_loader(self, dm):
         from cirlab.data.features import FeatureCache
 
-        text = self.text()  # vocabulary and phrases first: a missing or refused file stops the run before OTI
+        # vocabulary and phrases first: a missing or refused file stops the run before OTI
+        text = self.vocabulary_and_phrases()
         source = self.unlabeled_source or dm.source
         names = self.unlabeled_images(source)
         if not names:
@@ -535,7 +338,7 @@ class Searle(_SearleBase):
         loss = self.lambda_distil * distillation_loss(target, pred, self.temperature)
         self.log("train/distil", loss, batch_size=len(x))
         if self.lambda_gpt > 0:
-            text = self.text()
+            text = self.vocabulary_and_phrases()
             bank = text.bank
             gen = torch.Generator().manual_seed(self.seed * 1000003 + self.global_step)
             p_idx = bank.sample(self._concepts[idx.cpu()], gen, pooled=False)
@@ -552,7 +355,14 @@ class Searle(_SearleBase):
     def optimizer_params(self) -> list:
         return list(self.phi.parameters())
 
-    # ---- phi files (cirlab/weights.py) --------------------------------------------------------------
+    # ---- phi files (cirlab/weights.py): the reference's names are Phi's own ---------------------------
+    PHI_FILE = SavedFile(
+        "Phi",
+        SAME_NAMES,
+        "SEARLE phi file {'Phi': state_dict} (release SEARLE_ViT-B32.pt / SEARLE_ViT-L14.pt, "
+        "training phi_<epoch>.pt, cirlab's exported phi.pt)",
+    )
+
     def stage_weights(self) -> nn.Module:
         return self.phi
 
@@ -563,20 +373,13 @@ class Searle(_SearleBase):
                 "which a phi file does not carry: give that number (method.phi.module.token_norm=X; "
                 "cirlab's exported phi.pt holds it under 'token_norm') or null, the reference"
             )
-        return [
-            wrapped(
-                "Phi",
-                "SEARLE phi file {'Phi': state_dict} (release SEARLE_ViT-B32.pt / SEARLE_ViT-L14.pt, "
-                "training phi_<epoch>.pt, cirlab's exported phi.pt)",
-            ),
-            cirlab_stage("phi.", "its phi.* weights"),
-        ]
+        return [self.PHI_FILE.layout(), cirlab_stage("phi.", "its phi.* weights")]
 
     @classmethod
     def reference_files(cls, state: dict, epoch: int) -> dict:
         """phi.pt as the reference's train_phi.py saves it; a run with token_norm adds the norm its tokens
         were scaled to (the reference code ignores the key and uses phi's raw output)."""
-        out = {"Phi": strip_prefix(state, "phi."), "epoch": epoch}
+        out = cls.PHI_FILE.write(strip_prefix(state, "phi."), epoch)
         norm = float(state.get("target_norm", 0.0))
         if norm > 0:
             out["token_norm"] = norm
