@@ -1,5 +1,6 @@
 """The benches' subprocesses, each in a process group of its own that is stopped as a whole: on a
-timeout, a failure or Ctrl-C nothing they started (DataLoader workers, a demo's server) runs on.
+timeout, a failure or Ctrl-C nothing they started (DataLoader workers, a demo's server) runs on; and a
+free port for the servers they start.
 tests/conftest.py imports them too: one implementation for tests and benches."""
 
 from __future__ import annotations
@@ -7,9 +8,17 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing listens on now (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def family(proc: subprocess.Popen) -> list[int]:

@@ -15,7 +15,6 @@ import contextlib
 import os
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,17 +23,11 @@ import time
 import urllib.request
 from pathlib import Path
 
-from _procs import process_group, run_group
+from _procs import free_port, process_group, run_group
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 START_TIMEOUT = 900  # seconds for a run to be made or a demo to answer (a cold start embeds the gallery)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env() -> dict:
@@ -170,7 +163,8 @@ def measure(run: Path, log: Path) -> None:
         f"(CPU {warm_cpu:.1f} s); target < 15 s warm"
     )
 
-    from cirlab.demo import cir_search, load_backend, set_query_threads
+    from cirlab.demo.backend import load_backend, set_query_threads
+    from cirlab.demo.ui import cir_search
 
     with serving(run, log) as (_, url, _):
         backend = load_backend(run, log=lambda *_: None)

@@ -1,6 +1,9 @@
-"""One error type for everything a user can fix; the CLI prints it without a traceback."""
+"""One error type for everything a user can fix; the commands print it without a traceback."""
 
 from __future__ import annotations
+
+import contextlib
+import sys
 
 
 class CirlabError(Exception):
@@ -16,3 +19,17 @@ def user_cause(err: BaseException) -> CirlabError | None:
     while isinstance(err, InstantiationException) and err.__cause__ is not None:
         err = err.__cause__
     return err if isinstance(err, CirlabError) else None
+
+
+@contextlib.contextmanager
+def exit_on_user_error(prog: str):
+    """A command's body: what the user can fix (`user_cause`) ends it with one line, `<prog> error:
+    <message>` on stderr, and exit code 2; anything else is a bug and propagates with its traceback."""
+    try:
+        yield
+    except Exception as err:
+        cause = user_cause(err)
+        if cause is None:
+            raise
+        print(f"{prog} error: {cause}", file=sys.stderr)
+        sys.exit(2)

@@ -85,7 +85,7 @@ def pytest_unconfigure(config):
 # ---- processes: each test's subprocess leads a group of its own, stopped as a whole ---------------------
 # (one implementation for tests and benches: bench/_procs.py, which runs without pytest)
 sys.path.insert(0, str(ROOT / "bench"))
-from _procs import family, kill_group, process_group, run_group  # noqa: E402, F401
+from _procs import family, free_port, kill_group, process_group, run_group  # noqa: E402, F401
 
 
 def cli_env(tmp_path: Path) -> dict[str, str]:

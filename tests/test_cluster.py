@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import CACHE, ROOT, SMALL, cli_env, process_group, results, run_cli
+from conftest import CACHE, ROOT, SMALL, cli_env, free_port, process_group, results, run_cli
 from omegaconf import OmegaConf
 
 from cirlab.distributed import rank_overrides
@@ -36,12 +35,6 @@ def test_rank_overrides(monkeypatch):
     assert rank_overrides([*args, "hydra.output_subdir=null"]) == []  # Lightning's launcher set them
     monkeypatch.setenv("RANK", "0")
     assert rank_overrides(args) == []
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -108,7 +101,7 @@ def oti_inputs(folder: Path):
 
     from cirlab.data.features import encode_images
     from cirlab.data.synthetic import SyntheticSpec, ensure
-    from cirlab.methods.searle import SearleText
+    from cirlab.methods.searle_text import SearleText
     from cirlab.pretrain import pretrained_tiny
 
     tiny = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/backbone/tiny.yaml").model)
@@ -123,7 +116,7 @@ def oti_inputs(folder: Path):
 
 
 def invert_with(backbone, text, seen: list[int]):
-    from cirlab.methods.searle import oti
+    from cirlab.methods.searle_oti import oti
 
     def invert(features):
         seen.append(len(features))
@@ -136,7 +129,7 @@ def invert_with(backbone, text, seen: list[int]):
 def oti_rank(rank: int, folder: Path, counts: dict) -> None:
     import torch.distributed as dist
 
-    from cirlab.methods.searle import OTIStore
+    from cirlab.methods.searle_tokens import OTIStore
 
     dist.init_process_group("gloo", init_method=f"file://{folder / 'init'}", rank=rank, world_size=2)
     backbone, text, names, feats = oti_inputs(folder)
@@ -150,7 +143,7 @@ def oti_rank(rank: int, folder: Path, counts: dict) -> None:
 def test_oti_split_across_ranks_equals_one_process(tmp_path):
     import torch.multiprocessing as mp
 
-    from cirlab.methods.searle import OTIStore
+    from cirlab.methods.searle_tokens import OTIStore
 
     with mp.Manager() as manager:  # its server process stops with the block
         counts = manager.dict()

@@ -13,7 +13,6 @@ import importlib
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -22,20 +21,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, cli_env, kill_group, run_cli, run_group
+from conftest import ROOT, cli_env, free_port, kill_group, run_cli, run_group
 from PIL import Image
 
-from cirlab.demo import (
-    Answer,
-    DemoBackend,
-    Gallery,
-    Hit,
-    cir_search,
-    folder_gallery,
-    header_markdown,
-    main,
-    render_answer,
-)
+from cirlab.demo import main
+from cirlab.demo.backend import Answer, DemoBackend, Hit
+from cirlab.demo.gallery import Gallery, folder_gallery
+from cirlab.demo.page import header_markdown, render_answer
+from cirlab.demo.ui import cir_search
 from cirlab.errors import CirlabError
 
 # The README's screenshot: the test writes it only when asked (CIRLAB_UPDATE_DOCS=1), so a test run
@@ -171,12 +164,6 @@ def test_answer_html_marks_the_target_with_rank_and_score(tmp_path):
 
 
 # ---- slow: the real page in headless Chromium -----------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class DemoProcess:
     """`python -m cirlab.demo ...` in the background; waits for its 'serving' line."""
 
@@ -261,7 +248,7 @@ def test_demo_in_headless_chromium_matches_the_python_api(chromium_exe, zeroshot
     from playwright.sync_api import sync_playwright
 
     import cirlab
-    from cirlab.demo import run_gallery
+    from cirlab.demo.gallery import run_gallery
 
     # the expected answers, from the Python API on the run's own test gallery
     retriever = cirlab.load(zeroshot_run)
@@ -368,7 +355,8 @@ def test_demo_answers_equal_the_runs_predictions(zeroshot_run):
 def test_demo_on_a_gallery_folder_with_unreadable_images(zeroshot_run, tmp_path):
     """--gallery: every image under the folder; an unreadable one is listed (console and page), the rest served."""
     import cirlab
-    from cirlab.demo import load_backend, run_gallery
+    from cirlab.demo import load_backend
+    from cirlab.demo.gallery import run_gallery
 
     source_gallery = run_gallery(cirlab.load(zeroshot_run).cfg)
     folder = tmp_path / "photos"
@@ -396,7 +384,8 @@ def test_captions_run_searches_text_to_image_and_image_to_caption(tmp_path):
     import torch
     from conftest import results
 
-    from cirlab.demo import cir_search, load_backend
+    from cirlab.demo import load_backend
+    from cirlab.demo.ui import cir_search
     from cirlab.methods.crossmodal import crossmodal_recalls
 
     run_dir = tmp_path / "run"

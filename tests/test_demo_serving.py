@@ -15,11 +15,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
-from test_demo import StubRetriever, free_port, make_images
+from conftest import ROOT, free_port
+from test_demo import StubRetriever, make_images
 
-from cirlab import demo
-from cirlab.demo import DatasetQuery, DemoBackend, ShownImages, build_app, folder_gallery, launch
+from cirlab.demo import app as demo
+from cirlab.demo.app import launch
+from cirlab.demo.backend import DemoBackend
+from cirlab.demo.gallery import DatasetQuery, folder_gallery
+from cirlab.demo.ui import ShownImages, build_app
 
 
 def need_gradio() -> None:

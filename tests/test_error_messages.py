@@ -170,7 +170,7 @@ def test_demo_on_a_busy_port_exits_2_naming_the_port(monkeypatch, tmp_path, caps
         import gradio as gr
     except ImportError:
         pytest.skip("the demo needs gradio: pip install 'cirlab[demo]'")
-    from cirlab import demo
+    from cirlab.demo import app as demo
 
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
     run = tmp_path / "run"
@@ -201,7 +201,7 @@ def test_demo_on_a_busy_port_exits_2_naming_the_port(monkeypatch, tmp_path, caps
 
 def test_demo_launch_passes_on_an_oserror_that_is_not_the_port(tmp_path):
     """Only an address Gradio cannot serve on becomes the --port message; another OSError stays a bug's."""
-    from cirlab import demo
+    from cirlab.demo import app as demo
 
     class Broken:
         def launch(self, **options):
@@ -235,7 +235,7 @@ def test_missing_or_empty_blip_vocab_file_names_it(tmp_path):
 # ---- Pillow's decompression-bomb guard -----------------------------------------------------------------
 def test_image_over_the_pixel_limit_names_the_file_and_how_to_allow_it(tmp_path, monkeypatch):
     from cirlab.data import images
-    from cirlab.demo import folder_gallery
+    from cirlab.demo.gallery import folder_gallery
 
     big, small = tmp_path / "big.png", tmp_path / "small.png"
     Image.new("RGB", (8, 8)).save(big)  # 64 pixels
