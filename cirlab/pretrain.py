@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from tqdm.auto import tqdm
 
-from cirlab.backbones.base import Backbone, plain
+from cirlab.backbones.base import Backbone, as_json_data
 from cirlab.backbones.blip import BlipBackbone, vocab_config, wordpiece_vocab
 from cirlab.backbones.openclip import OpenCLIPBackbone, load_backbone_weights
 from cirlab.cache import CacheEntry, digest, versions
@@ -49,7 +49,7 @@ def pretrained_tiny(
     name: str = "tiny",
 ) -> OpenCLIPBackbone:
     """`backbone=tiny`: a small open_clip CLIP; `checkpoint` replaces the pretraining by its weights."""
-    model_cfg, pretrain = plain(model_cfg), plain(pretrain)
+    model_cfg, pretrain = as_json_data(model_cfg), as_json_data(pretrain)
     torch.manual_seed(pretrain["seed"])  # the same initial weights whatever ran before
     backbone = OpenCLIPBackbone(model_cfg=model_cfg, preprocess=preprocess, name=name)
     if checkpoint:
@@ -81,7 +81,7 @@ def pretrained_blip_tiny(
         return BlipBackbone(checkpoint=checkpoint, preprocess=preprocess, name=name, max_length=max_length)
     if checkpoint and not Path(checkpoint).is_file():  # before pretraining, not after minutes of it
         raise CirlabError(f"backbone.checkpoint={checkpoint}: no such file or folder")
-    pretrain = plain(pretrain)
+    pretrain = as_json_data(pretrain)
     vocab = caption_vocab(cache_dir, pretrain.get("dataset"))
     vocab_path = Path(cache_dir) / "backbones" / f"{name}-vocab-{len(vocab)}.txt"
     if not vocab_path.is_file() or vocab_path.read_text().split("\n") != vocab:
@@ -114,11 +114,9 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
 
 @torch.no_grad()
 def sincos_positions(position_embedding: torch.Tensor, scale: float) -> None:
-    """blip_tiny's ViT positions start as `scale` x 2-D sin-cos codes (the [CLS] slot at zero), still trained.
-
-    HF BLIP initialises them at random; from 5,000 images the 32 px ViT then learns poorly where a patch
-    is, and the captions name positions. Scale 2 brings the codes (RMS 0.71 -> 1.41) near the patch
-    embeddings at blip_tiny's init (RMS 2.06). Measured in conf/backbone/blip_tiny.yaml."""
+    """blip_tiny's ViT positions start as `scale` x 2-D sin-cos codes (the [CLS] slot at zero), still trained:
+    HF BLIP initialises them at random, and from the synthetic images alone the 32 px ViT then learns
+    poorly where a patch is, while the captions name positions (measured: docs/backbones.md#blip_tiny)."""
     n, dim = position_embedding.shape[1:]
     grid = math.isqrt(n - 1)
     if dim % 4 or grid * grid != n - 1:
@@ -156,9 +154,8 @@ def load_or_pretrain(
 @contextmanager
 def torch_threads(n: int | None):
     """torch's intra-op threads set to `n` inside (unchanged for None). Another thread count sums floats
-    in another order, and a from-scratch training amplifies that into other weights: blip_tiny built
-    on 1 thread (as the test workers do) reached R@1 76.5, on 2 threads 73.3. Pinned, `cirlab` and
-    `make test` build the same backbone (and blip_tiny is no faster on 2 threads: 329 s either way)."""
+    in another order, and a from-scratch training amplifies that into other weights (docs/backbones.md):
+    pinned, `cirlab` and `make test` build the same backbone on any machine."""
     before = torch.get_num_threads()
     if n:
         torch.set_num_threads(n)

@@ -1,101 +1,62 @@
-"""Every user-facing config key with its type and range, checked in one pass over the composed config.
-
-The CLI runs `validate` before any data or model is touched, so a bad value stops at start-up naming
-the key, the value and what is allowed, instead of surfacing as a traceback deep in Lightning or a
-model. A new key in conf/ needs an entry in SCHEMA (tests/test_schema.py fails until it has one).
-Keys match patterns: `*` is one path segment, `**` one or more. Keys starting with `_` (Hydra's
-`_target_`) and plain aliases of another key (`${method.oti}`) are not checked: their source is.
+"""Every user-facing config value's type and range, and every `+key=value` addition, checked in one pass
+before any data or model is touched: a bad value stops at start-up naming the key, the value and what is
+allowed, and a misspelt `+key` naming the nearest known keys, instead of a traceback deep in Lightning or
+a setting silently ignored. A new key name in conf/ needs an entry in SCHEMA (tests/test_schema.py fails
+until it has one). Only OmegaConf's and Hydra's public API is used.
 """
 
 from __future__ import annotations
 
-import re
+import difflib
+import importlib
+import inspect
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from cirlab.errors import CirlabError
 
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True)
-class Int:
-    lo: int | None = None
-    hi: int | None = None
-    null: bool = False
-
-    def accepts(self, value) -> bool:
-        if value is None:
-            return self.null
-        return (
-            isinstance(value, int)
-            and not isinstance(value, bool)
-            and (self.lo is None or value >= self.lo)
-            and (self.hi is None or value <= self.hi)
-        )
-
-    @property
-    def allowed(self) -> str:
-        if self.lo is not None and self.hi is not None:
-            text = f"an integer from {self.lo} to {self.hi}"
-        else:
-            text = "an integer" + (f" >= {self.lo}" if self.lo is not None else "")
-        return text + (" or null" if self.null else "")
+_TYPES = {
+    int: ("an integer", int),
+    float: ("a number", (int, float)),
+    bool: ("true or false", bool),
+    str: ("a string", str),
+}
 
 
 @dataclass(frozen=True)
-class Float:
+class Value:
+    """A value of one type (int, float, bool or str); a number within lo..hi, an open end excluding its
+    bound (a learning rate of 0 trains nothing); null only where `null`."""
+
+    type: type
     lo: float | None = None
     hi: float | None = None
-    lo_open: bool = False  # lo itself excluded (a learning rate of 0 trains nothing)
+    lo_open: bool = False
     hi_open: bool = False
     null: bool = False
 
     def accepts(self, value) -> bool:
         if value is None:
             return self.null
-        if not _number(value):
+        if isinstance(value, bool) != (self.type is bool) or not isinstance(value, _TYPES[self.type][1]):
             return False
-        above = self.lo is None or (value > self.lo if self.lo_open else value >= self.lo)
-        below = self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
-        return above and below
+        above = self.lo is None or value > self.lo or (value == self.lo and not self.lo_open)
+        return above and (self.hi is None or value < self.hi or (value == self.hi and not self.hi_open))
 
     @property
     def allowed(self) -> str:
-        bounds = []
-        if self.lo is not None:
-            bounds.append(f"{'>' if self.lo_open else '>='} {self.lo}")
-        if self.hi is not None:
-            bounds.append(f"{'<' if self.hi_open else '<='} {self.hi}")
-        return "a number" + (f" {' and '.join(bounds)}" if bounds else "") + (" or null" if self.null else "")
-
-
-@dataclass(frozen=True)
-class Plain:
-    """A value of one plain type (true/false, a string), or null where `null`."""
-
-    type: type
-    name: str
-    null: bool = False
-
-    def accepts(self, value) -> bool:
-        return isinstance(value, self.type) or (value is None and self.null)
-
-    @property
-    def allowed(self) -> str:
-        return self.name + (" or null" if self.null else "")
-
-
-def Bool(null: bool = False) -> Plain:  # named like the type it checks, as Int and Float
-    return Plain(bool, "true or false", null)
-
-
-def Str(null: bool = False) -> Plain:
-    return Plain(str, "a string", null)
+        text = _TYPES[self.type][0]
+        bounds = [f"{'>' if self.lo_open else '>='} {self.lo}"] if self.lo is not None else []
+        bounds += [f"{'<' if self.hi_open else '<='} {self.hi}"] if self.hi is not None else []
+        if len(bounds) == 2 and not (self.lo_open or self.hi_open):
+            text += f" from {self.lo} to {self.hi}"
+        elif bounds:
+            text += " " + " and ".join(bounds)
+        return text + (" or null" if self.null else "")
 
 
 class OneOf:
@@ -114,7 +75,7 @@ class OneOf:
 
 @dataclass(frozen=True)
 class ListOf:
-    item: Int | Float | Plain | OneOf
+    item: Value | OneOf
     min_len: int = 0
     max_len: int | None = None
 
@@ -146,254 +107,204 @@ class Either:
         return "; or ".join(r.allowed for r in self.rules)
 
 
-POSITIVE = Int(lo=1)
-COUNT = Int(lo=0)
-SEED = Int(lo=0, hi=2**32 - 1)  # numpy's seed range (Lightning's seed_everything)
-RATE = Float(lo=0, lo_open=True)  # learning rates, scales, temperatures, eps
-NONNEG = Float(lo=0)  # weight decays, loss weights, margins
-PROB = Float(lo=0, hi=1, hi_open=True)  # dropout probabilities
-FILE = Str(null=True)  # a path; whether it exists is checked where it is read, with what it should hold
+POSITIVE = Value(int, lo=1)
+COUNT = Value(int, lo=0)
+SEED = Value(int, lo=0, hi=2**32 - 1)  # numpy's seed range (Lightning's seed_everything)
+RATE = Value(float, lo=0, lo_open=True)  # a learning rate of 0 trains nothing
+STR = Value(str)
+NAMES = ListOf(STR, min_len=1)
 
-TRAINER = {
-    "trainer.accelerator": OneOf("auto", "cpu", "gpu", "cuda", "mps", "tpu"),
-    "trainer.devices": Either(POSITIVE, OneOf(-1, "auto"), ListOf(COUNT, min_len=1)),
-    "trainer.num_nodes": POSITIVE,
-    "trainer.precision": OneOf(
+# A key's rule is that of its name, the same wherever it appears (`lr` below any stage, `seed` of the run,
+# the generator and OTI; SEARLE's method.unlabeled is checked as a dataset). Where a name means two
+# things, the entry names it with its parent (`vision_cfg.layers`, `module.train`).
+SCHEMA = {
+    **dict.fromkeys(
+        """batch_size epochs steps save_every top_k top_k_concepts sscl_views adapter_reduction visualize_n
+        visualize_k nlist nprobe log_every_n_steps num_nodes max_edits n_pretrain n_train n_val n_test
+        image_size patch_size embed_dim width head_width heads layers context_length vocab_size max_length
+        hidden_size intermediate_size num_hidden_layers num_attention_heads encoder_hidden_size
+        max_position_embeddings image_text_hidden_size""".split(),
+        POSITIVE,
+    ),
+    **dict.fromkeys("max_epochs hard_negatives".split(), COUNT),
+    **dict.fromkeys(
+        "chunk threads projection_dim hidden_dim per_concept".split(), Value(int, lo=1, null=True)
+    ),
+    "max_images": Value(int, lo=0, null=True),
+    "num_sanity_val_steps": Value(int, lo=-1),
+    "slots": Value(int, lo=1, hi=4),
+    "n_colors": Value(int, lo=1, hi=8),
+    "n_shapes": Value(int, lo=1, hi=4),
+    "seed": SEED,
+    **dict.fromkeys(
+        """lr eps init_std logit_scale proj_lr_scale loss_weight_lr temperature init_temperature
+        initializer_range layer_norm_eps position_scale""".split(),
+        RATE,
+    ),
+    **dict.fromkeys(
+        "weight_decay min_lr margin reverse_weight lambda_cos lambda_gpt lambda_distil".split(),
+        Value(float, lo=0),
+    ),
+    **dict.fromkeys(
+        "dropout hidden_dropout_prob attention_probs_dropout_prob".split(),
+        Value(float, lo=0, hi=1, hi_open=True),
+    ),
+    **dict.fromkeys("ema_decay adapter_ratio".split(), Value(float, lo=0, hi=1)),
+    "betas": ListOf(Value(float, lo=0, hi=1, hi_open=True), min_len=2, max_len=2),
+    "target_ratio": Value(float, lo=1),
+    "grad_clip": Value(float, lo=0, lo_open=True, null=True),
+    "token_norm": Either(OneOf(None, "oti"), RATE),
+    **dict.fromkeys(
+        """resume visualize gallery_on_disk offline enable_model_summary use_distributed_sampler allow_torchscript
+        openai_fp16_rounding edit_captions bidirectional mccl sscl learn_t""".split(),
+        Value(bool),
+    ),
+    "quick_gelu": Value(bool, null=True),
+    **dict.fromkeys(
+        """run_name name path root split val_split test_split hf_id model_name prompt token_dir project strategy
+        root_dir data_dir output_dir cache_dir""".split(),
+        STR,
+    ),
+    # a path (whether it exists is checked where it is read, with what it should hold), or a name
+    **dict.fromkeys("checkpoint image_root file vocabulary pretrained lm".split(), Value(str, null=True)),
+    **dict.fromkeys("stages extensions image_splits".split(), NAMES),
+    "vision_cfg.layers": ListOf(POSITIVE, min_len=1),
+    "num_workers": Either(COUNT, OneOf("auto")),
+    "accelerator": OneOf("auto", "cpu", "gpu", "cuda", "mps", "tpu"),
+    "devices": Either(POSITIVE, OneOf(-1, "auto"), ListOf(COUNT, min_len=1)),
+    "precision": OneOf(
         "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", 32, 16, 64, "32", "16", "bf16"
     ),
-    "trainer.strategy": Str(),
-    "trainer.log_every_n_steps": POSITIVE,
-    "trainer.num_sanity_val_steps": Int(lo=-1),
-    "trainer.enable_model_summary": Bool(),
-    "trainer.deterministic": OneOf(True, False, "warn"),
-    "trainer.use_distributed_sampler": Bool(),
-}
-
-DATASET = {
-    "dataset.name": Str(),
-    "dataset.path": Str(),
-    "dataset.root": Str(),
-    "dataset.image_root": FILE,
-    "dataset.preprocess": OneOf("clip", "squarepad", "targetpad"),
-    "dataset.val_split": Str(),
-    "dataset.test_split": Str(),
-    "dataset.split": Str(),
-    "dataset.split_scheme": OneOf("karpathy", "reference"),
-    "dataset.visualize": Bool(),
-    "dataset.missing_images": OneOf("error", "skip"),
-    "dataset.source.categories": ListOf(OneOf("dress", "shirt", "toptee"), min_len=1),
-    "dataset.source.extensions": ListOf(Str(), min_len=1),
-    "dataset.source.image_ext": OneOf("auto", "jpg", "png"),
-    "dataset.source.seed": SEED,
-    "dataset.source.image_size": POSITIVE,
-    "dataset.source.slots": Int(lo=1, hi=4),
-    "dataset.source.n_colors": Int(lo=1, hi=8),
-    "dataset.source.n_shapes": Int(lo=1, hi=4),
-    "dataset.source.max_edits": POSITIVE,
-    "dataset.source.n_pretrain": POSITIVE,
-    "dataset.source.n_train": POSITIVE,
-    "dataset.source.n_val": POSITIVE,
-    "dataset.source.n_test": POSITIVE,
-    "dataset.source.hard_negatives": COUNT,
-    "dataset.source.style": OneOf("plain", "light", "outline", "noisy"),
-    "dataset.source.train_split": OneOf("train", "val"),
-}
-
-BLIP_SIZES = (  # BlipConfig kwargs (blip_base's architecture, blip_tiny's model_cfg)
-    "image_text_hidden_size",
-    "vision_config.hidden_size",
-    "vision_config.intermediate_size",
-    "vision_config.num_hidden_layers",
-    "vision_config.num_attention_heads",
-    "vision_config.image_size",
-    "vision_config.patch_size",
-    "text_config.vocab_size",
-    "text_config.hidden_size",
-    "text_config.intermediate_size",
-    "text_config.num_hidden_layers",
-    "text_config.num_attention_heads",
-    "text_config.encoder_hidden_size",
-    "text_config.max_position_embeddings",
-)
-BACKBONE = {
-    "backbone.name": Str(),
-    "backbone.checkpoint": FILE,
-    "backbone.pretrained": Str(null=True),
-    "backbone.hf_id": Str(),
-    "backbone.quick_gelu": Bool(null=True),
-    "backbone.allow_torchscript": Bool(),
-    "backbone.openai_fp16_rounding": Bool(),
-    "backbone.model.model_name": Str(),
-    "backbone.model.max_length": POSITIVE,
-    "backbone.model.target_ratio": Float(lo=1),
-    **{f"backbone.**.{key}": POSITIVE for key in BLIP_SIZES},
-    "backbone.**.vision_config.layer_norm_eps": RATE,
-    "backbone.**.initializer_range": RATE,
-    "backbone.**.text_config.hidden_dropout_prob": PROB,
-    "backbone.**.text_config.attention_probs_dropout_prob": PROB,
-    # backbone=tiny's open_clip model_cfg
-    "backbone.model.model_cfg.embed_dim": POSITIVE,
-    "backbone.model.model_cfg.vision_cfg.image_size": POSITIVE,
-    "backbone.model.model_cfg.vision_cfg.layers": ListOf(POSITIVE, min_len=1),
-    "backbone.model.model_cfg.vision_cfg.width": POSITIVE,
-    "backbone.model.model_cfg.vision_cfg.head_width": POSITIVE,
-    "backbone.model.model_cfg.text_cfg.*": POSITIVE,
-    # caption pretraining of tiny / blip_tiny
-    "backbone.model.pretrain.seed": SEED,
-    "backbone.model.pretrain.epochs": POSITIVE,
-    "backbone.model.pretrain.lr": RATE,
-    "backbone.model.pretrain.weight_decay": NONNEG,
-    "backbone.model.pretrain.batch_size": POSITIVE,
-    "backbone.model.pretrain.grad_clip": Float(lo=0, lo_open=True, null=True),
-    "backbone.model.pretrain.dataset.seed": SEED,
-    "backbone.model.pretrain.edit_captions": Bool(),
-    "backbone.model.pretrain.position_init": OneOf("random", "sincos"),
-    "backbone.model.pretrain.position_scale": RATE,
-    "backbone.model.pretrain.threads": Int(lo=1, null=True),
-}
-
-METHOD = {
-    "method.name": Str(),
-    "method.stages": ListOf(Str(), min_len=1),
-    "method.direction": OneOf("text", "learned"),
-    "method.bidirectional": Bool(),
-    "method.fusion": OneOf("image", "text", "sum"),
+    "deterministic": OneOf(True, False, "warn"),
+    "search": OneOf("exact", "faiss"),
+    "index_type": OneOf("flat", "ivf", "hnsw"),
+    "preprocess": OneOf("clip", "squarepad", "targetpad"),
+    "split_scheme": OneOf("karpathy", "reference"),
+    "missing_images": OneOf("error", "skip"),
+    "categories": ListOf(OneOf("dress", "shirt", "toptee"), min_len=1),
+    "image_ext": OneOf("auto", "jpg", "png"),
+    "style": OneOf("plain", "light", "outline", "noisy"),
+    "train_split": OneOf("train", "val"),
+    "position_init": OneOf("random", "sincos"),
+    "direction": OneOf("text", "learned"),
+    "fusion": OneOf("image", "text", "sum"),
     "method.train": OneOf("adapter", "projections"),
-    "method.loss": OneOf("margin", "infonce"),
-    "method.mccl": Bool(),
-    "method.sscl": Bool(),
-    "method.sscl_views": POSITIVE,
-    "method.prompt": Str(),
-    "method.token_dir": Str(),
-    "method.concepts.vocabulary": FILE,
-    "method.phrases.file": FILE,
-    "method.phrases.generator": OneOf("template", "lm"),
-    "method.phrases.lm": Str(null=True),
-    "method.phrases.per_concept": Int(lo=1, null=True),
-    # SEARLE's unlabeled images: a dataset config (+dataset@method.unlabeled=imagenet)
-    **{f"method.unlabeled.{key.removeprefix('dataset.')}": rule for key, rule in DATASET.items()},
-    # every stage (method.<stage>.*)
-    "method.*.max_epochs": COUNT,
-    "method.*.checkpoint": FILE,
-    "method.*.module.encoders": OneOf("both", "text", "image"),
-    "method.*.module.train": OneOf("none", "adapter", "projections"),
-    # hyperparameters, wherever they sit below method (a stage's module, method.oti, an optimiser)
-    "method.**.lr": RATE,
-    "method.**.min_lr": NONNEG,
-    "method.*.module.scheduler.epochs": POSITIVE,  # BLIP4CIR+Bi: the cosine's period
-    "method.**.weight_decay": NONNEG,
-    "method.**.eps": RATE,
-    "method.**.betas": ListOf(Float(lo=0, hi=1, hi_open=True), min_len=2, max_len=2),
-    "method.**.batch_size": POSITIVE,
-    "method.**.seed": SEED,
-    "method.**.steps": POSITIVE,
-    "method.**.ema_decay": Float(lo=0, hi=1),
-    "method.**.lambda_cos": NONNEG,
-    "method.**.lambda_gpt": NONNEG,
-    "method.**.lambda_distil": NONNEG,
-    "method.**.top_k": POSITIVE,
-    "method.**.top_k_concepts": POSITIVE,
-    "method.**.init_std": RATE,
-    "method.**.save_every": POSITIVE,
-    "method.**.logit_scale": RATE,
-    "method.**.proj_lr_scale": RATE,
-    "method.**.reverse_weight": NONNEG,
-    "method.**.projection_dim": Int(lo=1, null=True),
-    "method.**.hidden_dim": Int(lo=1, null=True),
-    "method.**.dropout": PROB,
-    "method.**.loss_weight_lr": RATE,
-    "method.**.learn_t": Bool(),
-    "method.**.margin": NONNEG,
-    "method.**.adapter_ratio": Float(lo=0, hi=1),
-    "method.**.adapter_reduction": POSITIVE,
-    "method.**.init_temperature": RATE,
-    "method.**.temperature": RATE,
-    "method.**.image_splits": ListOf(Str(), min_len=1),
-    "method.**.max_images": Int(lo=0, null=True),
-    "method.**.token_norm": Either(OneOf(None, "oti"), RATE),
+    "module.train": OneOf("none", "adapter", "projections"),
+    "encoders": OneOf("both", "text", "image"),
+    "loss": OneOf("margin", "infonce"),
+    "generator": OneOf("template", "lm"),
 }
 
-SCHEMA = {
-    "seed": SEED,
-    "run_name": Str(),
-    "resume": Bool(),
-    "num_workers": Either(COUNT, OneOf("auto")),
-    "eval.batch_size": POSITIVE,
-    "eval.gallery_on_disk": Bool(),
-    "eval.visualize": Bool(),
-    "eval.visualize_n": POSITIVE,
-    "eval.visualize_k": POSITIVE,
-    "retrieval.search": OneOf("exact", "faiss"),
-    "retrieval.options.chunk": Int(lo=1, null=True),
-    "retrieval.options.index_type": OneOf("flat", "ivf", "hnsw"),
-    "retrieval.options.nlist": POSITIVE,
-    "retrieval.options.nprobe": POSITIVE,
-    "paths.*": Str(),
-    "logger.project": Str(),
-    "logger.offline": Bool(),
-    **TRAINER,
-    **DATASET,
-    **BACKBONE,
-    **METHOD,
-}
+# `+key=value` arguments of the tasks (cirlab/tasks.py), which no config file holds
+TASK_ARGUMENTS = ("task", "run", "runs", "src", "out", "tokenizer", "splits", "csv")
 
 
-def _regex(pattern: str) -> re.Pattern:
-    parts = (
-        r"[^.]+(\.[^.]+)*" if p == "**" else "[^.]+" if p == "*" else re.escape(p) for p in pattern.split(".")
-    )
-    return re.compile(r"\.".join(parts))
+def entry_of(key: str) -> str | None:
+    """The SCHEMA entry of a dotted key: the longest tail of it that SCHEMA names, or None."""
+    parts = key.split(".")
+    return next((tail for i in range(len(parts)) if (tail := ".".join(parts[i:])) in SCHEMA), None)
 
 
-_PATTERNS = [(_regex(p), p) for p in SCHEMA]
-_ALIAS = re.compile(r"\$\{(oc\.select:)?[\w.]+(,[^${}]*)?\}")  # the value is another key's: checked there
+def leaves(cfg: DictConfig) -> Iterator[tuple[str, object]]:
+    """(dotted key, value as written) of every value below cfg, a dict counting as one where its key has
+    a rule (which refuses it). Left out: `_`-keys (Hydra's `_target_`) and interpolations (`${seed}`),
+    whose source is checked."""
 
-
-def pattern_of(key: str) -> str | None:
-    """The SCHEMA entry a dotted key falls under (the first that matches), or None."""
-    return next((p for regex, p in _PATTERNS if regex.fullmatch(key)), None)
-
-
-def leaves(node: DictConfig, prefix: str = ""):
-    """(dotted key, raw node) of every checked value: not `_`-keys, not aliases, not a group set to null
-    that has entries below it (`logger: null`, `method.unlabeled: null`)."""
-    for key in node:
-        full = f"{prefix}{key}"
-        if str(key).startswith("_"):
-            continue
-        child = node._get_node(key)
-        raw = child._value()
-        if isinstance(raw, str) and _ALIAS.fullmatch(raw):
-            continue
-        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
-            if pattern_of(full) is None:  # a dict where a value belongs is a leaf, and wrong
-                yield from leaves(child, full + ".")
+    def walk(node: dict, prefix: str):
+        for key, value in node.items():
+            full = f"{prefix}{key}"
+            if str(key).startswith("_") or (isinstance(value, str) and "${" in value):
+                continue
+            if isinstance(value, dict) and entry_of(full) is None:
+                yield from walk(value, full + ".")
             else:
-                yield full, child
-        elif not (raw is None and any(p.startswith(full + ".") for p in SCHEMA)):
-            yield full, child
+                yield full, value
+
+    yield from walk(OmegaConf.to_container(cfg, resolve=False), "")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check every value that has a SCHEMA entry; one CirlabError lists every bad one."""
+def bad_values(cfg: DictConfig) -> list[str]:
     problems = []
-    for key, node in leaves(cfg):
-        pattern = pattern_of(key)
-        if pattern is None:
-            continue  # `+key=value` extras (task arguments) and keys below a dict option
-        rule = SCHEMA[pattern]
-        if node._is_missing():
-            problems.append(f"{key} must be set: {rule.allowed}")
-            continue
+    for key, _ in leaves(cfg):
+        entry = entry_of(key)
+        if entry is None:
+            continue  # a task argument, or an argument added below a `_target_`
+        rule = SCHEMA[entry]
         try:
             value = OmegaConf.select(cfg, key, throw_on_missing=True)
+        except MissingMandatoryValue:
+            problems.append(f"{key} must be set: {rule.allowed}")
+            continue
         except OmegaConfBaseException as err:
             problems.append(f"{key}: {err}".splitlines()[0])
             continue
         if isinstance(value, (DictConfig, ListConfig)):
             value = OmegaConf.to_container(value, resolve=True)
         if not rule.accepts(value):
-            shown = "null" if value is None else repr(value)
-            problems.append(f"{key}={shown} is not allowed: {rule.allowed}")
+            problems.append(
+                f"{key}={'null' if value is None else repr(value)} is not allowed: {rule.allowed}"
+            )
+    return problems
+
+
+def nearest(key: str, known: Iterable[str]) -> str:
+    """' (nearest: ...)' with up to 3 known keys: those of a close last name first (`lrr`: the `lr`s)."""
+    known = [k for k in dict.fromkeys(known) if k != key]
+    name = key.rpartition(".")[2]
+    close = [k for k in known if difflib.SequenceMatcher(None, name, k.rpartition(".")[2]).ratio() >= 0.6]
+    found = difflib.get_close_matches(key, close, n=3, cutoff=0) or difflib.get_close_matches(key, known, n=3)
+    return f" (nearest: {', '.join(found)})" if found else ""
+
+
+def arguments(target: str) -> set[str] | None:
+    """The keyword arguments a `_target_` takes, a class's up its bases while each passes **kwargs on (as
+    the methods' modules do); None where it takes any, or cannot be imported here (Hydra reports that,
+    with its cause, where it builds the target)."""
+    try:
+        module, _, name = target.rpartition(".")
+        obj = getattr(importlib.import_module(module), name)
+        inits = (
+            [vars(c)["__init__"] for c in obj.__mro__ if "__init__" in vars(c)]
+            if isinstance(obj, type)
+            else [obj]
+        )
+        names = set()
+        for params in (inspect.signature(init).parameters.values() for init in inits):
+            names |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} - {"self"}
+            if not any(p.kind is p.VAR_KEYWORD for p in params):
+                return names
+    except Exception:
+        pass
+    return None
+
+
+def unknown_additions(cfg: DictConfig, hydra: DictConfig) -> list[str]:
+    """`+key=value` adds a key that no composed config holds: right for a config group (`+experiment=X`,
+    `+dataset@method.unlabeled=imagenet`), a task argument, and an argument a `_target_` takes
+    (`+trainer.limit_train_batches=3`, `+method.combiner.module.gather_negatives=true`); anything else
+    would be ignored, so it is refused, naming the nearest keys. `++key=value` adds a key unchecked."""
+    problems = []
+    for override in OverridesParser.create().parse_overrides(list(hydra.overrides.task)):
+        key, package = override.key_or_group, override.package
+        group = f"{key}@{package}" if package else key
+        if not override.is_add() or key in TASK_ARGUMENTS or group in hydra.runtime.choices:
+            continue
+        parent, _, name = key.rpartition(".")
+        target = OmegaConf.select(cfg, f"{parent}._target_") if parent else None
+        if not isinstance(target, str):
+            near = nearest(key, (k for k, _ in leaves(cfg)))
+            problems.append(f"{override.input_line}: no config has {key}{near}; `++` adds it unchecked")
+            continue
+        takes = arguments(target)
+        if takes is not None and name not in takes:
+            near = nearest(key, (f"{parent}.{a}" for a in sorted(takes)))
+            problems.append(f"{override.input_line}: {target} takes no argument {name!r}{near}")
+    return problems
+
+
+def validate(cfg: DictConfig, hydra: DictConfig | None = None) -> None:
+    """Check every value that has a SCHEMA entry and, given the run's Hydra config (HydraConfig.get()),
+    every `+key=value` addition; one CirlabError lists every problem."""
+    problems = bad_values(cfg) + (unknown_additions(cfg, hydra) if hydra is not None else [])
     if problems:
         raise CirlabError("invalid config values:\n  " + "\n  ".join(problems))

@@ -10,13 +10,14 @@ import torch
 from torch import nn
 
 
-def plain(obj):
-    """A plain JSON-able copy of a config (also of an OmegaConf node, as Hydra passes them)."""
+def as_json_data(config):
+    """A config as JSON data (dicts, lists, strings, numbers): a copy that hashes and serialises the same
+    whether Hydra passed an OmegaConf node or a dict, and that BlipConfig(**...) takes."""
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
-    if isinstance(obj, (DictConfig, ListConfig)):
-        obj = OmegaConf.to_container(obj, resolve=True)
-    return json.loads(json.dumps(obj))
+    if isinstance(config, (DictConfig, ListConfig)):
+        config = OmegaConf.to_container(config, resolve=True)
+    return json.loads(json.dumps(config))
 
 
 class Backbone(nn.Module):
