@@ -90,15 +90,16 @@ def compare(overrides: list[str], triplets: int | None = None) -> str:
     source = instantiate(cfg.dataset.source)
     torch.manual_seed(0)  # random-weight backbones: the same weights (cache key) in every run
     backbone = instantiate(cfg.backbone.model)
-    dm = CIRDataModule(source, batch_size=cfg.method.combiner.batch_size, seed=0)
-    dm.use(transform=backbone.preprocess)
+    dm = CIRDataModule(
+        source, batch_size=cfg.method.combiner.batch_size, seed=0, transform=backbone.preprocess
+    )
     if triplets:
         dm.train_dataset().queries = dm.train_dataset().queries[:triplets]
     queries = dm.train_dataset().queries
     names = list(dict.fromkeys(n for q in queries for n in (q.reference, q.targets[0])))
     t0 = time.perf_counter()
     features = FeatureCache(cfg.paths.cache_dir).get(backbone, names, [source.image_path(n) for n in names])
-    texts = TextFeatureCache(cfg.paths.cache_dir).get(backbone, dm.frozen_texts(("train",)))
+    texts = TextFeatureCache(cfg.paths.cache_dir).get(backbone, dm.frozen_texts(("train",), dm.text_views))
     t_cache = time.perf_counter() - t0
 
     def module(text_table):

@@ -20,15 +20,12 @@ cross-modal run).
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from cirlab.errors import CirlabError, user_cause
-
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
 
 def _run_and_stage(path: Path) -> tuple[Path, str | None, Path | None]:
@@ -215,32 +212,15 @@ def build_source(cfg):
     return ReadableOnly(source) if cfg.dataset.get("missing_images") == "skip" else source
 
 
-def run_data(cfg, module, stage: str):
-    """The run's datamodule as the pipeline set it up for `stage`, with the image and text features the
-    stage cached (read when the cache file is there, never encoded); None when the run's dataset is not on
-    this machine. The module sees it as its `eval_data`, as in evaluation."""
-    from cirlab.data.features import FeatureCache, TextFeatureCache
-    from cirlab.pipeline import build_datamodule, cached_images, cached_texts
+def run_datamodule(cfg):
+    """The run's datamodule over its dataset, as the pipeline built it; None when the dataset is not on
+    this machine (the model still loads and indexes other images)."""
+    from cirlab.stage import build_datamodule
 
     try:
-        source = build_source(cfg)
+        return build_datamodule(cfg, build_source(cfg))
     except CirlabError:
         return None
-    dm = build_datamodule(cfg, source)
-    features = None
-    trained = cfg.method[stage].max_epochs > 0
-    if module.frozen_image_encoder and cfg.paths.get("cache_dir"):
-        names = cached_images(module, dm, trained)
-        features = FeatureCache(cfg.paths.cache_dir, batch_size=cfg.eval.batch_size).cached(
-            module.feature_encoder(), names, [source.image_path(n) for n in names]
-        )
-    dm.use(transform=module.backbone.preprocess, features=features, text_views=module.text_views)
-    if module.frozen_text_encoder and cfg.paths.get("cache_dir"):  # the run's very text features
-        module.text_table = TextFeatureCache(cfg.paths.cache_dir, batch_size=cfg.eval.batch_size).cached(
-            module.backbone, cached_texts(module, dm, trained)
-        )
-    module.eval_data = dm
-    return dm
 
 
 def _pin_paths(cfg, run_dir: Path) -> None:
@@ -275,28 +255,6 @@ def _pin_paths(cfg, run_dir: Path) -> None:
         if isinstance(value, str) and cwd and not Path(value).is_absolute():
             value = str(Path(cwd) / value)
         cfg.paths[key] = value
-
-
-def _stage_module(cfg, stage: str, backbone):
-    """A stage's module as the pipeline starts it: seeded as the run (an untrained stage keeps the run's
-    initial weights), with the stage's weights file when it names one."""
-    import lightning as L
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    from cirlab.weights import load_weights
-
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = instantiate(
-        cfg.method[stage].module,
-        backbone=backbone,
-        search=cfg.retrieval.search,
-        search_options=OmegaConf.to_container(cfg.retrieval.options),
-    )
-    file = cfg.method[stage].get("checkpoint")
-    if file:
-        load_weights(module.stage_weights(), file, module.checkpoint_layouts(), f"method.{stage}.checkpoint")
-    return module
 
 
 def load(run_dir_or_ckpt: str | Path, overrides: Sequence[str] = (), device: str | None = None) -> Retriever:
@@ -338,8 +296,8 @@ def _rebuild(cfg, run_dir: Path, stage: str | None, ckpt: Path | None, device: s
     """load() once the run's config is read and checked."""
     from hydra.utils import instantiate
 
-    from cirlab.pipeline import SafeCheckpointIO, load_module_weights
-    from cirlab.weights import load_strict
+    from cirlab.checkpoints import load_backbone_weights
+    from cirlab.stage import build_stage
 
     stages = list(cfg.method.stages)
     stage = stage or stages[-1]
@@ -352,31 +310,21 @@ def _rebuild(cfg, run_dir: Path, stage: str | None, ckpt: Path | None, device: s
     for name in stages[: stages.index(stage)]:
         best = _checkpoint_of(run_dir, name)
         if best is not None:
-            state = SafeCheckpointIO().load_checkpoint(best).get("state_dict")
-            if not isinstance(state, dict):
-                raise CirlabError(
-                    f"checkpoint {best} (stage {name}) holds no state_dict: is it a cirlab checkpoint?"
-                )
-            load_strict(
-                backbone,
-                {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")},
-                f"checkpoint {best} (the backbone stage {name} trained)",
-            )
+            load_backbone_weights(backbone, best, name)
         elif cfg.method[name].get("checkpoint"):
-            _stage_module(cfg, name, backbone)
-    module = _stage_module(cfg, stage, backbone)
+            build_stage(cfg, name, backbone, None, run_dir / "stages" / name, mode="load")
     best = ckpt or _checkpoint_of(run_dir, stage)
-    if best is not None:
-        load_module_weights(module, best)
-    elif cfg.method[stage].max_epochs > 0:
+    if best is None and cfg.method[stage].max_epochs > 0:
         raise CirlabError(
             f"stage {stage} of {run_dir} has no finished checkpoint (done.json); "
             "finish or resume the run first"
         )
+    built = build_stage(
+        cfg, stage, backbone, run_datamodule(cfg), run_dir / "stages" / stage, mode="load", trained=best
+    )
     if device:
-        module.to(device)
-    module.stage_dir = run_dir / "stages" / stage
-    return Retriever(module, cfg, run_dir, stage, run_data(cfg, module, stage))
+        built.module.to(device)
+    return Retriever(built.module, cfg, run_dir, stage, built.datamodule)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -390,24 +338,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-k", type=int, default=10, help="how many results (default 10)")
     parser.add_argument("--device", default=None, help="e.g. cuda; default cpu")
     args = parser.parse_args(argv)
-    from hydra.errors import InstantiationException
+    from cirlab.data.image_files import IMAGE_EXTS, list_images
+    from cirlab.errors import exit_on_user_error
 
-    try:
-        gallery = Path(args.gallery)
-        if not gallery.is_dir():
-            raise CirlabError(f"--gallery {gallery} is not a folder")
-        paths = sorted(p for p in gallery.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    with exit_on_user_error("cirlab-query"):
+        paths = list_images(args.gallery)
         if not paths:
-            raise CirlabError(f"no images ({', '.join(IMAGE_EXTS)}) under {gallery}")
+            raise CirlabError(f"no images ({', '.join(IMAGE_EXTS)}) under {Path(args.gallery)}")
         retriever = load(args.run, device=args.device).index(paths)
         for rank, (path, score) in enumerate(retriever.search(args.image, args.text, args.k), 1):
             print(f"{rank:3d}  {score:.4f}  {path}")
-    except (CirlabError, InstantiationException) as err:  # ours, or one instantiate wrapped: exit 2
-        cause = user_cause(err)
-        if cause is None:
-            raise
-        print(f"cirlab-query error: {cause}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException, InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
+from cirlab.config_dir import CONF
 from cirlab.distributed import rank_overrides
-from cirlab.errors import CirlabError, user_cause
+from cirlab.errors import CirlabError, exit_on_user_error
 from cirlab.schema import validate
 
 
@@ -42,9 +43,6 @@ OmegaConf.register_new_resolver("cirlab_dirname", short_dirname, replace=True)  
 # conf/hydra/launcher/submitit_*.yaml set the submitit plugin's keys under its names, on its schema (wanted)
 warnings.filterwarnings("ignore", message=r"(?s).*validated against ConfigStore schema with the same name")
 
-HERE = Path(__file__).resolve().parent
-# an installed wheel carries conf/ inside the package; a source checkout has it beside the package
-CONF = next(p for p in (HERE / "conf", HERE.parent / "conf") if p.is_dir())
 HYDRA = Path(hydra.__file__).parent
 log = logging.getLogger("cirlab")
 
@@ -100,14 +98,10 @@ def print_table(results: dict) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
 def _main(cfg: DictConfig) -> float | None:
-    try:
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":  # every error with its traceback
         return _dispatch(cfg)
-    except (CirlabError, InstantiationException) as err:
-        cause = user_cause(err)
-        if cause is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"cirlab error: {cause}", file=sys.stderr)
-        sys.exit(2)
+    with exit_on_user_error("cirlab"):
+        return _dispatch(cfg)
 
 
 def _dispatch(cfg: DictConfig) -> float | None:
@@ -116,7 +110,7 @@ def _dispatch(cfg: DictConfig) -> float | None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     # Lightning prints through its own handler; without this Hydra's root handler repeats every line
     logging.getLogger("lightning.pytorch").propagate = False
-    validate(cfg)  # every bad value at once, before any data or model is touched
+    validate(cfg, HydraConfig.get())  # every bad value and `+key` at once, before data or models
     task = cfg.get("task")
     if task:
         from cirlab.tasks import run_task
@@ -189,17 +183,12 @@ def main() -> None:
     ):
         print(usage())
         return
-    try:
+    with exit_on_user_error("cirlab"):
         sys.argv[1:] = hydra_args(sys.argv[1:])
         sys.argv += rank_overrides(sys.argv[1:])  # torchrun/srun: one run folder, written by rank 0
-    except CirlabError as err:
-        print(f"cirlab error: {err}", file=sys.stderr)
-        sys.exit(2)
     try:
-        _main()
-    except CirlabError as err:
-        print(f"cirlab error: {err}", file=sys.stderr)
-        sys.exit(2)
+        with exit_on_user_error("cirlab"):
+            _main()
     except SystemExit as exc:
         sys.exit(exit_code(exc))
 

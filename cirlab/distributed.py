@@ -29,7 +29,7 @@ def rank_overrides(argv: list[str]) -> list[str]:
     return [] if rank == 0 else ["hydra.output_subdir=null", f"hydra.job.name=rank{rank}"]
 
 
-def connect(trainer) -> None:
+def start_process_group_before_fit(trainer) -> None:
     """Start the process group before fit when torchrun or srun started the processes, so that work a
     stage does before training (SEARLE's OTI targets of phi) is split across the ranks. Lightning's own
     launcher starts its processes inside fit: there that work is done once, before, and its file shared."""

@@ -19,7 +19,7 @@ from conftest import results
 from fixtures.make_images import materialize
 from test_corrupt_checkpoint import ARGS  # the shortest run that writes and resumes a checkpoint
 
-from cirlab.pipeline import SafeCheckpointIO
+from cirlab.checkpoints import SafeCheckpointIO
 
 
 def unusable_tmpdir(monkeypatch, folder: Path) -> None:

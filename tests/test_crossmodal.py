@@ -144,7 +144,7 @@ def test_datamodule_serves_cached_features_without_decoding(monkeypatch):
     dm = CaptionDataModule(src, batch_size=2, eval_batch_size=8)
     names = dm.all_images()
     feats = {n: torch.full((4,), float(i)) for i, n in enumerate(names)}
-    dm.use(features=feats)
+    dm = dm.for_stage(2, features=feats)
     loads = []
     monkeypatch.setattr("cirlab.data.datamodule.load_image", lambda path: loads.append(path))
     batch = next(iter(dm.train_dataloader()))

@@ -152,7 +152,7 @@ def test_edit_captions_describe_their_image(tmp_path):
 def test_loader_workers_auto_is_none_on_cpu_and_the_cores_per_device_on_gpu(monkeypatch):
     from omegaconf import OmegaConf
 
-    from cirlab.pipeline import loader_workers
+    from cirlab.stage import loader_workers
 
     def cfg(workers, accelerator, devices=1):
         return OmegaConf.create(

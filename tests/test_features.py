@@ -92,12 +92,14 @@ def _fashioniq_combiner(tmp_path):
     source = FashionIQSource(materialize("fashioniq", tmp_path / "fiq"))
     dm = CIRDataModule(source, batch_size=4, seed=0)
     names = dm.all_images()
-    dm.use(features=FeatureCache(tmp_path / "cache").get(bb, names, [source.image_path(n) for n in names]))
+    dm = dm.for_stage(
+        4, features=FeatureCache(tmp_path / "cache").get(bb, names, [source.image_path(n) for n in names])
+    )
     L.seed_everything(0, verbose=False)
     module = CLIP4CirCombiner(bb, optimizer=lambda params: torch.optim.Adam(params, lr=1e-3))
     module.eval_data = dm
     module.text_table = TextFeatureCache(tmp_path / "cache", batch_size=8).get(
-        bb, dm.frozen_texts(("train", "val", "test"))
+        bb, dm.frozen_texts(("train", "val", "test"), module.text_views)
     )
     return module, dm
 

@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from cirlab import pipeline
+from cirlab import stage as stage_factory
 from cirlab.errors import CirlabError
 from cirlab.methods.searle import Searle
 
@@ -103,7 +103,7 @@ def prepare(cfg, backbone) -> None:
     key = OmegaConf.to_yaml(cfg.dataset.source)  # a source reads its annotations once for all methods
     if key not in SOURCES:
         SOURCES[key] = instantiate(cfg.dataset.source)
-    dm = pipeline.build_datamodule(cfg, SOURCES[key])
+    dm = stage_factory.build_datamodule(cfg, SOURCES[key])
     for stage in cfg.method.stages:
         module = instantiate(
             cfg.method[stage].module,
@@ -111,17 +111,16 @@ def prepare(cfg, backbone) -> None:
             search=cfg.retrieval.search,
             search_options=OmegaConf.to_container(cfg.retrieval.options),
         )
-        pipeline.check_data_kind(cfg, module, dm)
-        module.eval_data = dm
+        stage_factory.check_data_kind(cfg, module, dm)
         train = cfg.method[stage].max_epochs > 0
-        assert dm.all_images(pipeline.image_splits(module, dm, train))
+        assert dm.all_images(stage_factory.image_splits(module, dm, train))
         if not train:
             continue
         if isinstance(module, Searle):
             assert module.unlabeled_images(module.unlabeled_source or dm.source)
         else:
-            dm.use(transform=backbone.preprocess, text_views=module.text_views)
-            assert len(dm.train_dataset()) > 0
+            served = dm.for_stage(1, transform=backbone.preprocess, text_views=module.text_views)
+            assert len(served.train_dataset()) > 0
 
 
 @pytest.mark.parametrize(

@@ -140,7 +140,7 @@ def augmented_features(
 
 
 class AugmentedReferences:
-    """A reference view (CIRDataModule.use): per training triplet, one of `views` cached strong
+    """A reference view (a stage datamodule's reference_views): per training triplet, one of `views` cached strong
     augmentations of its reference image, drawn per (seed, epoch, index)."""
 
     def __init__(self, backbone, views: int, seed: int, cache_dir):

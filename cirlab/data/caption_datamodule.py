@@ -1,5 +1,5 @@
 """The datamodule of text<->image retrieval (`dataset.kind: captions`), the counterpart of
-CIRDataModule with the same pipeline-facing interface (use, all_images, batch_size, loaders).
+CIRDataModule with the same pipeline-facing interface (for_stage, all_images, frozen_texts, loaders).
 
 Batches: train {image, text (one caption of the image drawn per epoch), index}; evaluation loaders
 come in a pair per split: [images {index, image}, captions {index, text, image_index}].
@@ -47,7 +47,7 @@ class CaptionTexts(Dataset):
 
 
 class CaptionDataModule(CIRDataModule):
-    """(image, captions) data for text<->image retrieval. Set-up, `use`, the image lookup and the
+    """(image, captions) data for text<->image retrieval. Set-up, `for_stage`, the image lookup and the
     val/test loader plumbing are CIRDataModule's; only the datasets differ."""
 
     kind = "captions"
@@ -70,7 +70,7 @@ class CaptionDataModule(CIRDataModule):
             seen.update(dict.fromkeys(n for n, _ in self.pairs(split)))
         return list(seen)
 
-    def frozen_texts(self, splits: tuple[str, ...]) -> list[str]:
+    def frozen_texts(self, splits: tuple[str, ...], text_views=None) -> list[str]:  # captions: no views
         texts: dict[str, None] = {}
         for split in splits:
             texts.update(dict.fromkeys(c for _, caps in self.pairs(split) for c in caps))

@@ -152,33 +152,52 @@ class CIRDataModule(L.LightningDataModule):
         val_split: str = "val",
         test_split: str = "test",
         pin_memory: bool = False,
+        transform: Callable | None = None,
+        features: dict[str, torch.Tensor] | None = None,
+        text_views: dict[str, CaptionView] | None = None,
+        reference_views: dict[str, ReferenceView] | None = None,
+        read_eval_sets: dict[str, list[EvalSet]] | None = None,
     ):
+        """What a stage reads is fixed here, never changed afterwards: `transform` (pixels) or `features`
+        (name -> cached embedding of a frozen image encoder); `text_views`, the stage's caption views
+        ("text" also builds the eval queries); `reference_views`, its extra training inputs.
+        `read_eval_sets`: the eval sets another datamodule over this source has read (shared, not re-read)."""
         super().__init__()
         self.source = source
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.num_workers, self.seed, self.pin_memory = num_workers, seed, pin_memory
         self.val_split, self.test_split = val_split, test_split
-        self.transform: Callable | None = None
-        self.features: dict[str, torch.Tensor] | None = None
-        self._eval_sets: dict[str, list[EvalSet]] = {}
+        self.transform, self.features = transform, features
+        self.text_views: dict[str, CaptionView] = text_views or {"text": None}
+        self.reference_views: dict[str, ReferenceView] = reference_views or {}
+        self._eval_sets: dict[str, list[EvalSet]] = {} if read_eval_sets is None else read_eval_sets
         self._train: TripletDataset | None = None
-        self.text_views: dict[str, CaptionView] = {"text": None}
-        self.reference_views: dict[str, ReferenceView] = {}
 
-    # ---- configured by the pipeline per stage ---------------------------------------------------
-    def use(
+    def for_stage(
         self,
+        batch_size: int,
         transform: Callable | None = None,
         features: dict[str, torch.Tensor] | None = None,
         text_views: dict[str, CaptionView] | None = None,
         reference_views: dict[str, ReferenceView] | None = None,
-    ) -> None:
-        """`text_views`: the stage's caption views (its `text_views`); "text" is also the eval query view.
-        `reference_views`: the stage's extra training inputs (its `reference_views`)."""
-        self.transform, self.features = transform, features
-        self.text_views = text_views or {"text": None}
-        self.reference_views = reference_views or {}
-        self._train = None
+    ) -> CIRDataModule:
+        """A new datamodule over the same data serving one stage's inputs (the run's datamodule is never
+        changed: each stage gets its own). The annotations read so far are shared, not read again."""
+        return type(self)(
+            self.source,
+            batch_size=batch_size,
+            eval_batch_size=self.eval_batch_size,
+            num_workers=self.num_workers,
+            seed=self.seed,
+            val_split=self.val_split,
+            test_split=self.test_split,
+            pin_memory=self.pin_memory,
+            transform=transform,
+            features=features,
+            text_views=text_views,
+            reference_views=reference_views,
+            read_eval_sets=self._eval_sets,
+        )
 
     def eval_sets(self, split: str) -> list[EvalSet]:
         if split not in self._eval_sets:
@@ -198,24 +217,26 @@ class CIRDataModule(L.LightningDataModule):
                 seen.update(dict.fromkeys(q.reference for q in es.queries))
         return list(seen)
 
-    def frozen_texts(self, splits: tuple[str, ...]) -> list[str]:
-        """Every text a stage on `splits` can see (each training caption view's every possible draw,
-        each evaluation query text): the rows of a frozen text encoder's feature table."""
+    def frozen_texts(self, splits: tuple[str, ...], text_views: dict[str, CaptionView]) -> list[str]:
+        """Every text a stage with `text_views` on `splits` can see (each training caption view's every
+        possible draw, each evaluation query text): the rows of a frozen text encoder's feature table."""
         texts: dict[str, None] = {}
         if "train" in splits:
             for q in self.source.train_queries():
-                for view in self.text_views.values():
+                for view in text_views.values():
                     texts.update(dict.fromkeys(self.source.train_text_choices(with_view(q, view))))
         for split in splits:
             if split != "train":
                 for es in self.eval_sets(split):
-                    view = self.text_views.get("text")
+                    view = text_views.get("text")
                     texts.update(dict.fromkeys(self.source.eval_text(with_view(q, view)) for q in es.queries))
         return list(texts)
 
     def _lookup(self) -> ImageLookup:
         if self.transform is None and self.features is None:
-            raise CirlabError("internal: datamodule used before the pipeline configured it")
+            raise CirlabError(
+                "internal: a datamodule without a stage's inputs (see for_stage) serves no batches"
+            )
         return ImageLookup(self.source, self.transform, self.features)
 
     # ---- loaders --------------------------------------------------------------------------------

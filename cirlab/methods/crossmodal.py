@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from cirlab.backbones.base import Backbone
 from cirlab.errors import CirlabError
 from cirlab.methods.losses import cosine_margin, symmetric_infonce
-from cirlab.methods.retrieval_module import RetrievalModule, float64
+from cirlab.methods.retrieval_module import RetrievalModule, as_float64_tensors
 from cirlab.retrieval.metrics import TOP_PREDICTIONS, Fraction, SetResult, hit_percent
 from cirlab.retrieval.search import search
 
@@ -349,4 +349,4 @@ class CrossModalRetrieval(RetrievalModule):
             "image_to_text": ranked_names(i2t, names, captions),
         }
         self.metrics.update(metrics)
-        self.log_dict(float64(metrics, self.device), sync_dist=False)
+        self.log_dict(as_float64_tensors(metrics, self.device), sync_dist=False)

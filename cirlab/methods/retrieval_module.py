@@ -28,7 +28,7 @@ from cirlab.retrieval.metrics import SetResult, score_eval_set, split_metrics
 from cirlab.weights import Layout, cirlab_stage
 
 
-def float64(metrics: dict[str, float], device) -> dict[str, torch.Tensor]:
+def as_float64_tensors(metrics: dict[str, float], device) -> dict[str, torch.Tensor]:
     """Logged as float64 tensors: Lightning stores a Python float as float32 (100/3 -> 33.33333206)."""
     return {k: torch.tensor(v, dtype=torch.float64, device=device) for k, v in metrics.items()}
 
@@ -58,13 +58,14 @@ class RetrievalModule(L.LightningModule):
         self._outputs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
         self.results: dict[str, dict[str, SetResult]] = {}
         self.metrics: dict[str, float] = {}
-        self.eval_data = None  # the CIRDataModule whose eval sets are scored; set by the pipeline
+        # What the stage gives its module, in one place (cirlab.stage.build_stage) and nowhere else:
+        self.eval_data = None  # the stage's datamodule, whose eval sets are scored
         self.gallery_on_disk: Path | None = None  # eval.gallery_on_disk: stream gallery embeddings to files
-        self._writers: dict[int, EmbeddingWriter] = {}
-        # frozen text encoder: text -> raw feature of every text the stage can draw (set by the pipeline
-        # from cirlab.data.features.TextFeatureCache), so training runs no text encoder
+        # frozen text encoder: text -> raw feature of every text the stage can draw (from
+        # cirlab.data.features.TextFeatureCache), so training runs no text encoder
         self.text_table: dict[str, torch.Tensor] | None = None
         self.stage_dir: Path | None = None  # the run's stage folder, when cirlab.load rebuilt this module
+        self._writers: dict[int, EmbeddingWriter] = {}
 
     # ---- what a method defines ------------------------------------------------------------------
     frozen_image_encoder: bool = False  # True: batches carry cached image features [B, D], not pixels
@@ -75,10 +76,10 @@ class RetrievalModule(L.LightningModule):
     # images), so a dataset without one (CIRCO) can be trained for
     trains_on_dataset_images: bool = True
     # batch key -> caption view (a function rewriting each raw caption, or None); "text" also builds the
-    # eval queries. BLIP4CIR+Bi adds direction-marked views; see CIRDataModule.use.
+    # eval queries. BLIP4CIR+Bi adds direction-marked views; the stage's datamodule serves them.
     text_views: dict = {"text": None}
     # batch key -> an image view served with each training triplet (e.g. MLCL's augmented references);
-    # see CIRDataModule.use.
+    # the stage's datamodule serves them.
     reference_views: dict = {}
 
     def train_loader(self, dm):
@@ -93,7 +94,7 @@ class RetrievalModule(L.LightningModule):
     def text_features(self, texts: list[str]) -> torch.Tensor:
         if not self.frozen_text_encoder:
             return self.backbone.encode_texts(texts).float()
-        if self.text_table is None:  # built outside the pipeline (no table): encoded as they come
+        if self.text_table is None:  # built outside a stage (no table): encoded as they come
             with torch.no_grad():
                 return self.backbone.encode_texts(texts).float()
         missing = [t for t in dict.fromkeys(texts) if t not in self.text_table]
@@ -244,7 +245,7 @@ class RetrievalModule(L.LightningModule):
         self.metrics.update(metrics)
         if metrics:
             # every rank scored the same gathered data: syncing averages identical values (no change)
-            self.log_dict(float64(metrics, self.device), sync_dist=self.trainer.world_size > 1)
+            self.log_dict(as_float64_tensors(metrics, self.device), sync_dist=self.trainer.world_size > 1)
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:
