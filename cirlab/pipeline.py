@@ -35,6 +35,7 @@ from cirlab.distributed import start_process_group_before_fit
 from cirlab.errors import CirlabError
 from cirlab.io import read_json, write_json
 from cirlab.methods.retrieval_module import RetrievalModule
+from cirlab.retrieval.category_csv import write_category_csv
 from cirlab.retrieval.submission import write_predictions
 from cirlab.stage import build_datamodule, build_stage
 
@@ -291,4 +292,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         )
     if rank_zero_only.rank == 0:
         write_json(run_dir / "results.json", results)
+        # a grouped benchmark's (FashionIQ) per-category table, as the papers print it
+        write_category_csv(run_dir / "metrics_per_category.csv", results["metrics"], cfg.dataset.test_split)
     return results

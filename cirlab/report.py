@@ -3,7 +3,8 @@
 Finds every `results.json` under the given run / multirun folders; one row per run with the swept
 overrides as columns (from `<run>/.hydra/overrides.yaml`, without `hydra.*`, `logger=*` and keys
 that are identical in every run) and the final metrics: each run's `main_metric` plus the recall@K
-keys of the same split, sorted by the main metric, best first.
+and mAP@K keys of the same split (a grouped benchmark's averages over its groups), sorted by the main
+metric, best first.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import yaml
 
 from cirlab.errors import CirlabError
 
-RECALL = re.compile(r"^(?P<split>[^/]+)/recall_at_(?P<k>\d+)$")
+# a split's recall@K and mAP@K, or their average over a grouped benchmark's groups (FashionIQ categories)
+AT_K = re.compile(r"^(?P<split>[^/]+)/(?:average/)?(?P<kind>recall|map)_at_(?P<k>\d+)$")
 
 
 def find_results(paths: list[str | Path]) -> list[Path]:
@@ -80,16 +82,16 @@ def collect(paths: list[str | Path]) -> tuple[list[str], list[dict[str, Any]]]:
 
     main_cols = list(dict.fromkeys(r.get("main_metric") for _, r, _ in runs if r.get("main_metric")))
     splits = {m.split("/")[0] for m in main_cols}
-    recall_cols = sorted(
+    at_k_cols = sorted(
         {
             k
             for _, r, _ in runs
             for k in r.get("metrics", {})
-            if (m := RECALL.match(k)) and m["split"] in splits
+            if (m := AT_K.match(k)) and m["split"] in splits
         },
-        key=lambda k: (k.split("/")[0], int(RECALL.match(k)["k"])),
+        key=lambda k: (k.split("/")[0], AT_K.match(k)["kind"] != "recall", int(AT_K.match(k)["k"])),
     )
-    metric_cols = main_cols + [c for c in recall_cols if c not in main_cols]
+    metric_cols = main_cols + [c for c in at_k_cols if c not in main_cols]
 
     rows = []
     for name, res, ov in runs:

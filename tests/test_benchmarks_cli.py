@@ -16,6 +16,10 @@ KEYS = {
         "val/average/recall_at_10",
         "val/average/recall_at_50",
         "val/average_recall",
+        "val/dress/map_at_10",
+        "val/toptee/map_at_50",
+        "val/average/map_at_10",
+        "val/average/map_at_50",
     ],
     "cirr": [
         "val/recall_at_1",

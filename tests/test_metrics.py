@@ -220,3 +220,47 @@ def test_averages_are_exact():
     m = split_metrics("val", sets, proto)
     assert m["val/average/recall_at_10"] == 0.2  # (0.1 + 0.2 + 0.3) / 3 in floats is 0.20000000000000004
     assert m["val/average/recall_at_50"] == 0.4 and m["val/average_recall"] == 0.3
+
+
+def test_fashioniq_map_is_reciprocal_rank_within_k():
+    """One target per query: AP@K = 1/rank when the target is in the top K, else 0. Hand-checked: targets at
+    ranks 1, 3 and 12 give mAP@10 = (1 + 1/3 + 0) / 3 = 44.44 and mAP@50 = (1 + 1/3 + 1/12) / 3 = 47.22."""
+    gallery = [f"g{i}" for i in range(20)]
+    queries = [CIRQuery(str(i), "r", ("c",), (gallery[t],)) for i, t in enumerate((0, 2, 11))]
+    g = torch.eye(20)
+    q = torch.stack([1 - torch.arange(20) / 20.0] * 3)  # every query ranks g0, g1, g2, ... in order
+    proto = Protocol(recall_ks=(10, 50), map_ks=(10, 50), group_average=True)
+    metrics = score_eval_set(proto, EvalSet(queries, gallery), q, g).metrics
+    assert metrics["map_at_10"] == pytest.approx(100 * (1 + 1 / 3) / 3)
+    assert metrics["map_at_50"] == pytest.approx(100 * (1 + 1 / 3 + 1 / 12) / 3)
+    assert metrics["recall_at_10"] == pytest.approx(200 / 3)
+
+
+def test_per_category_csv_rows_hand_checked(tmp_path):
+    from cirlab.retrieval.category_csv import write_category_csv
+
+    metrics = {
+        "val/dress/recall_at_10": 17.5,
+        "val/dress/recall_at_50": 35.94,
+        "val/dress/map_at_10": 7.34,
+        "val/dress/map_at_50": 8.1549,
+        "val/shirt/recall_at_10": 22.77,
+        "val/shirt/recall_at_50": 40.19,
+        "val/shirt/map_at_10": 12.25,
+        "val/shirt/map_at_50": 13.05,
+        "val/average/recall_at_10": 20.1349,
+        "val/average/recall_at_50": 38.0651,
+        "val/average/map_at_10": 9.7949,
+        "val/average/map_at_50": 10.6025,
+        "val/average_recall": 29.1,
+        "test/dress/recall_at_10": 99.0,  # another split: not in val's table
+    }
+    path = write_category_csv(tmp_path / "t.csv", metrics, "val")
+    assert path.read_text().splitlines() == [
+        "category,Recall@10,Recall@50,mAP@10,mAP@50",
+        "dress,17.50,35.94,7.34,8.15",
+        "shirt,22.77,40.19,12.25,13.05",
+        "average,20.13,38.07,9.79,10.60",
+    ]
+    assert write_category_csv(tmp_path / "none.csv", {"val/recall_at_10": 1.0}, "val") is None
+    assert not (tmp_path / "none.csv").exists()

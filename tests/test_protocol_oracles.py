@@ -4,7 +4,8 @@ and compared with cirlab's metrics, on random embeddings with many ties and thro
 The oracles use no cirlab code: a full score matrix, Python's stable `sorted` (ties keep gallery order, the
 order cirlab documents), names compared as strings, percentages as the reference computes them.
 - FashionIQ (CLIP4Cir `compute_fiq_val_metrics`): per category, the reference stays in the ranking,
-  R@10/R@50; averages over the three categories; average_recall = (avg R@10 + avg R@50) / 2.
+  R@10/R@50; averages over the three categories; average_recall = (avg R@10 + avg R@50) / 2. mAP@10/@50
+  (FTI4CIR's tables; one target: AP@K = 1/rank within K) per category and averaged.
 - CIRR (CLIP4Cir `compute_cirr_val_metrics`): the reference is deleted from the ranking; R@1/5/10/50;
   Rsubset@1/2/3 = the ranking kept to the img_set members.
 - CIRCO (SEARLE `circo_compute_val_metrics`): top 50 with the reference kept; AP@K = sum_{i<=K} P@i * rel_i
@@ -14,6 +15,7 @@ order cirlab documents), names compared as strings, percentages as the reference
 
 from __future__ import annotations
 
+import csv
 import json
 import random
 from pathlib import Path
@@ -43,6 +45,13 @@ def recall(ranked: list[list[str]], targets: list[str], k: int) -> float:
     return 100 * sum(t in r[:k] for r, t in zip(ranked, targets)) / len(targets)
 
 
+def one_target_map(ranked: list[list[str]], targets: list[str], k: int) -> float:
+    """FashionIQ mAP@K (FTI4CIR's tables): one ground truth, so AP@K = 1/rank when it is in the top K, else 0."""
+    return (
+        100 * sum(1 / (r.index(t) + 1) if t in r[:k] else 0 for r, t in zip(ranked, targets)) / len(targets)
+    )
+
+
 def fiq_oracle(categories: dict[str, tuple[list[list[float]], list[str], list[str]]]) -> dict[str, float]:
     """categories: name -> (score rows, gallery names, target names)."""
     out = {}
@@ -50,10 +59,12 @@ def fiq_oracle(categories: dict[str, tuple[list[list[float]], list[str], list[st
         ranked = [rank(row, names) for row in scores]  # the reference is NOT removed
         for k in (10, 50):
             out[f"val/{cat}/recall_at_{k}"] = recall(ranked, targets, k)
+            out[f"val/{cat}/map_at_{k}"] = one_target_map(ranked, targets, k)
     for k in (10, 50):
-        out[f"val/average/recall_at_{k}"] = sum(out[f"val/{c}/recall_at_{k}"] for c in categories) / len(
-            categories
-        )
+        for kind in ("recall", "map"):
+            out[f"val/average/{kind}_at_{k}"] = sum(out[f"val/{c}/{kind}_at_{k}"] for c in categories) / len(
+                categories
+            )
     out["val/average_recall"] = (out["val/average/recall_at_10"] + out["val/average/recall_at_50"]) / 2
     return out
 
@@ -204,6 +215,16 @@ def test_official_layout_run_equals_oracle(dataset, cli, tmp_path):
     preds = ranks_from_predictions(run, split)
     check = {"fashioniq": _fashioniq, "cirr": _cirr, "circo": _circo, "shoes": _shoes}[dataset]
     check(root, preds, metrics)
+    table = run / "metrics_per_category.csv"  # FashionIQ's per-category table, only where there are groups
+    if dataset != "fashioniq":
+        assert not table.exists()
+        return
+    rows = list(csv.reader(table.read_text().splitlines()))
+    assert rows[0] == ["category", "Recall@10", "Recall@50", "mAP@10", "mAP@50"]
+    assert [r[0] for r in rows[1:]] == ["dress", "shirt", "toptee", "average"]
+    for cat, *cells in rows[1:]:
+        keys = [f"val/{cat}/{kind}_at_{k}" for kind in ("recall", "map") for k in (10, 50)]
+        assert cells == [f"{metrics[key]:.2f}" for key in keys]
 
 
 def _fashioniq(root, preds, metrics):
@@ -215,7 +236,9 @@ def _fashioniq(root, preds, metrics):
         assert all(len(r) == len(gallery) for r in ranked)  # the reference stays in
         for k in (10, 50):
             oracle[f"val/{cat}/recall_at_{k}"] = recall(ranked, [c["target"] for c in caps], k)
+            oracle[f"val/{cat}/map_at_{k}"] = one_target_map(ranked, [c["target"] for c in caps], k)
     assert_same(metrics, oracle)
+    assert 0 < metrics["val/dress/map_at_10"] < metrics["val/dress/recall_at_10"]  # 1/rank < 1 somewhere
     for k in (10, 50):  # the average is the mean of the three categories of this same run
         cats = [metrics[f"val/{c}/recall_at_{k}"] for c in ("dress", "shirt", "toptee")]
         assert k == 50 or len(set(cats)) > 1  # R@50 is 100 in 28-image galleries

@@ -108,6 +108,28 @@ def test_report_without_runs_is_an_error(tmp_path, capsys):
     assert exc.value.code == 2 and "no results.json" in capsys.readouterr().err
 
 
+def test_report_shows_a_grouped_benchmarks_average_recall_and_map(tmp_path):
+    """FashionIQ: beside the main metric, the category averages of R@K and mAP@K (not each category)."""
+    for name, score in (("a", 30.0), ("b", 40.0)):
+        metrics = {"val/average_recall": score, "val/dress/recall_at_10": 1.0}
+        metrics.update(
+            {f"val/average/{kind}_at_{k}": score + k for kind in ("map", "recall") for k in (50, 10)}
+        )
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(
+            json.dumps({"metrics": metrics, "main_metric": "val/average_recall", "method": name})
+        )
+    columns, rows = collect([tmp_path])
+    assert columns[2:] == [
+        "val/average_recall",
+        "val/average/recall_at_10",
+        "val/average/recall_at_50",
+        "val/average/map_at_10",
+        "val/average/map_at_50",
+    ]
+    assert [r["run"] for r in rows] == ["b", "a"] and rows[0]["val/average/map_at_50"] == 90.0
+
+
 # ---- visualisation ----------------------------------------------------------------------------
 def test_visualization_grid_and_html(tmp_path):
     colours = {
