@@ -1,4 +1,4 @@
-"""Each accepted on-disk layout of CIRR and Shoes works from `dataset.root` alone (the folder the
+"""Each accepted on-disk layout of CIRR, Shoes and FashionIQ works from `dataset.root` alone (the folder the
 README names), and a wrong root or missing images say which layouts are accepted and which was found.
 
 Trees are built from the real (cut-down) annotation fixtures with placeholder images."""
@@ -13,8 +13,9 @@ import pytest
 from conftest import results
 from fixtures.make_images import FIXTURES, materialize, write_image
 
-from cirlab.data.check import check_images
+from cirlab.data.check import check_images, split_images
 from cirlab.data.sources.cirr import CIRRSource
+from cirlab.data.sources.fashioniq import FashionIQSource
 from cirlab.data.sources.layout import ImageNotFound
 from cirlab.data.sources.shoes import ShoesSource
 from cirlab.errors import CirlabError
@@ -57,6 +58,10 @@ def both_cirr_layouts(text: str) -> bool:
 
 def both_shoes_layouts(text: str) -> bool:
     return "\n      womens_<category>/" in text and "images/womens_<category>/" in text
+
+
+def both_fashioniq_layouts(text: str) -> bool:
+    return "images/<ASIN>.jpg" in text and "dress/<ASIN>.jpg, shirt/<ASIN>.jpg, toptee/<ASIN>.jpg" in text
 
 
 # ---- CIRR ---------------------------------------------------------------------------------------
@@ -176,6 +181,66 @@ def test_shoes_missing_image_shows_both_layouts(images, tmp_path):
     assert ("no .jpg/.jpeg/.png file at all" in text) == (not images)
 
 
+# ---- FashionIQ ----------------------------------------------------------------------------------
+FIQ_SPLITS = ("train", "val", "test")
+
+
+def test_fashioniq_per_category_layout_reads_as_the_official_one(tmp_path):
+    official = FashionIQSource(materialize("fashioniq", tmp_path / "official"))
+    root = materialize("fashioniq", tmp_path / "FashionIQ", fashioniq_per_category=True)
+    src = FashionIQSource(root)
+    assert not (root / "images").exists() and src.detected.startswith("per-category layout (FTI4CIR)")
+    assert official.detected.startswith("official layout")
+    assert src.train_queries() == official.train_queries()
+    for split in ("val", "test"):
+        assert src.eval_sets(split) == official.eval_sets(split)
+        for es in src.eval_sets(split):  # each image in its own category's folder
+            for name in es.gallery:
+                assert src.image_path(name) == root / es.group / f"{name}.png"
+    for name in {n for split in FIQ_SPLITS for n in split_images(src, split)}:
+        assert src.image_path(name).read_bytes() == official.image_path(name).read_bytes()
+    assert check_images(src, FIQ_SPLITS).ok
+
+
+def test_fashioniq_per_category_prefers_jpg_as_the_official_layout(tmp_path):
+    root = materialize("fashioniq", tmp_path / "FashionIQ", fashioniq_per_category=True)
+    write_image(root / "dress" / "B005X4PL1G.jpg")
+    assert FashionIQSource(root).image_path("B005X4PL1G") == root / "dress/B005X4PL1G.jpg"
+    assert FashionIQSource(root, image_ext="png").image_path("B005X4PL1G") == root / "dress/B005X4PL1G.png"
+
+
+def test_fashioniq_asin_in_two_category_folders(tmp_path):
+    """The same file in two folders is one image; different files are an error naming both."""
+    root = materialize("fashioniq", tmp_path / "FashionIQ", fashioniq_per_category=True)
+    name = json.loads((root / "image_splits/split.dress.val.json").read_text())[0]
+    first = root / "dress" / f"{name}.png"
+    copy = root / "toptee" / f"{name}.png"
+    shutil.copy(first, copy)
+    assert FashionIQSource(root).image_path(name) == first
+    copy.write_bytes(first.read_bytes() + b"\0")
+    with pytest.raises(CirlabError, match="different files") as err:
+        FashionIQSource(root).image_path(name)
+    assert str(first) in str(err.value) and str(copy) in str(err.value)
+
+
+@pytest.mark.parametrize("layout", ["neither", "per-category"])
+def test_fashioniq_missing_image_names_both_layouts(layout, tmp_path):
+    root = tmp_path / "FashionIQ"
+    if layout == "neither":
+        shutil.copytree(FIXTURES / "fashioniq", root)
+    else:
+        materialize("fashioniq", root, fashioniq_per_category=True)
+        (root / "dress" / "B005X4PL1G.png").unlink()
+    src = FashionIQSource(root)
+    with pytest.raises(ImageNotFound) as err:
+        src.image_path("B005X4PL1G")
+    text = str(err.value)
+    assert both_fashioniq_layouts(text) and str(root) in text
+    detected = "Detected: no images" if layout == "neither" else "Detected: per-category layout (FTI4CIR)"
+    assert detected in text
+    assert "B005X4PL1G" in check_images(src, ["val"]).missing
+
+
 # ---- the CLI ------------------------------------------------------------------------------------
 LAYOUTS = {
     "cirr-seed": ("cirr", lambda d: cirr_seed(d / "CIRR"), "CLIP4Cir/SEARLE layout"),
@@ -183,6 +248,12 @@ LAYOUTS = {
     "cirr-official": ("cirr", lambda d: materialize("cirr", d / "cirr"), "official cirr_dataset layout"),
     "shoes-unpacked": ("shoes", lambda d: shoes_unpacked(d / "shoes"), "images as unpacked"),
     "shoes-images": ("shoes", lambda d: materialize("shoes", d / "shoes"), "images gathered in images/"),
+    "fashioniq-official": ("fashioniq", lambda d: materialize("fashioniq", d / "fiq"), "official layout"),
+    "fashioniq-per-category": (
+        "fashioniq",
+        lambda d: materialize("fashioniq", d / "FashionIQ", fashioniq_per_category=True),
+        "per-category layout (FTI4CIR)",
+    ),
 }
 
 
@@ -217,6 +288,7 @@ def test_check_data_wrong_cirr_root(cli, tmp_path):
     [
         ("cirr", lambda d: cirr_seed(d / "CIRR", images=False)),
         ("shoes", lambda d: shoes_unpacked(d / "shoes", images=False)),
+        ("fashioniq", lambda d: shutil.copytree(FIXTURES / "fashioniq", d / "FashionIQ")),
     ],
 )
 def test_check_data_without_images(dataset, build, cli, tmp_path):
@@ -224,7 +296,8 @@ def test_check_data_without_images(dataset, build, cli, tmp_path):
     code, out, err = cli("+task=check_data", f"dataset={dataset}", f"dataset.root={root}", "+splits=[val]")
     assert code == 2 and " 0 unreadable" in out and "0 missing" not in out
     assert "detected layout: " in out
-    assert (both_cirr_layouts if dataset == "cirr" else both_shoes_layouts)(out)
+    both = {"cirr": both_cirr_layouts, "shoes": both_shoes_layouts, "fashioniq": both_fashioniq_layouts}
+    assert both[dataset](out)
 
 
 def test_zeroshot_on_cirr_seed_layout(cli, tmp_path):

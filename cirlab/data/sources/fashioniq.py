@@ -1,7 +1,10 @@
-"""FashionIQ in its official layout (XiaoxiaoGuo/fashion-iq), read as CLIP4Cir reads it."""
+"""FashionIQ in its official layout (XiaoxiaoGuo/fashion-iq) or with FTI4CIR's per-category image folders,
+read as CLIP4Cir reads it."""
 
 from __future__ import annotations
 
+import filecmp
+import os
 import random
 from pathlib import Path
 
@@ -14,11 +17,17 @@ from cirlab.io import read_json
 
 CATEGORIES = ("dress", "shirt", "toptee")
 STRIP = ".?, "  # CLIP4Cir strips these from both ends of every caption
+EXTS = {"auto": ("jpg", "png"), "jpg": ("jpg",), "png": ("png",)}  # image_ext -> extensions, preferred first
+OFFICIAL = "official layout"
+PER_CATEGORY = "per-category layout (FTI4CIR)"
 
-LAYOUT = """  <root>/                        (e.g. fashionIQ_dataset/)
+LAYOUT = """  <root>/                        (e.g. fashionIQ_dataset/ or FashionIQ/)
     captions/cap.<category>.<split>.json       category: dress, shirt, toptee; split: train, val, test
     image_splits/split.<category>.<split>.json
-    images/<ASIN>.jpg  or  images/<ASIN>.png   (one flat folder for all categories)"""
+  and the images either in the official layout (CLIP4Cir, SEARLE), one flat folder for all categories:
+    images/<ASIN>.jpg  or  images/<ASIN>.png
+  or in FTI4CIR's layout, one folder per category beside captions/ (used when there is no images/):
+    dress/<ASIN>.jpg, shirt/<ASIN>.jpg, toptee/<ASIN>.jpg   (or .png)"""
 
 
 class FashionIQCaptions(CaptionRules):
@@ -60,8 +69,14 @@ class FashionIQSource(FashionIQCaptions, CIRSource):
     name = "fashioniq"
     layout = LAYOUT
     readme_section = "FashionIQ"
+    # mAP@10/@50 (one target: AP@K = 1/rank within K) is not in CLIP4Cir's or SEARLE's code; FTI4CIR's
+    # tables report it per category beside the recalls
     protocol = Protocol(
-        recall_ks=(10, 50), exclude_reference=False, group_average=True, main_metric="average_recall"
+        recall_ks=(10, 50),
+        map_ks=(10, 50),
+        exclude_reference=False,
+        group_average=True,
+        main_metric="average_recall",
     )
 
     def __init__(self, root: str | Path, categories=CATEGORIES, image_ext: str = "auto"):
@@ -74,8 +89,27 @@ class FashionIQSource(FashionIQCaptions, CIRSource):
         self.categories = tuple(categories)
         self.image_ext = image_ext
         self._paths: dict[str, Path] = {}
+        self._index: dict[str, list[Path]] | None = None  # per-category layout: ASIN -> its files
+        found = [d for d in ("images", *CATEGORIES) if (self.root / d).is_dir()]
+        self.image_dirs = ["images"] if "images" in found else found  # [] when neither layout is there
+        if self.image_dirs == ["images"]:
+            self.detected = f"{OFFICIAL}: images in {self.root / 'images'}"
+        elif self.image_dirs:
+            self.detected = f"{PER_CATEGORY}: images in {self._folders()} under {self.root}"
+        else:
+            self.detected = f"no images: neither images/ nor {', '.join(CATEGORIES)} folders in {self.root}"
+
+    def _folders(self) -> str:
+        return ", ".join(f"{d}/" for d in self.image_dirs)
 
     def image_path(self, name: str) -> Path:
+        if self.image_dirs == ["images"]:
+            return self._official_path(name)
+        if not self.image_dirs:
+            raise self.missing_image(f"image {name} not found: no image folder in {self.root}")
+        return self._category_path(name)
+
+    def _official_path(self, name: str) -> Path:
         """With image_ext=auto, .jpg (the reference code) then .png (its derivatives), cached once found."""
         if self.image_ext != "auto":
             return self.root / "images" / f"{name}.{self.image_ext}"
@@ -84,6 +118,34 @@ class FashionIQSource(FashionIQCaptions, CIRSource):
             if not jpg.is_file() and not png.is_file():
                 return jpg  # not cached: the images may still arrive
             self._paths[name] = jpg if jpg.is_file() else png
+        return self._paths[name]
+
+    def _category_path(self, name: str) -> Path:
+        """FTI4CIR opens an image in its query's category folder. Image names are ASINs, so one index of the
+        category folders (listed once) finds every name without knowing its category. An ASIN in two folders
+        must be the same file in both: features are kept per name, so a second picture would be lost."""
+        if self._index is None:
+            self._index = {}
+            for folder in self.image_dirs:
+                files = [e.name for e in os.scandir(self.root / folder) if e.is_file()]
+                chosen: dict[str, Path] = {}
+                for ext in reversed(EXTS[self.image_ext]):  # the preferred extension written last wins
+                    chosen |= {
+                        f[: -len(ext) - 1]: self.root / folder / f for f in files if f.endswith(f".{ext}")
+                    }
+                for asin, path in chosen.items():
+                    self._index.setdefault(asin, []).append(path)
+        if name not in self._paths:
+            paths = self._index.get(name)
+            if not paths:
+                raise self.missing_image(f"image {name} not found in {self._folders()} under {self.root}")
+            if any(not filecmp.cmp(paths[0], p, shallow=False) for p in paths[1:]):
+                listed = "\n".join(f"  {p}" for p in paths)
+                raise CirlabError(
+                    f"fashioniq: image {name} is in several category folders with different files:\n{listed}\n"
+                    "Keep one picture per ASIN (the same file in every folder that has it)."
+                )
+            self._paths[name] = paths[0]
         return self._paths[name]
 
     def queries(self, category: str, split: str) -> list[CIRQuery]:
