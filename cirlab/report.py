@@ -13,7 +13,6 @@ import argparse
 import csv
 import io
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,7 @@ from typing import Any
 import yaml
 
 from cirlab.errors import CirlabError
-
-# a split's recall@K and mAP@K, or their average over a grouped benchmark's groups (FashionIQ categories)
-AT_K = re.compile(r"^(?P<split>[^/]+)/(?:average/)?(?P<kind>recall|map)_at_(?P<k>\d+)$")
+from cirlab.metric_keys import AT_K
 
 
 def find_results(paths: list[str | Path]) -> list[Path]:
@@ -145,9 +142,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cirlab-report", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", help="run folders, multirun folders or results.json files")
     parser.add_argument("--csv", action="store_true", help="CSV instead of a markdown table")
+    parser.add_argument(
+        "--plot", metavar="FILE.png", help="also draw recall@K / mAP@K per method (matplotlib)"
+    )
     args = parser.parse_args(argv)
     try:
-        print(report(args.paths, "csv" if args.csv else "markdown"))
+        columns, rows = collect(args.paths)
+        print(to_csv(columns, rows) if args.csv else markdown(columns, rows))
+        if args.plot:
+            from cirlab.report_plot import write_plot
+
+            write_plot(args.plot, columns, rows, find_results(args.paths))
+            print(f"plot: {args.plot}", file=sys.stderr)
     except CirlabError as err:
         print(f"cirlab-report error: {err}", file=sys.stderr)
         sys.exit(2)
