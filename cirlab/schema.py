@@ -123,10 +123,10 @@ SCHEMA = {
         visualize_k nlist nprobe log_every_n_steps num_nodes max_edits n_pretrain n_train n_val n_test
         image_size patch_size embed_dim width head_width heads layers context_length vocab_size max_length
         hidden_size intermediate_size num_hidden_layers num_attention_heads encoder_hidden_size
-        max_position_embeddings image_text_hidden_size""".split(),
+        max_position_embeddings image_text_hidden_size middle_dim n_layer""".split(),
         POSITIVE,
     ),
-    **dict.fromkeys("max_epochs hard_negatives".split(), COUNT),
+    **dict.fromkeys("max_epochs hard_negatives warmup_steps".split(), COUNT),
     **dict.fromkeys(
         "chunk threads projection_dim hidden_dim per_concept".split(), Value(int, lo=1, null=True)
     ),
@@ -162,7 +162,7 @@ SCHEMA = {
     "quick_gelu": Value(bool, null=True),
     **dict.fromkeys(
         """run_name name path root split val_split test_split hf_id model_name prompt token_dir project strategy
-        root_dir data_dir output_dir cache_dir""".split(),
+        root_dir data_dir output_dir cache_dir train_prompt placeholder""".split(),
         STR,
     ),
     # a path (whether it exists is checked where it is read, with what it should hold), or a name

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from cirlab import stage as stage_factory
 from cirlab.errors import CirlabError
-from cirlab.methods.searle import Searle
+from cirlab.methods.searle import UnlabeledImages
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
@@ -24,7 +24,7 @@ CIR = {"synthetic", "jsonl", "fashioniq", "cirr", "circo", "shoes"}
 CAPTIONS = {"synthetic_captions", "synthetic_captions_shifted", "coco", "flickr30k", "captions_jsonl"}
 UNLABELED = {"imagenet"}  # SEARLE's phi images only: +dataset@method.unlabeled=imagenet
 TRAINED_ON_TRIPLETS = {"clip4cir", "clip4cir_finetune", "clip4cir_combiner", "mlcl", "blip4cir_bi"}
-CIR_METHODS = TRAINED_ON_TRIPLETS | {"zeroshot", "searle", "searle_oti"}
+CIR_METHODS = TRAINED_ON_TRIPLETS | {"zeroshot", "searle", "searle_oti", "pic2word"}
 CAPTION_METHODS = {"crossmodal"}
 
 
@@ -36,7 +36,7 @@ def expected_error(method: str, dataset: str) -> str | None:
         return "needs a cir dataset"
     if dataset in UNLABELED:
         return "folder of unlabeled images without CIR queries"
-    if dataset == "circo" and method in TRAINED_ON_TRIPLETS | {"searle"}:  # searle: phi on circo's images
+    if dataset == "circo" and method in TRAINED_ON_TRIPLETS | {"searle", "pic2word"}:  # on circo's images
         return "CIRCO has no training split"
     return None
 
@@ -116,7 +116,7 @@ def prepare(cfg, backbone) -> None:
         assert dm.all_images(stage_factory.image_splits(module, dm, train))
         if not train:
             continue
-        if isinstance(module, Searle):
+        if isinstance(module, UnlabeledImages):
             assert module.unlabeled_images(module.unlabeled_source or dm.source)
         else:
             served = dm.for_stage(1, transform=backbone.preprocess, text_views=module.text_views)

@@ -41,9 +41,12 @@ class Backbone(nn.Module):
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         raise NotImplementedError
 
-    def encode_text_with_pseudo_tokens(self, tokens: torch.Tensor, pseudo: torch.Tensor) -> torch.Tensor:
-        """`encode_text` with the token embedding at the FIRST placeholder (`$`) position of each row
-        replaced by `pseudo` [B, token_embedding_dim] (SEARLE's textual inversion). Not normalised."""
+    def encode_text_with_pseudo_tokens(
+        self, tokens: torch.Tensor, pseudo: torch.Tensor, placeholder: str = "$"
+    ) -> torch.Tensor:
+        """`encode_text` with the token embedding at the FIRST `placeholder` position of each row
+        replaced by `pseudo` [B, token_embedding_dim] (SEARLE's and Pic2Word's textual inversion). Not
+        normalised."""
         raise NotImplementedError(f"backbone {self.name!r} does not support pseudo-token text encoding")
 
     def image_parameters(self) -> list[nn.Parameter]:

@@ -113,7 +113,7 @@ class OpenCLIPBackbone(Backbone):
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(list(texts))
 
-    # ---- SEARLE: a pseudo-word token injected at the placeholder `$` ------------------------------
+    # ---- SEARLE, Pic2Word: a pseudo-word token injected at a placeholder (`$`, `*`) ------------------
     @property
     def token_dim(self) -> int:
         """Width of the text tower's token embedding (the space pseudo tokens live in)."""
@@ -121,18 +121,26 @@ class OpenCLIPBackbone(Backbone):
 
     @property
     def placeholder_token_id(self) -> int:
-        """Token id of `$` (259 with CLIP's BPE), found by tokenising it, never hard-coded."""
-        if not hasattr(self, "_placeholder_id"):
-            row = self.tokenize(["$"])[0].tolist()
+        """Token id of SEARLE's `$` (259 with CLIP's BPE)."""
+        return self.token_id("$")
+
+    def token_id(self, placeholder: str) -> int:
+        """Token id of a one-token placeholder (`$` 259, `*` 265 with CLIP's BPE), found by tokenising it,
+        never hard-coded."""
+        if not hasattr(self, "_placeholder_ids"):
+            self._placeholder_ids: dict[str, int] = {}
+        ids = self._placeholder_ids
+        if placeholder not in ids:
+            row = self.tokenize([placeholder])[0].tolist()
             end = max(range(len(row)), key=lambda i: row[i])  # EOT: the largest id in the row
             inner = row[1:end]
             if len(inner) != 1:
                 raise CirlabError(
-                    f"backbone {self.name!r}: the tokenizer splits '$' into {inner}; "
-                    "SEARLE needs a single-token placeholder"
+                    f"backbone {self.name!r}: the tokenizer splits {placeholder!r} into {inner}; "
+                    "a pseudo-token placeholder must be a single token"
                 )
-            self._placeholder_id = inner[0]
-        return self._placeholder_id
+            ids[placeholder] = inner[0]
+        return ids[placeholder]
 
     def _text_tower(self):
         model = self.model
@@ -145,19 +153,21 @@ class OpenCLIPBackbone(Backbone):
             )
         return model
 
-    def encode_text_with_pseudo_tokens(self, tokens: torch.Tensor, pseudo: torch.Tensor) -> torch.Tensor:
+    def encode_text_with_pseudo_tokens(
+        self, tokens: torch.Tensor, pseudo: torch.Tensor, placeholder: str = "$"
+    ) -> torch.Tensor:
         """open_clip `CLIP.encode_text` with one substitution: in every row the token embedding at the
-        FIRST `$` is replaced by that row's pseudo token (one given token is broadcast to all rows);
-        later `$` keep the literal `$` embedding (the SEARLE reference). Pooling as open_clip."""
+        FIRST `placeholder` is replaced by that row's pseudo token (one given token is broadcast to all
+        rows); later ones keep the literal embedding (the SEARLE reference). Pooling as open_clip."""
         from open_clip.transformer import text_global_pool
 
         m = self._text_tower()
         tokens = tokens.to(m.token_embedding.weight.device)
-        is_ph = tokens == self.placeholder_token_id
+        is_ph = tokens == self.token_id(placeholder)
         if not bool(is_ph.any(dim=1).all()):
             raise CirlabError(
-                "a prompt has no '$' placeholder for the pseudo token; write prompts like "
-                "'a photo of $ that {}' (spaces around $)"
+                f"a prompt has no {placeholder!r} placeholder for the pseudo token; write prompts like "
+                f"'a photo of {placeholder} that {{}}' (spaces around {placeholder})"
             )
         cast_dtype = m.transformer.get_cast_dtype()
         x = m.token_embedding(tokens).to(cast_dtype)
@@ -166,7 +176,7 @@ class OpenCLIPBackbone(Backbone):
             pseudo = pseudo.unsqueeze(0)
         if pseudo.shape[0] == 1 and x.shape[0] > 1:
             pseudo = pseudo.expand(x.shape[0], -1)
-        first = is_ph.int().argmax(dim=1)  # index of the first `$` of each row
+        first = is_ph.int().argmax(dim=1)  # index of the first placeholder of each row
         rows = torch.arange(x.shape[0], device=x.device)
         x = x.index_put((rows, first), pseudo)  # out of place: gradients flow into `pseudo`
         attn_mask = m.attn_mask

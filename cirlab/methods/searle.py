@@ -7,8 +7,9 @@ the `$` of a prompt like "a photo of $ that {relative caption}"; the prompt feat
 Both work on frozen cached image features; OTI tokens are stored atomically and resumably.
 phi files in the authors' layout (`SEARLE_ViT-B32.pt`, `phi_20.pt`: {'Phi': state_dict}) load with
 `method.phi.checkpoint` and come out of `cirlab +task=export` as `phi.pt`.
-This module holds the LightningModules; phi and its losses are in searle_phi, OTI in searle_oti, the
-token files in searle_tokens, the vocabulary, concepts and phrases in searle_text.
+This module holds the LightningModules and what Pic2Word shares with them (`PromptQueries`: the prompt
+evaluation; `UnlabeledImages`: the training images' features); phi and its losses are in searle_phi,
+OTI in searle_oti, the token files in searle_tokens, the vocabulary, concepts and phrases in searle_text.
 """
 
 from __future__ import annotations
@@ -42,13 +43,85 @@ def _feature_key(features: torch.Tensor) -> str:
     return hashlib.sha1(features.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
-class _SearleBase(RetrievalModule):
+class PromptQueries(RetrievalModule):
+    """Zero-shot CIR by a prompt (SEARLE, Pic2Word): the reference image's pseudo token at the prompt's
+    placeholder, the query text at its '{}', the prompt's feature retrieves; frozen backbone."""
+
     frozen_image_encoder = True
 
+    def __init__(self, backbone, prompt: str = "a photo of $ that {}", placeholder: str = "$", **kwargs):
+        super().__init__(backbone, **kwargs)
+        if placeholder not in prompt or "{}" not in prompt:
+            raise CirlabError(
+                f"method.prompt={prompt!r} needs a {placeholder!r} (the pseudo token) and a '{{}}' (the text)"
+            )
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        self.prompt, self.placeholder = prompt, placeholder
+        self._queries: dict[int, list] = {}  # query loader index -> its queries (set per evaluation)
+
+    def query_texts(self, query: CIRQuery) -> list[str]:
+        """The texts of one query put into the prompt, their features averaged (SEARLE's rule)."""
+        return self.eval_data.source.query_texts(query)
+
+    def prompt_tokens(self, texts: list[str]) -> torch.Tensor:
+        return self.backbone.tokenize([self.prompt.format(t) for t in texts]).to(self.device)
+
+    def encode_queries(self, tokens: torch.Tensor, texts: list[list[str]]) -> torch.Tensor:
+        """Query features: per query the mean of its texts' normalised prompt features, renormalised
+        (one text: just its feature; FashionIQ: both caption orders, as the reference's validate.py)."""
+        n_texts = {len(t) for t in texts}
+        if len(n_texts) != 1:
+            raise CirlabError(f"internal: queries of one batch have different numbers of texts {n_texts}")
+        k = n_texts.pop()
+        with torch.no_grad():
+            feats = self.backbone.encode_text_with_pseudo_tokens(
+                self.prompt_tokens([t for ts in texts for t in ts]),
+                tokens.to(self.device).repeat_interleave(k, 0),
+                self.placeholder,
+            )
+            feats = F.normalize(feats.float(), dim=-1).view(len(texts), k, -1).mean(1)
+        return F.normalize(feats, dim=-1)
+
+    def _prepare(self, split: str) -> None:
+        """Before an evaluation: the queries of each query loader (their texts are built per query)."""
+        self._queries = {2 * s + 1: es.queries for s, es in enumerate(self.eval_data.eval_sets(split))}
+
+    def on_validation_start(self) -> None:  # also before the sanity check (trainer=gpu runs one)
+        self._prepare(self.eval_data.val_split)
+
+    def on_test_start(self) -> None:
+        self._prepare(self.eval_data.test_split)
+
+    def reference_tokens(self, batch: dict, dataloader_idx: int) -> torch.Tensor:
+        """The pseudo tokens of an evaluation batch's reference images."""
+        return self.token_of(self.image_features(batch["reference"]))
+
+    def token_of(self, features: torch.Tensor) -> torch.Tensor:
+        """The pseudo token of reference images given by their raw features (phi, or OTI)."""
+        raise NotImplementedError
+
+    def query_embedding(self, reference, texts):
+        return self.encode_queries(self.token_of(self.image_features(reference)), [[t] for t in texts])
+
+    def dataset_query_embedding(self, reference, query: CIRQuery) -> torch.Tensor:
+        """The query's texts (SEARLE on FashionIQ: both caption orders) averaged, as in evaluation."""
+        texts = [self.query_texts(query)]
+        return self.encode_queries(self.token_of(self.image_features(reference)), texts)
+
+    def _eval_step(self, batch: dict, dataloader_idx: int) -> None:
+        if dataloader_idx % 2 == 0:
+            return super()._eval_step(batch, dataloader_idx)
+        queries = self._queries[dataloader_idx]
+        texts = [self.query_texts(queries[i]) for i in batch["index"].tolist()]
+        emb = self.encode_queries(self.reference_tokens(batch, dataloader_idx), texts)
+        self._outputs[dataloader_idx].append((batch["index"], emb))
+
+
+class _SearleBase(PromptQueries):
     def __init__(
         self,
         backbone,
-        prompt: str = "a photo of $ that {}",
         concepts: dict | None = None,
         phrases: dict | None = None,
         oti: dict | None = None,
@@ -56,19 +129,11 @@ class _SearleBase(RetrievalModule):
         **kwargs,
     ):
         super().__init__(backbone, **kwargs)
-        if "$" not in prompt or "{}" not in prompt:
-            raise CirlabError(
-                f"method.prompt={prompt!r} needs a '$' (the pseudo token) and a '{{}}' (the text)"
-            )
-        for p in backbone.parameters():
-            p.requires_grad_(False)
-        self.prompt = prompt
         self.concepts_cfg = dict(concepts or {})
         self.phrases_cfg = dict(phrases or {})
         self.oti_cfg = dict(oti or {})  # method.oti: inverting needs all of it
         self.token_dir = token_dir
         self._text: SearleText | None = None
-        self._queries: dict[int, list] = {}  # query loader index -> its queries (set per evaluation)
 
     def vocabulary_and_phrases(self) -> SearleText:
         """The text side (vocabulary, concept embeddings, phrase bank, templates) of this backbone and the
@@ -104,58 +169,6 @@ class _SearleBase(RetrievalModule):
         return self.store(tag).compute(
             names, features, invert_chunk, int(cfg["batch_size"]), int(cfg["save_every"])
         )
-
-    def prompt_tokens(self, texts: list[str]) -> torch.Tensor:
-        return self.backbone.tokenize([self.prompt.format(t) for t in texts]).to(self.device)
-
-    def encode_queries(self, tokens: torch.Tensor, texts: list[list[str]]) -> torch.Tensor:
-        """Query features: per query the mean of its texts' normalised prompt features, renormalised
-        (one text: just its feature; FashionIQ: both caption orders, as the reference's validate.py)."""
-        n_texts = {len(t) for t in texts}
-        if len(n_texts) != 1:
-            raise CirlabError(f"internal: queries of one batch have different numbers of texts {n_texts}")
-        k = n_texts.pop()
-        with torch.no_grad():
-            feats = self.backbone.encode_text_with_pseudo_tokens(
-                self.prompt_tokens([t for ts in texts for t in ts]),
-                tokens.to(self.device).repeat_interleave(k, 0),
-            )
-            feats = F.normalize(feats.float(), dim=-1).view(len(texts), k, -1).mean(1)
-        return F.normalize(feats, dim=-1)
-
-    def _prepare(self, split: str) -> None:
-        """Before an evaluation: the queries of each query loader (their texts are built per query)."""
-        self._queries = {2 * s + 1: es.queries for s, es in enumerate(self.eval_data.eval_sets(split))}
-
-    def on_validation_start(self) -> None:  # also before the sanity check (trainer=gpu runs one)
-        self._prepare(self.eval_data.val_split)
-
-    def on_test_start(self) -> None:
-        self._prepare(self.eval_data.test_split)
-
-    def reference_tokens(self, batch: dict, dataloader_idx: int) -> torch.Tensor:
-        """The pseudo tokens of an evaluation batch's reference images."""
-        return self.token_of(self.image_features(batch["reference"]))
-
-    def token_of(self, features: torch.Tensor) -> torch.Tensor:
-        """The pseudo token of reference images given by their raw features (phi, or OTI)."""
-        raise NotImplementedError
-
-    def query_embedding(self, reference, texts):
-        return self.encode_queries(self.token_of(self.image_features(reference)), [[t] for t in texts])
-
-    def dataset_query_embedding(self, reference, query: CIRQuery) -> torch.Tensor:
-        """The source's query texts (FashionIQ: both caption orders) averaged, as in evaluation."""
-        texts = [self.eval_data.source.query_texts(query)]
-        return self.encode_queries(self.token_of(self.image_features(reference)), texts)
-
-    def _eval_step(self, batch: dict, dataloader_idx: int) -> None:
-        if dataloader_idx % 2 == 0:
-            return super()._eval_step(batch, dataloader_idx)
-        queries = self._queries[dataloader_idx]
-        texts = [self.eval_data.source.query_texts(queries[i]) for i in batch["index"].tolist()]
-        emb = self.encode_queries(self.reference_tokens(batch, dataloader_idx), texts)
-        self._outputs[dataloader_idx].append((batch["index"], emb))
 
 
 class SearleOTI(_SearleBase):
@@ -218,7 +231,43 @@ class SearleOTI(_SearleBase):
         return None
 
 
-class Searle(_SearleBase):
+class UnlabeledImages:
+    """A stage trained on unlabeled images' cached raw features (SEARLE's phi, Pic2Word's mapping); the
+    subclass sets max_images, cache_dir, image_splits, unlabeled_source and seed."""
+
+    def unlabeled_images(self, source) -> list[str]:
+        """The training images: the captioned images of `image_splits` where the source has captions
+        (synthetic: the CIR-train and pretraining images; captions unused), else its unlabeled images
+        (an ImageNet folder, or the training triplets' images); at most max_images, drawn by seed."""
+        try:
+            names = [n for split in self.image_splits for n, _ in source.image_captions(split)]
+        except CirlabError:
+            names = source.unlabeled_images()
+        names = list(dict.fromkeys(names))
+        if self.max_images and len(names) > self.max_images:
+            names = sorted(random.Random(self.seed).sample(names, self.max_images), key=names.index)
+        return names
+
+    def unlabeled_features(self, dm) -> tuple:
+        """(source, image names, their raw features [N, D]): the run's cached features where the images
+        are the evaluated dataset's, else encoded once into the feature cache."""
+        from cirlab.data.features import FeatureCache
+
+        source = self.unlabeled_source or dm.source
+        names = self.unlabeled_images(source)
+        if not names:
+            raise CirlabError(f"dataset {source.name!r} has no unlabeled training images")
+        feats = dict(dm.features or {}) if source is dm.source else {}  # another source: other names
+        missing = [n for n in names if n not in feats]
+        if missing:
+            if not self.cache_dir:
+                raise CirlabError("internal: the stage needs cache_dir to cache unlabeled image features")
+            cache = FeatureCache(self.cache_dir)
+            feats.update(cache.get(self.backbone, missing, [source.image_path(n) for n in missing]))
+        return source, names, torch.stack([feats[n] for n in names]).float()
+
+
+class Searle(UnlabeledImages, _SearleBase):
     """SEARLE: phi maps a raw image feature to its pseudo token; trained by distillation from OTI tokens
     of unlabeled images (plus the phrase regulariser), then zero-shot CIR with the prompt."""
 
@@ -262,36 +311,10 @@ class Searle(_SearleBase):
         self._concepts: torch.Tensor | None = None
         self._shuffle: torch.Generator | None = None  # phi's batch order (train_loader)
 
-    def unlabeled_images(self, source) -> list[str]:
-        """phi's training images: the captioned images of `image_splits` where the source has captions
-        (synthetic: the CIR-train and pretraining images; captions unused), else its unlabeled images
-        (an ImageNet folder, or the training triplets' images); at most max_images, drawn by seed."""
-        try:
-            names = [n for split in self.image_splits for n, _ in source.image_captions(split)]
-        except CirlabError:
-            names = source.unlabeled_images()
-        names = list(dict.fromkeys(names))
-        if self.max_images and len(names) > self.max_images:
-            names = sorted(random.Random(self.seed).sample(names, self.max_images), key=names.index)
-        return names
-
     def train_loader(self, dm):
-        from cirlab.data.features import FeatureCache
-
         # vocabulary and phrases first: a missing or refused file stops the run before OTI
         text = self.vocabulary_and_phrases()
-        source = self.unlabeled_source or dm.source
-        names = self.unlabeled_images(source)
-        if not names:
-            raise CirlabError(f"dataset {source.name!r} has no unlabeled training images for phi")
-        feats = dict(dm.features or {}) if source is dm.source else {}  # another source: other names
-        missing = [n for n in names if n not in feats]
-        if missing:
-            if not self.cache_dir:
-                raise CirlabError("internal: Searle needs cache_dir to cache unlabeled image features")
-            cache = FeatureCache(self.cache_dir)
-            feats.update(cache.get(self.backbone, missing, [source.image_path(n) for n in missing]))
-        x = torch.stack([feats[n] for n in names]).float()
+        source, names, x = self.unlabeled_features(dm)
         start = time.time()
         tokens = self.invert(names, x, f"{source.name}-unlabeled")
         if self.token_norm == "oti":

@@ -26,3 +26,8 @@ class CaptionRules:
         """The texts a prompt-based zero-shot method (SEARLE) fills into its prompt, their features
         averaged: by default just the caption rule's."""
         return [self.eval_text(query)]
+
+    def prompt_text(self, query: CIRQuery) -> str:
+        """The one text a single-text prompt method (Pic2Word) fills into its prompt: by default the
+        caption rule's."""
+        return self.eval_text(query)

@@ -43,6 +43,11 @@ class FashionIQCaptions(CaptionRules):
         c1, c2 = (c.strip(STRIP) for c in query.captions)
         return [f"{c1} and {c2}", f"{c2} and {c1}"]
 
+    def prompt_text(self, query: CIRQuery) -> str:
+        """Pic2Word's rule: one order, the second caption first, captions as given (not stripped)."""
+        c1, c2 = query.captions
+        return f"{c2} and {c1}"
+
     def train_text_choices(self, query: CIRQuery) -> list[str]:
         c1, c2 = (c.strip(STRIP) for c in query.captions)
         return [

@@ -105,6 +105,9 @@ class ReadableOnly(CIRSource):
     def query_texts(self, query: CIRQuery) -> list[str]:  # SEARLE's prompt rule of the wrapped source
         return self.source.query_texts(query)
 
+    def prompt_text(self, query: CIRQuery) -> str:  # Pic2Word's prompt rule of the wrapped source
+        return self.source.prompt_text(query)
+
     def concept_vocabulary(self) -> list[str] | None:
         return self.source.concept_vocabulary()
 
