@@ -25,8 +25,8 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-## lint + the test suite on two workers (slow integration tests included; ≈22 min on 2 cores from a fresh clone with
-## cold caches and the install, ≈16 min warm: measured 2026-12-07)
+## lint + the test suite on two workers (slow integration tests included; ≈24 min on 2 cores from a fresh clone with
+## cold caches and the install, measured 2026-12-07; warm ≈16 min measured before Pic2Word's tests, ≈1 min more)
 test: install lint
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
