@@ -15,7 +15,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from cirlab.data.records import CIRQuery
 from cirlab.errors import CirlabError
@@ -77,27 +76,15 @@ class Pic2Word(UnlabeledImages, PromptQueries):
         n_layer: int = 2,
         dropout: float = 0.1,
         warmup_steps: int = 10000,
-        max_images: int | None = None,
-        cache_dir: str | None = None,
-        image_splits: tuple = ("train",),
-        unlabeled_source=None,
         batch_size: int = 128,
-        seed: int = 0,
         **kwargs,
     ):
-        super().__init__(backbone, prompt=prompt, placeholder=placeholder, **kwargs)
+        super().__init__(backbone, prompt=prompt, placeholder=placeholder, batch_size=batch_size, **kwargs)
         if placeholder not in train_prompt:
             raise CirlabError(f"method.train_prompt={train_prompt!r} needs the placeholder {placeholder!r}")
         backbone.token_id(placeholder)  # one token, or a clear error now rather than at the first batch
         self.img2text = IM2TEXT(backbone.embed_dim, middle_dim, backbone.token_dim, n_layer, dropout)
         self.train_prompt, self.warmup_steps = train_prompt, warmup_steps
-        self.max_images, self.cache_dir, self.image_splits = max_images, cache_dir, tuple(image_splits)
-        self.unlabeled_source = (
-            unlabeled_source  # e.g. dataset=imagenet's source; None: the evaluated dataset
-        )
-        self.trains_on_dataset_images = unlabeled_source is None
-        self.batch_size, self.seed = batch_size, seed
-        self._shuffle: torch.Generator | None = None
 
     def query_texts(self, query: CIRQuery) -> list[str]:
         return [self.eval_data.source.prompt_text(query)]
@@ -107,19 +94,7 @@ class Pic2Word(UnlabeledImages, PromptQueries):
 
     def train_loader(self, dm):
         _, _, x = self.unlabeled_features(dm)
-        if len(x) < self.batch_size:
-            raise CirlabError(
-                f"{len(x)} unlabeled images are fewer than one batch ({self.batch_size}): "
-                "lower method.img2text.batch_size"
-            )
-        self._shuffle = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            TensorDataset(x),
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            generator=self._shuffle,
-        )
+        return self.unlabeled_loader("img2text", x)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:  # a resumed run sees the same batches
         super().on_save_checkpoint(checkpoint)

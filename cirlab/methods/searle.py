@@ -232,8 +232,27 @@ class SearleOTI(_SearleBase):
 
 
 class UnlabeledImages:
-    """A stage trained on unlabeled images' cached raw features (SEARLE's phi, Pic2Word's mapping); the
-    subclass sets max_images, cache_dir, image_splits, unlabeled_source and seed."""
+    """A stage trained on unlabeled images' cached raw features (SEARLE's phi, Pic2Word's mapping): which
+    images (at most `max_images` of `image_splits`, drawn by `seed`; `unlabeled_source`, e.g.
+    dataset=imagenet's source, or None: the evaluated dataset), their features, and the seeded batches."""
+
+    def __init__(
+        self,
+        backbone,
+        max_images: int | None = None,
+        cache_dir: str | None = None,
+        image_splits: tuple = ("train",),
+        unlabeled_source=None,
+        batch_size: int = 256,
+        seed: int = 0,
+        **kwargs,
+    ):
+        super().__init__(backbone, **kwargs)
+        self.max_images, self.cache_dir, self.image_splits = max_images, cache_dir, tuple(image_splits)
+        self.unlabeled_source = unlabeled_source
+        self.trains_on_dataset_images = unlabeled_source is None
+        self.batch_size, self.seed = batch_size, seed
+        self._shuffle: torch.Generator | None = None  # the batch order (unlabeled_loader)
 
     def unlabeled_images(self, source) -> list[str]:
         """The training images: the captioned images of `image_splits` where the source has captions
@@ -266,6 +285,23 @@ class UnlabeledImages:
             feats.update(cache.get(self.backbone, missing, [source.image_path(n) for n in missing]))
         return source, names, torch.stack([feats[n] for n in names]).float()
 
+    def unlabeled_loader(self, stage: str, *tensors: torch.Tensor) -> DataLoader:
+        """Shuffled whole batches of `tensors` (one row per image); the order comes from a generator
+        seeded here that runs on from epoch to epoch (its state goes into the stage's checkpoints)."""
+        if len(tensors[0]) < self.batch_size:
+            raise CirlabError(
+                f"{len(tensors[0])} unlabeled images are fewer than one batch ({self.batch_size}): "
+                f"lower method.{stage}.batch_size"
+            )
+        self._shuffle = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            TensorDataset(*tensors),
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            generator=self._shuffle,
+        )
+
 
 class Searle(UnlabeledImages, _SearleBase):
     """SEARLE: phi maps a raw image feature to its pseudo token; trained by distillation from OTI tokens
@@ -279,12 +315,6 @@ class Searle(UnlabeledImages, _SearleBase):
         lambda_distil: float = 1.0,
         lambda_gpt: float = 0.75,
         top_k_concepts: int = 150,
-        max_images: int | None = None,
-        cache_dir: str | None = None,
-        image_splits: tuple = ("train",),
-        unlabeled_source=None,
-        batch_size: int = 256,
-        seed: int = 0,
         token_norm: float | str | None = None,
         **kwargs,
     ):
@@ -293,11 +323,6 @@ class Searle(UnlabeledImages, _SearleBase):
         self.phi = Phi(d, 4 * d, backbone.token_dim, dropout)
         self.temperature = temperature
         self.lambda_distil, self.lambda_gpt, self.top_k_concepts = lambda_distil, lambda_gpt, top_k_concepts
-        self.max_images, self.cache_dir, self.image_splits = max_images, cache_dir, tuple(image_splits)
-        self.unlabeled_source = (
-            unlabeled_source  # e.g. dataset=imagenet's source; None: the evaluated dataset
-        )
-        self.trains_on_dataset_images = unlabeled_source is None
         if not (token_norm is None or token_norm == "oti" or isinstance(token_norm, (int, float))):
             raise CirlabError(
                 f"method.phi.module.token_norm={token_norm!r}: use null (reference), oti or a number"
@@ -307,9 +332,7 @@ class Searle(UnlabeledImages, _SearleBase):
         self.register_buffer(
             "target_norm", torch.tensor(float(token_norm) if isinstance(token_norm, (int, float)) else 0.0)
         )
-        self.batch_size, self.seed = batch_size, seed
         self._concepts: torch.Tensor | None = None
-        self._shuffle: torch.Generator | None = None  # phi's batch order (train_loader)
 
     def train_loader(self, dm):
         # vocabulary and phrases first: a missing or refused file stops the run before OTI
@@ -321,19 +344,7 @@ class Searle(UnlabeledImages, _SearleBase):
             self.target_norm.fill_(tokens.norm(dim=-1).mean().item())
         log.info("phi: OTI targets for %d unlabeled images ready in %.0f s", len(names), time.time() - start)
         self._concepts = text.concepts_of(x, self.top_k_concepts)
-        if len(x) < self.batch_size:
-            raise CirlabError(
-                f"{len(x)} unlabeled images are fewer than one batch ({self.batch_size}): "
-                "lower method.phi.batch_size"
-            )
-        self._shuffle = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            TensorDataset(x, tokens, torch.arange(len(x))),
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            generator=self._shuffle,
-        )
+        return self.unlabeled_loader("phi", x, tokens, torch.arange(len(x)))
 
     # The shuffle generator runs on from epoch to epoch: a resumed run takes up its state at the checkpoint,
     # so the epochs after it see the batches of an uninterrupted run.
