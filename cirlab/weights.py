@@ -6,7 +6,8 @@ weights enter (`backbone.checkpoint`, `method.<stage>.checkpoint`) lists the `La
 file's layout is recognised from its keys, converted to cirlab's parameter names (a foreign format by its
 one `WeightMap`, which also writes it back: `SavedFile`) and loaded strictly:
 every tensor of the file is used and every parameter filled, so a wrong model size is an error, never
-a silent partial load. Files are read with `weights_only=True` (no pickled code runs); OpenAI's
+a silent partial load. Files are read with `weights_only=True` (no pickled code runs), a whole pickled
+module (FTI4CIR's release) by its layout's own restricted unpickler (`Layout.sniff`); OpenAI's
 TorchScript archives only behind `backbone.allow_torchscript` (cirlab/backbones/openclip.py).
 """
 
@@ -33,6 +34,9 @@ class Layout:
     name: str
     match: Callable[[Any], bool]
     to_state: Callable[[Any], dict[str, torch.Tensor]]
+    # a format torch.load(weights_only=True) cannot read (a whole pickled module): its own safe reader,
+    # returning the file's object when the file is of this format (recognised by content), None otherwise
+    sniff: Callable[[Path], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,9 @@ def recognise(obj: Any, layouts: list[Layout], what: str) -> Layout:
 
 def load_weights(module: nn.Module, path: str | Path, layouts: list[Layout], what: str) -> str:
     """Recognise the file's layout among `layouts`, load it into `module` strictly; returns the layout name."""
-    obj = read_weights(path, what)
+    sniffed = (layout.sniff(Path(path)) for layout in layouts if layout.sniff and Path(path).is_file())
+    obj = next((o for o in sniffed if o is not None), None)
+    obj = read_weights(path, what) if obj is None else obj
     layout = recognise(obj, layouts, f"{what}={path}")
     load_strict(module, layout.to_state(obj), f"{what}={path} ({layout.name})")
     return layout.name

@@ -42,12 +42,18 @@ class Backbone(nn.Module):
         raise NotImplementedError
 
     def encode_text_with_pseudo_tokens(
-        self, tokens: torch.Tensor, pseudo: torch.Tensor, placeholder: str = "$"
+        self, tokens: torch.Tensor, pseudo: torch.Tensor, placeholder: str = "$", fill: str = "first"
     ) -> torch.Tensor:
-        """`encode_text` with the token embedding at the FIRST `placeholder` position of each row
-        replaced by `pseudo` [B, token_embedding_dim] (SEARLE's and Pic2Word's textual inversion). Not
+        """`encode_text` with token embeddings at `placeholder` positions replaced by pseudo tokens:
+        `pseudo` [B, D] at each row's first (`fill="first"`: SEARLE, Pic2Word) or every (`"all"`:
+        LinCIR) placeholder; [B, K, D] at the row's first K placeholders in order (FTI4CIR). Not
         normalised."""
         raise NotImplementedError(f"backbone {self.name!r} does not support pseudo-token text encoding")
+
+    def encode_image_with_patches(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`encode_image(images)` [B, E], the image tower's local features [B, T, W]) from one forward:
+        what FTI4CIR's attribute tokens are read from. Not normalised."""
+        raise NotImplementedError(f"backbone {self.name!r} gives no patch features")
 
     def image_parameters(self) -> list[nn.Parameter]:
         raise NotImplementedError

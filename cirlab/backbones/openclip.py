@@ -154,11 +154,17 @@ class OpenCLIPBackbone(Backbone):
         return model
 
     def encode_text_with_pseudo_tokens(
-        self, tokens: torch.Tensor, pseudo: torch.Tensor, placeholder: str = "$"
+        self, tokens: torch.Tensor, pseudo: torch.Tensor, placeholder: str = "$", fill: str = "first"
     ) -> torch.Tensor:
-        """open_clip `CLIP.encode_text` with one substitution: in every row the token embedding at the
-        FIRST `placeholder` is replaced by that row's pseudo token (one given token is broadcast to all
-        rows); later ones keep the literal embedding (the SEARLE reference). Pooling as open_clip."""
+        """open_clip `CLIP.encode_text` with the token embeddings at `placeholder` positions replaced.
+
+        `pseudo` [B, D] (or [D] / [1, D], broadcast to every row) is one token per row: `fill="first"`
+        puts it at the row's FIRST placeholder only, later ones keep the literal embedding (SEARLE,
+        Pic2Word); `fill="all"` puts it at every placeholder of the row (LinCIR). `pseudo` [B, K, D] is
+        K tokens per row, in order: the row's k-th placeholder gets `pseudo[b, k]`, placeholders past
+        K keep the literal embedding and tokens past the row's placeholders are unused (FTI4CIR's
+        subject + r attribute tokens, r varying per row; each row's own positions, not row 0's).
+        Pooling as open_clip."""
         from open_clip.transformer import text_global_pool
 
         m = self._text_tower()
@@ -169,16 +175,23 @@ class OpenCLIPBackbone(Backbone):
                 f"a prompt has no {placeholder!r} placeholder for the pseudo token; write prompts like "
                 f"'a photo of {placeholder} that {{}}' (spaces around {placeholder})"
             )
+        if fill not in ("first", "all"):
+            raise ValueError(f"fill must be 'first' or 'all', not {fill!r}")
         cast_dtype = m.transformer.get_cast_dtype()
         x = m.token_embedding(tokens).to(cast_dtype)
         pseudo = pseudo.to(x.dtype)
         if pseudo.dim() == 1:
             pseudo = pseudo.unsqueeze(0)
         if pseudo.shape[0] == 1 and x.shape[0] > 1:
-            pseudo = pseudo.expand(x.shape[0], -1)
-        first = is_ph.int().argmax(dim=1)  # index of the first placeholder of each row
-        rows = torch.arange(x.shape[0], device=x.device)
-        x = x.index_put((rows, first), pseudo)  # out of place: gradients flow into `pseudo`
+            pseudo = pseudo.expand(x.shape[0], *pseudo.shape[1:])
+        occurrence = is_ph.long().cumsum(dim=1) - 1  # 0 at a row's first placeholder, 1 at its second, ...
+        if pseudo.dim() == 2:
+            keep = is_ph if fill == "all" else is_ph & (occurrence == 0)
+            x = torch.where(keep.unsqueeze(-1), pseudo.unsqueeze(1), x)  # out of place: gradients flow
+        else:
+            keep = is_ph & (occurrence < pseudo.shape[1])
+            picked = pseudo.gather(1, occurrence.clamp(0, pseudo.shape[1] - 1).unsqueeze(-1).expand_as(x))
+            x = torch.where(keep.unsqueeze(-1), picked, x)
         attn_mask = m.attn_mask
         if attn_mask is not None and m.text_pool_type == "argmax":
             # causal attention: positions after the last EOT never reach a pooled state, so cutting the
@@ -196,6 +209,35 @@ class OpenCLIPBackbone(Backbone):
                 else x @ m.text_projection
             )
         return x
+
+    # ---- FTI4CIR: local image features beside the global one ------------------------------------------
+    def encode_image_with_patches(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`encode_image(images)`, local features [B, T, W]) from the same forward, so the global is
+        encode_image's to the bit. A ViT gives its residual stream after the LAST block, before `ln_post`
+        and the projection, CLS first ([B, 1 + grid², width]: FTI4CIR's patch tokens). open_clip's
+        ModifiedResNet (the tiny backbone) gives what its attention pool attends over: the layer4 map
+        flattened to [B, H·W, C] with its mean prepended, before the pool's positional embedding."""
+        visual = self.model.visual
+        if hasattr(visual, "transformer"):
+            hooked, local = visual.transformer, lambda out: out
+        elif hasattr(visual, "layer4") and hasattr(visual, "attnpool"):
+            hooked = visual.layer4
+
+            def local(out):
+                cells = out.flatten(2).transpose(1, 2)  # [B, C, H, W] -> [B, H·W, C]
+                return torch.cat([cells.mean(dim=1, keepdim=True), cells], dim=1)
+        else:
+            raise CirlabError(
+                f"backbone {self.name!r} ({type(visual).__name__}): patch features need an open_clip "
+                "VisionTransformer or ModifiedResNet image tower"
+            )
+        seen = []
+        handle = hooked.register_forward_hook(lambda mod, args, out: seen.append(out))
+        try:
+            pooled = self.model.encode_image(images)
+        finally:
+            handle.remove()
+        return pooled, local(seen[-1])  # open_clip's transformer returns [B, T, W] (batch first)
 
     def image_parameters(self):
         return list(self.model.visual.parameters())
