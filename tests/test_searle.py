@@ -67,6 +67,36 @@ def test_pseudo_token_replaces_only_the_first_placeholder_embedding():
         assert torch.allclose(x_ref[r, first[r]], b.model.token_embedding.weight[ph] + pos, atol=1e-6)
 
 
+def changed_positions(b, tokens, pseudo, **kw) -> list[list[int]]:
+    x_ref, _ = capture_transformer_input(b, lambda: b.encode_text(tokens))
+    x_new, _ = capture_transformer_input(b, lambda: b.encode_text_with_pseudo_tokens(tokens, pseudo, **kw))
+    diff = (x_new - x_ref[:, : x_new.shape[1]]).abs().sum(-1)
+    return [torch.nonzero(d > 1e-6).flatten().tolist() for d in diff]
+
+
+def test_fill_all_puts_the_row_token_at_every_placeholder():
+    """LinCIR: every `$` of a row gets that row's token."""
+    b = tiny_random()
+    tokens = b.tokenize(["$ of $ parked on $", "a photo of $"])
+    pseudo = torch.randn(2, b.token_dim)
+    assert changed_positions(b, tokens, pseudo, fill="all") == [[1, 3, 6], [4]]
+    assert changed_positions(b, tokens, pseudo) == [[1], [4]]
+
+
+def test_k_tokens_per_row_fill_that_rows_placeholders_in_order():
+    """FTI4CIR: subject + r attribute tokens; each row's own placeholder positions (rows differ), the k-th
+    placeholder gets token k, placeholders past K keep the literal `*`, tokens past the row's are unused."""
+    b = tiny_random()
+    tokens = b.tokenize(["a photo of * with * * but red", "a red circle with * * * *", "* *"])
+    pseudo = torch.randn(3, 3, b.token_dim)
+    assert changed_positions(b, tokens, pseudo, placeholder="*") == [[4, 6, 7], [5, 6, 7], [1, 2]]
+    x_new, _ = capture_transformer_input(b, lambda: b.encode_text_with_pseudo_tokens(tokens, pseudo, "*"))
+    pos = b.model.positional_embedding
+    assert torch.allclose(x_new[0, 7], pseudo[0, 2] + pos[7], atol=1e-6)
+    assert torch.allclose(x_new[1, 5], pseudo[1, 0] + pos[5], atol=1e-6)
+    assert torch.allclose(x_new[2, 2], pseudo[2, 1] + pos[2], atol=1e-6)
+
+
 def test_pseudo_token_equal_to_dollar_embedding_gives_encode_text():
     b = tiny_random()
     tokens = b.tokenize(["a photo of $ that has a blue square", "$", "we see a $ in this image"])
