@@ -131,6 +131,9 @@ SCHEMA = {
         "chunk threads projection_dim hidden_dim per_concept".split(), Value(int, lo=1, null=True)
     ),
     "max_images": Value(int, lo=0, null=True),
+    "max_captions": Value(int, lo=0, null=True),
+    "noise_scale": Value(float, lo=0),
+    "tagger": OneOf("auto", "spacy", "synthetic"),
     "num_sanity_val_steps": Value(int, lo=-1),
     "slots": Value(int, lo=1, hi=4),
     "n_colors": Value(int, lo=1, hi=8),
@@ -156,7 +159,7 @@ SCHEMA = {
     "token_norm": Either(OneOf(None, "oti"), RATE),
     **dict.fromkeys(
         """resume visualize gallery_on_disk offline enable_model_summary use_distributed_sampler allow_torchscript
-        openai_fp16_rounding edit_captions bidirectional mccl sscl learn_t""".split(),
+        openai_fp16_rounding edit_captions bidirectional mccl sscl learn_t l2_normalize""".split(),
         Value(bool),
     ),
     "quick_gelu": Value(bool, null=True),
@@ -166,7 +169,9 @@ SCHEMA = {
         STR,
     ),
     # a path (whether it exists is checked where it is read, with what it should hold), or a name
-    **dict.fromkeys("checkpoint image_root file vocabulary pretrained lm".split(), Value(str, null=True)),
+    **dict.fromkeys(
+        "checkpoint image_root file vocabulary pretrained lm corpus".split(), Value(str, null=True)
+    ),
     **dict.fromkeys("stages extensions image_splits".split(), NAMES),
     "vision_cfg.layers": ListOf(POSITIVE, min_len=1),
     "num_workers": Either(COUNT, OneOf("auto")),
@@ -196,7 +201,19 @@ SCHEMA = {
 }
 
 # `+key=value` arguments of the tasks (cirlab/tasks.py), which no config file holds
-TASK_ARGUMENTS = ("task", "run", "runs", "src", "out", "tokenizer", "splits", "csv")
+TASK_ARGUMENTS = (
+    "task",
+    "run",
+    "runs",
+    "src",
+    "out",
+    "tokenizer",
+    "splits",
+    "csv",
+    "images",
+    "captioner",
+    "tagger",
+)
 
 
 def entry_of(key: str) -> str | None:

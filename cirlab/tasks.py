@@ -129,12 +129,21 @@ def prepare(cfg: DictConfig) -> None:
     print(f"backbone {cfg.backbone.name} ready in {time.time() - start:.0f} s")
 
 
+def caption(cfg: DictConfig) -> None:
+    """FTI4CIR's subject/attribute training file from an image folder, captioned by BLIP: `cirlab
+    +task=caption +images=DIR +out=pairs.json [+captioner=HUB_ID|DIR] [+tagger=spacy|synthetic]`."""
+    from cirlab.captioning import caption_folder
+
+    caption_folder(cfg)
+
+
 TASKS = {
     "check_data": check_data,
     "report": report,
     "export": export,
     "convert_blip": convert_blip,
     "prepare": prepare,
+    "caption": caption,
 }
 
 

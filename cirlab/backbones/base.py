@@ -50,6 +50,11 @@ class Backbone(nn.Module):
         normalised."""
         raise NotImplementedError(f"backbone {self.name!r} does not support pseudo-token text encoding")
 
+    @property
+    def patch_dim(self) -> int:
+        """Width of `encode_image_with_patches`' local features."""
+        raise NotImplementedError(f"backbone {self.name!r} gives no patch features")
+
     def encode_image_with_patches(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(`encode_image(images)` [B, E], the image tower's local features [B, T, W]) from one forward:
         what FTI4CIR's attribute tokens are read from. Not normalised."""

@@ -211,6 +211,15 @@ class OpenCLIPBackbone(Backbone):
         return x
 
     # ---- FTI4CIR: local image features beside the global one ------------------------------------------
+    @property
+    def patch_dim(self) -> int:
+        """Width of `encode_image_with_patches`' local features (ViT: its width; ModifiedResNet: layer4's
+        channels, the attention pool's input)."""
+        visual = self.model.visual
+        if hasattr(visual, "transformer"):
+            return int(visual.transformer.width)
+        return int(visual.attnpool.k_proj.in_features)
+
     def encode_image_with_patches(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(`encode_image(images)`, local features [B, T, W]) from the same forward, so the global is
         encode_image's to the bit. A ViT gives its residual stream after the LAST block, before `ln_post`

@@ -121,6 +121,56 @@ class FeatureCache:
 
 
 @torch.no_grad()
+def encode_image_patches(
+    backbone: Backbone, paths: list[Path], batch_size: int = 256, desc: str = "encoding image patches"
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(raw global [b, E], local features [b, T, W]) of `paths`, a batch at a time, from the backbone's
+    `encode_image_with_patches` (FTI4CIR): one batch in memory, as a ViT-L/14's are 1 MB an image."""
+    loader = DataLoader(ImageFiles(paths, backbone.preprocess), batch_size=batch_size)
+    with evaluating(backbone):
+        for x in tqdm(loader, desc=desc, leave=False, disable=len(loader) < 2):
+            g, p = backbone.encode_image_with_patches(x.to(backbone.device))
+            yield g.float().cpu(), p.float().cpu()
+
+
+class PatchFeatureCache(FeatureCache):
+    """`FeatureCache` of (global, local features) pairs: its own file prefix and key line, so that an
+    entry never collides with the plain features of the same images."""
+
+    def key(self, backbone: Backbone, names: list[str], paths: list[Path]) -> str:
+        h = hashlib.sha1(b"patches\n")
+        h.update(super().key(backbone, names, paths).encode())
+        return "patches_" + h.hexdigest()[:20]
+
+    def get(
+        self, backbone: Backbone, names: list[str], paths: list[Path]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(global [N, E], local [N, T, W]) of every image in `names`' order, cached or freshly encoded."""
+        entry = CacheEntry(self.dir / f"{self.key(backbone, names, paths)}.pt", what="patch feature cache")
+
+        def encode() -> dict:
+            desc = f"caching patch features ({len(paths)} images)"
+            pairs = list(encode_image_patches(backbone, paths, self.batch_size, desc))
+            return {
+                "names": names,
+                "global": torch.cat([g for g, _ in pairs]),
+                "local": torch.cat([p for _, p in pairs]),
+            }
+
+        blob = entry.get(encode, valid=lambda blob: blob["names"] == names)
+        self.last_hit = entry.hit
+        return blob["global"], blob["local"]
+
+    def cached(
+        self, backbone: Backbone, names: list[str], paths: list[Path]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(global, local) from the cache file of exactly these images, or None: never encodes."""
+        entry = CacheEntry(self.dir / f"{self.key(backbone, names, paths)}.pt", what="patch feature cache")
+        blob, _ = entry.read(valid=lambda blob: blob["names"] == names)
+        return None if blob is None else (blob["global"], blob["local"])
+
+
+@torch.no_grad()
 def encode_texts(backbone: Backbone, texts: list[str], batch_size: int, desc: str = "encoding texts"):
     """Raw text embeddings of `texts`, in batches of `batch_size` taken in the given order."""
     starts = range(0, len(texts), batch_size)
