@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from cirlab import stage as stage_factory
 from cirlab.errors import CirlabError
+from cirlab.methods.lincir import LinCIR
 from cirlab.methods.searle import UnlabeledImages
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +25,7 @@ CIR = {"synthetic", "jsonl", "fashioniq", "cirr", "circo", "shoes"}
 CAPTIONS = {"synthetic_captions", "synthetic_captions_shifted", "coco", "flickr30k", "captions_jsonl"}
 UNLABELED = {"imagenet"}  # SEARLE's phi images only: +dataset@method.unlabeled=imagenet
 TRAINED_ON_TRIPLETS = {"clip4cir", "clip4cir_finetune", "clip4cir_combiner", "mlcl", "blip4cir_bi"}
-CIR_METHODS = TRAINED_ON_TRIPLETS | {"zeroshot", "searle", "searle_oti", "pic2word"}
+CIR_METHODS = TRAINED_ON_TRIPLETS | {"zeroshot", "searle", "searle_oti", "pic2word", "lincir", "fti4cir"}
 CAPTION_METHODS = {"crossmodal"}
 
 
@@ -36,7 +37,11 @@ def expected_error(method: str, dataset: str) -> str | None:
         return "needs a cir dataset"
     if dataset in UNLABELED:
         return "folder of unlabeled images without CIR queries"
-    if dataset == "circo" and method in TRAINED_ON_TRIPLETS | {"searle", "pic2word"}:  # on circo's images
+    if method == "lincir" and dataset in {"fashioniq", "cirr", "circo", "shoes"}:  # text only: no captions
+        return "method.corpus=PATH"
+    if method == "fti4cir" and dataset in {"fashioniq", "cirr", "shoes"}:  # no image captions
+        return "module.pairs_file"
+    if dataset == "circo" and method in TRAINED_ON_TRIPLETS | {"searle", "pic2word", "fti4cir"}:
         return "CIRCO has no training split"
     return None
 
@@ -118,6 +123,8 @@ def prepare(cfg, backbone) -> None:
             continue
         if isinstance(module, UnlabeledImages):
             assert module.unlabeled_images(module.unlabeled_source or dm.source)
+        elif isinstance(module, LinCIR):  # its training captions
+            assert module.captions(dm.source)
         else:
             served = dm.for_stage(1, transform=backbone.preprocess, text_views=module.text_views)
             assert len(served.train_dataset()) > 0

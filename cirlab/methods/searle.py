@@ -48,6 +48,7 @@ class PromptQueries(RetrievalModule):
     placeholder, the query text at its '{}', the prompt's feature retrieves; frozen backbone."""
 
     frozen_image_encoder = True
+    fill = "first"  # which placeholders of a prompt get the token: the first (SEARLE, Pic2Word) or "all" (LinCIR)
 
     def __init__(self, backbone, prompt: str = "a photo of $ that {}", placeholder: str = "$", **kwargs):
         super().__init__(backbone, **kwargs)
@@ -79,6 +80,7 @@ class PromptQueries(RetrievalModule):
                 self.prompt_tokens([t for ts in texts for t in ts]),
                 tokens.to(self.device).repeat_interleave(k, 0),
                 self.placeholder,
+                fill=self.fill,
             )
             feats = F.normalize(feats.float(), dim=-1).view(len(texts), k, -1).mean(1)
         return F.normalize(feats, dim=-1)
