@@ -123,7 +123,7 @@ SCHEMA = {
         visualize_k nlist nprobe log_every_n_steps num_nodes max_edits n_pretrain n_train n_val n_test
         image_size patch_size embed_dim width head_width heads layers context_length vocab_size max_length
         hidden_size intermediate_size num_hidden_layers num_attention_heads encoder_hidden_size
-        max_position_embeddings image_text_hidden_size middle_dim n_layer""".split(),
+        max_position_embeddings image_text_hidden_size middle_dim n_layer num_k topk n_layers n_heads""".split(),
         POSITIVE,
     ),
     **dict.fromkeys("max_epochs hard_negatives warmup_steps".split(), COUNT),
@@ -131,6 +131,10 @@ SCHEMA = {
         "chunk threads projection_dim hidden_dim per_concept".split(), Value(int, lo=1, null=True)
     ),
     "max_images": Value(int, lo=0, null=True),
+    "patch_width": Value(int, lo=1, null=True),
+    "milestones": ListOf(COUNT),
+    "mlp_ratio": RATE,
+    "epsilon": Value(float, lo=0, hi=1),
     "max_captions": Value(int, lo=0, null=True),
     "noise_scale": Value(float, lo=0),
     "tagger": OneOf("auto", "spacy", "synthetic"),
@@ -145,14 +149,14 @@ SCHEMA = {
         RATE,
     ),
     **dict.fromkeys(
-        "weight_decay min_lr margin reverse_weight lambda_cos lambda_gpt lambda_distil".split(),
+        "weight_decay min_lr margin reverse_weight lambda_cos lambda_gpt lambda_distil lambda_reg".split(),
         Value(float, lo=0),
     ),
     **dict.fromkeys(
         "dropout hidden_dropout_prob attention_probs_dropout_prob".split(),
         Value(float, lo=0, hi=1, hi_open=True),
     ),
-    **dict.fromkeys("ema_decay adapter_ratio".split(), Value(float, lo=0, hi=1)),
+    **dict.fromkeys("ema_decay adapter_ratio gamma".split(), Value(float, lo=0, hi=1)),
     "betas": ListOf(Value(float, lo=0, hi=1, hi_open=True), min_len=2, max_len=2),
     "target_ratio": Value(float, lo=1),
     "grad_clip": Value(float, lo=0, lo_open=True, null=True),
@@ -165,12 +169,13 @@ SCHEMA = {
     "quick_gelu": Value(bool, null=True),
     **dict.fromkeys(
         """run_name name path root split val_split test_split hf_id model_name prompt token_dir project strategy
-        root_dir data_dir output_dir cache_dir train_prompt placeholder""".split(),
+        root_dir data_dir output_dir cache_dir train_prompt placeholder description caption_prefix""".split(),
         STR,
     ),
     # a path (whether it exists is checked where it is read, with what it should hold), or a name
     **dict.fromkeys(
-        "checkpoint image_root file vocabulary pretrained lm corpus".split(), Value(str, null=True)
+        "checkpoint image_root file vocabulary pretrained lm corpus pairs_file image_dir image_name".split(),
+        Value(str, null=True),
     ),
     **dict.fromkeys("stages extensions image_splits".split(), NAMES),
     "vision_cfg.layers": ListOf(POSITIVE, min_len=1),

@@ -27,7 +27,12 @@ SEARLE = [
 MLCL = [f"mlcl_{d}_rn50x4" for d in ("shoes", "fashioniq", "cirr")]
 CROSSMODAL = [f"crossmodal_{d}_{b}" for d in ("coco", "flickr30k") for b in ("vitb32", "vitl14")]
 BLIP = {"blip4cir_bi_fashioniq_base": (0.4, 0.5), "blip4cir_bi_cirr_base": (0.1, 0.1)}
-SYNTHETIC = {"searle_synthetic": "searle", "mlcl_synthetic": "mlcl", "crossmodal_synthetic": "crossmodal"}
+SYNTHETIC = {
+    "searle_synthetic": "searle",
+    "mlcl_synthetic": "mlcl",
+    "crossmodal_synthetic": "crossmodal",
+    "lincir_synthetic": "lincir",
+}
 # the only differences a synthetic counterpart may have from its method's defaults
 DEVIATIONS = {
     "searle_synthetic": {
