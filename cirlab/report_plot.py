@@ -1,7 +1,8 @@
 """`cirlab-report --plot FILE.png`: the leaderboard as a picture, so a sweep reads at a glance.
 
 One panel per metric family of the leaderboard (recall@K, mAP@K), one line per method: runs that
-differ only in their seed are one line, their mean with the min-max spread as error bars.
+differ only in their seed (`seed`, or a part's own such as `method.oti.seed`) are one line, their
+mean with the min-max spread as error bars.
 Works on `cirlab.report.collect`'s (columns, rows); matplotlib is the optional extra `cirlab[report]`.
 """
 
@@ -43,11 +44,16 @@ def metric_columns(columns: list[str]) -> list[str]:
     return sorted(found, key=order)
 
 
+def is_seed(column: str) -> bool:
+    """A seed of the run or of one of its parts (`seed`, `method.oti.seed`): repeats, not settings."""
+    return column == "seed" or column.endswith(".seed")
+
+
 def series(columns: list[str], rows: list[dict[str, Any]]) -> dict[str, dict[str, Point]]:
     """label -> metric column -> Point, best mean main metric (the leaderboard's first metric) first;
     a label is the method, with the swept settings (other than the seed) that tell apart its lines."""
     metrics = metric_columns(columns)
-    settings = [c for c in columns if c not in NOT_SETTINGS and "/" not in c]
+    settings = [c for c in columns if c not in NOT_SETTINGS and not is_seed(c) and "/" not in c]
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["method_name"], *(row[k] for k in settings)), []).append(row)

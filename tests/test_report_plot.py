@@ -71,6 +71,15 @@ def test_plot_splits_a_method_on_its_other_settings(sweep):
     assert lines["lincir (lr=0.2)"]["test/recall_at_10"] == Point(56.0, 56.0, 56.0, 1)
 
 
+def test_a_parts_own_seed_folds_like_the_runs_seed(sweep):
+    columns, rows = collect([sweep])
+    for r in rows:  # SEARLE-OTI's seeds are method.oti.seed: repeats of one setting, not two settings
+        r["method.oti.seed"], r["seed"] = r.pop("seed"), None
+    lines = series([*columns[:2], "method.oti.seed", *columns[2:]], rows)
+    assert set(lines) == {"searle", "lincir"}
+    assert lines["lincir"]["test/recall_at_10"] == Point(53.0, 50.0, 56.0, 2)
+
+
 def test_plot_without_matplotlib_names_the_extra(sweep, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if not installed
     with pytest.raises(SystemExit) as exc:
