@@ -117,7 +117,11 @@ def write_plot(
         panels.setdefault((m["split"], bool(m["average"]), m["kind"]), []).append(col)
     splits = sorted({key[0] for key in panels})
 
-    fig = Figure(figsize=(1.6 + 4.2 * len(panels), 4.6), dpi=110, layout="constrained")
+    ncols = min(3, len(lines)) or 1  # the legend below the panels, never over the title
+    legend_rows = -(-len(lines) // ncols)
+    fig = Figure(
+        figsize=(max(7.2, 4.2 * len(panels)), 4.2 + 0.28 * legend_rows), dpi=110, layout="constrained"
+    )
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, cols in zip(axes, panels.values()):
         x = range(len(cols))
@@ -153,6 +157,6 @@ def write_plot(
         fontweight="bold",
     )
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", title="method")
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png"))
+    fig.legend(handles, labels, loc="outside lower center", ncols=ncols, title="method")
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
     return lines
