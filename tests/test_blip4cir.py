@@ -259,11 +259,14 @@ def test_blip4cir_bi_beats_zeroshot_on_held_out_test(tmp_path):
     # -1.25 for this run and -0.75..+4.0 for the whole stage: stage II does not reliably beat stage I here.
     # An untrained Combiner (what an optimiser that changes nothing leaves: max_epochs=0) on the same stage
     # I, seeds 0-2: 35.25 / 76.25, 25.75 / 63.5, 41.5 / 70.25, i.e. R@10 -4.5..-20.25 and R@50 -4.75..-17.5
-    # below stage I, seed 2 still above zero-shot + 15. Stage II within 2 points of stage I on both
-    # recalls: trained runs clear it by 3.25 or more here, an untrained Combiner misses it by 2.5 or more.
+    # below stage I, seed 2 still above zero-shot + 15. On another CPU (2026-12-08, AMD EPYC: blip_tiny
+    # pretrains to other floats) seed 0 gave stage I 47.0 / 74.75, stage II 44.75 / 78.0: R@10 -2.25 but
+    # R@50 +3.25. So the bar is on R@10 + R@50 together: stage II within 2 points of stage I. Trained runs
+    # clear it by 3.0 or more (+1.0 on that CPU, +2.75..+5.0 on the first), an untrained Combiner misses it
+    # by 7.25 or more (sum -9.25..-37.75).
     assert stage1[r10] >= zero_shot + 15, "stage I does not beat zero-shot"
-    for key in (r10, r50):
-        assert stage2[key] >= stage1[key] - 2, f"stage II {key} {stage2[key]} below stage I's {stage1[key]}"
+    both1, both2 = stage1[r10] + stage1[r50], stage2[r10] + stage2[r50]
+    assert both2 >= both1 - 2, f"stage II R@10 + R@50 {both2} below stage I's {both1}"
 
 
 def test_image_grounded_text_encoding_depends_on_the_image(small_blip):
