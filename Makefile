@@ -26,7 +26,8 @@ lint: install
 	$(VENV)/bin/ruff format --check .
 
 ## lint + the test suite on two workers (slow integration tests included; ≈24 min on 2 cores from a fresh clone with
-## cold caches and the install, measured 2026-12-07; warm ≈16 min measured before Pic2Word's tests, ≈1 min more)
+## cold caches and the install, measured 2026-12-07; 18.5 min on 2026-12-08's faster 2 cores with FTI4CIR's and
+## LinCIR's tests, which add ≈95 s of test time, ≈50 s on the two workers; warm ≈17 min)
 test: install lint
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
