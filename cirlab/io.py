@@ -25,13 +25,29 @@ from cirlab.errors import CirlabError
 log = logging.getLogger("cirlab")
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (/proc), else by setting and
+    restoring it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside `path`; on success rename it over `path`, on failure delete it."""
+    """Yield a temp path beside `path`; on success rename it over `path`, on failure delete it. The file
+    gets the mode `open` would give it (mkstemp's is 0600: results a colleague could not read)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, 0o666 & ~current_umask())
     except OSError as err:
         raise cannot_write(path, err) from err
     os.close(fd)

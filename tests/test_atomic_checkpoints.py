@@ -61,6 +61,22 @@ def test_checkpoint_is_staged_beside_its_final_name(tmp_path, monkeypatch, kind)
     assert SafeCheckpointIO().load_checkpoint(path)["epoch"] == 4
 
 
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_atomic_files_get_the_mode_open_would_give(tmp_path, umask, mode):
+    """Not mkstemp's 0600: results, checkpoints and plots are shared like any other file of the run."""
+    from cirlab.io import current_umask, write_json
+
+    old = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        write_json(tmp_path / "results.json", {"a": 1})
+        SafeCheckpointIO().save_checkpoint({"epoch": 1}, tmp_path / "last.ckpt")
+    finally:
+        os.umask(old)
+    for name in ("results.json", "last.ckpt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == mode, name
+
+
 def test_run_saves_and_resumes_with_tmpdir_missing(cli, tmp_path, monkeypatch):
     import cirlab.pretrain  # noqa: F401  (its imports reach wandb, which makes a temp folder at import)
 

@@ -32,7 +32,7 @@ from cirlab.backbones.blip import (
     load_tokenizer,
 )
 from cirlab.errors import CirlabError
-from cirlab.io import load_torch
+from cirlab.io import current_umask, load_torch
 from cirlab.weight_map import Rule, WeightMap
 from cirlab.weights import load_strict
 
@@ -216,8 +216,7 @@ def convert_blip_checkpoint(
 def follow_umask(folder: Path) -> None:
     """mkdtemp makes the folder 0700 and transformers writes model.safetensors 0600 (through a temporary
     file): give them the modes mkdir and open would, so the folder can be shared as any other output."""
-    mask = os.umask(0)
-    os.umask(mask)
+    mask = current_umask()
     folder.chmod(0o777 & ~mask)
     for path in folder.rglob("*"):
         path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
