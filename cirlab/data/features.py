@@ -84,6 +84,10 @@ def encode_images(
 
 
 class FeatureCache:
+    """Raw image embeddings of a list of images, one cache entry per (backbone, preprocessing, images)."""
+
+    what = "feature cache"
+
     def __init__(self, cache_dir: str | Path, batch_size: int = 256, num_workers: int = 0):
         self.dir = Path(cache_dir) / "features"
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -98,26 +102,31 @@ class FeatureCache:
             h.update(f"{n}\0{p}\n".encode())
         return h.hexdigest()[:20]
 
-    def get(self, backbone: Backbone, names: list[str], paths: list[Path]) -> dict[str, torch.Tensor]:
-        """name -> embedding for every image, from the cache or freshly encoded."""
-        entry = CacheEntry(self.dir / f"{self.key(backbone, names, paths)}.pt", what="feature cache")
+    def encode(self, backbone: Backbone, paths: list[Path]) -> dict:
+        """What an entry holds besides the names."""
+        desc = f"caching features ({len(paths)} images)"
+        return {"features": encode_images(backbone, paths, self.batch_size, self.num_workers, desc=desc)}
 
-        def encode() -> dict:
-            desc = f"caching features ({len(paths)} images)"
-            feats = encode_images(backbone, paths, self.batch_size, self.num_workers, desc=desc)
-            return {"names": names, "features": feats}
-
-        blob = entry.get(encode, valid=lambda blob: blob["names"] == names)
-        self.last_hit = entry.hit
+    def result(self, names: list[str], blob: dict) -> dict[str, torch.Tensor]:
         return dict(zip(names, blob["features"]))
 
-    def cached(
-        self, backbone: Backbone, names: list[str], paths: list[Path]
-    ) -> dict[str, torch.Tensor] | None:
-        """name -> embedding from the cache file of exactly these images, or None: never encodes."""
-        entry = CacheEntry(self.dir / f"{self.key(backbone, names, paths)}.pt", what="feature cache")
-        blob, _ = entry.read(valid=lambda blob: blob["names"] == names)
-        return None if blob is None else dict(zip(names, blob["features"]))
+    def entry(self, backbone: Backbone, names: list[str], paths: list[Path]) -> CacheEntry:
+        return CacheEntry(self.dir / f"{self.key(backbone, names, paths)}.pt", what=self.what)
+
+    def get(self, backbone: Backbone, names: list[str], paths: list[Path]):
+        """name -> embedding for every image, from the cache or freshly encoded."""
+        entry = self.entry(backbone, names, paths)
+        blob = entry.get(
+            lambda: {"names": names, **self.encode(backbone, paths)},
+            valid=lambda blob: blob["names"] == names,
+        )
+        self.last_hit = entry.hit
+        return self.result(names, blob)
+
+    def cached(self, backbone: Backbone, names: list[str], paths: list[Path]):
+        """What `get` returns, from the cache file of exactly these images, or None: never encodes."""
+        blob, _ = self.entry(backbone, names, paths).read(valid=lambda blob: blob["names"] == names)
+        return None if blob is None else self.result(names, blob)
 
 
 @torch.no_grad()
@@ -134,40 +143,23 @@ def encode_image_patches(
 
 
 class PatchFeatureCache(FeatureCache):
-    """`FeatureCache` of (global, local features) pairs: its own file prefix and key line, so that an
-    entry never collides with the plain features of the same images."""
+    """`FeatureCache` of (global [N, E], local features [N, T, W]) pairs: its own file prefix and key line,
+    so that an entry never collides with the plain features of the same images."""
+
+    what = "patch feature cache"
 
     def key(self, backbone: Backbone, names: list[str], paths: list[Path]) -> str:
         h = hashlib.sha1(b"patches\n")
         h.update(super().key(backbone, names, paths).encode())
         return "patches_" + h.hexdigest()[:20]
 
-    def get(
-        self, backbone: Backbone, names: list[str], paths: list[Path]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(global [N, E], local [N, T, W]) of every image in `names`' order, cached or freshly encoded."""
-        entry = CacheEntry(self.dir / f"{self.key(backbone, names, paths)}.pt", what="patch feature cache")
+    def encode(self, backbone: Backbone, paths: list[Path]) -> dict:
+        desc = f"caching patch features ({len(paths)} images)"
+        pairs = list(encode_image_patches(backbone, paths, self.batch_size, desc))
+        return {"global": torch.cat([g for g, _ in pairs]), "local": torch.cat([p for _, p in pairs])}
 
-        def encode() -> dict:
-            desc = f"caching patch features ({len(paths)} images)"
-            pairs = list(encode_image_patches(backbone, paths, self.batch_size, desc))
-            return {
-                "names": names,
-                "global": torch.cat([g for g, _ in pairs]),
-                "local": torch.cat([p for _, p in pairs]),
-            }
-
-        blob = entry.get(encode, valid=lambda blob: blob["names"] == names)
-        self.last_hit = entry.hit
+    def result(self, names: list[str], blob: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return blob["global"], blob["local"]
-
-    def cached(
-        self, backbone: Backbone, names: list[str], paths: list[Path]
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(global, local) from the cache file of exactly these images, or None: never encodes."""
-        entry = CacheEntry(self.dir / f"{self.key(backbone, names, paths)}.pt", what="patch feature cache")
-        blob, _ = entry.read(valid=lambda blob: blob["names"] == names)
-        return None if blob is None else (blob["global"], blob["local"])
 
 
 @torch.no_grad()

@@ -333,17 +333,6 @@ class FTI4CIR(UnlabeledImages, PromptQueries):
             )
         return self.unlabeled_loader("img2text", g, p, both, torch.arange(len(pairs)))
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["img2text_shuffle_rng"] = self._shuffle.get_state()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "img2text_shuffle_rng" in checkpoint:
-            self._shuffle.set_state(checkpoint["img2text_shuffle_rng"])
-
-    def on_train_epoch_start(self) -> None:
-        self.backbone.eval()
-
     def training_step(self, batch, batch_idx):
         g, p, both, idx = batch
         sel = self.select(g, p)

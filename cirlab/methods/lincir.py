@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from cirlab.data import pos_tags
 from cirlab.data.datamodule import EpochSampler
 from cirlab.data.pos_tags import Tagger, make_tagger, runs
 from cirlab.errors import CirlabError
@@ -28,7 +29,7 @@ from cirlab.methods.searle_phi import Phi
 from cirlab.weights import Layout, cirlab_stage, strip_prefix
 
 KEYWORD_POS = ("NOUN", "PROPN", "ADJ", "DET")  # the reference's keyword tags (spaCy's coarse `pos_`)
-TAGGERS = ("auto", "spacy", "synthetic")
+TAGGERS = ("auto", *pos_tags.TAGGERS)  # auto: the bundled grammar's word list for its own captions
 
 
 def clean_caption(text: str | None, placeholder: str = "$") -> str:
@@ -187,9 +188,6 @@ class LinCIR(PromptQueries):
         return DataLoader(ds, batch_size=self.batch_size, sampler=EpochSampler(ds, self.seed), drop_last=True)
 
     # ---- self-masking projection ------------------------------------------------------------------
-    def on_train_epoch_start(self) -> None:
-        self.backbone.eval()
-
     def masked_tokens(self, masked: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids of the masked captions and which rows kept a placeholder; a row whose placeholders
         were all cut off by the context length becomes `a photo of $` (the reference's fallback)."""

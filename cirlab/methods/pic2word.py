@@ -96,17 +96,6 @@ class Pic2Word(UnlabeledImages, PromptQueries):
         _, _, x = self.unlabeled_features(dm)
         return self.unlabeled_loader("img2text", x)
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:  # a resumed run sees the same batches
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["img2text_shuffle_rng"] = self._shuffle.get_state()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "img2text_shuffle_rng" in checkpoint:
-            self._shuffle.set_state(checkpoint["img2text_shuffle_rng"])
-
-    def on_train_epoch_start(self) -> None:
-        self.backbone.eval()
-
     def _global_batch(self, x: torch.Tensor) -> torch.Tensor:
         """Under DDP the reference's negatives: every rank's rows, this rank's first (the only ones with
         gradients)."""

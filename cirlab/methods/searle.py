@@ -61,6 +61,9 @@ class PromptQueries(RetrievalModule):
         self.prompt, self.placeholder = prompt, placeholder
         self._queries: dict[int, list] = {}  # query loader index -> its queries (set per evaluation)
 
+    def on_train_epoch_start(self) -> None:  # the backbone is frozen: no dropout, whatever Lightning set
+        self.backbone.eval()
+
     def query_texts(self, query: CIRQuery) -> list[str]:
         """The texts of one query put into the prompt, their features averaged (SEARLE's rule)."""
         return self.eval_data.source.query_texts(query)
@@ -255,6 +258,7 @@ class UnlabeledImages:
         self.trains_on_dataset_images = unlabeled_source is None
         self.batch_size, self.seed = batch_size, seed
         self._shuffle: torch.Generator | None = None  # the batch order (unlabeled_loader)
+        self._shuffle_key = ""  # its checkpoint key: "<stage>_shuffle_rng"
 
     def unlabeled_images(self, source) -> list[str]:
         """The training images: the captioned images of `image_splits` where the source has captions
@@ -296,6 +300,7 @@ class UnlabeledImages:
                 f"lower method.{stage}.batch_size"
             )
         self._shuffle = torch.Generator().manual_seed(self.seed)
+        self._shuffle_key = f"{stage}_shuffle_rng"
         return DataLoader(
             TensorDataset(*tensors),
             batch_size=self.batch_size,
@@ -303,6 +308,17 @@ class UnlabeledImages:
             drop_last=True,
             generator=self._shuffle,
         )
+
+    # The shuffle generator runs on from epoch to epoch: a resumed run takes up its state at the checkpoint,
+    # so the epochs after it see the batches of an uninterrupted run.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[self._shuffle_key] = self._shuffle.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if self._shuffle_key in checkpoint:  # absent from checkpoints written before it was saved
+            self._shuffle.set_state(checkpoint[self._shuffle_key])
 
 
 class Searle(UnlabeledImages, _SearleBase):
@@ -348,15 +364,6 @@ class Searle(UnlabeledImages, _SearleBase):
         self._concepts = text.concepts_of(x, self.top_k_concepts)
         return self.unlabeled_loader("phi", x, tokens, torch.arange(len(x)))
 
-    # The shuffle generator runs on from epoch to epoch: a resumed run takes up its state at the checkpoint,
-    # so the epochs after it see the batches of an uninterrupted run.
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["phi_shuffle_rng"] = self._shuffle.get_state()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "phi_shuffle_rng" in checkpoint:  # absent from checkpoints written before it was saved
-            self._shuffle.set_state(checkpoint["phi_shuffle_rng"])
-
     def tokens(self, features: torch.Tensor) -> torch.Tensor:
         """phi's pseudo tokens. The reference uses phi's raw output; the distillation loss only sees its
         direction, so with token_norm set the direction is kept and the norm fixed (an option)."""
@@ -364,9 +371,6 @@ class Searle(UnlabeledImages, _SearleBase):
         if self.token_norm is None:
             return out
         return F.normalize(out, dim=-1) * self.target_norm
-
-    def on_train_epoch_start(self) -> None:
-        self.backbone.eval()
 
     def training_step(self, batch, batch_idx):
         x, target, idx = batch
